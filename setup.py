@@ -1,0 +1,29 @@
+"""Installs sparse_grad; the top-level folder triton_kernels/ becomes sparse_grad.triton_kernels."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "sparse_grad" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="sparse_grad",
+    version=VERSION,
+    description="Fast sparse fine-tuning for PyTorch: fused block gradient norms, on-device "
+                "top-block selection and a masked AdamW step (SparseAdamW).",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sparse_grad", "sparse_grad.*"]) + ["sparse_grad.triton_kernels"],
+    package_dir={"sparse_grad.triton_kernels": "triton_kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.6; platform_system == 'Linux'",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "bench": ["pytest-benchmark>=4"],
+    },
+)

@@ -1,0 +1,14 @@
+"""sparse_grad: fast sparse fine-tuning for PyTorch.
+
+Per-block gradient norms in one fused pass, top-block selection on device, and an AdamW step
+whose cost is proportional to the density. ``SparseAdamW`` is a drop-in for
+``torch.optim.AdamW``; ``sparse_grad.ops`` exposes the kernels as functions and
+``torch.ops.sparse_grad`` custom ops.
+"""
+from . import ops
+from .layout import BlockLayout
+from .sparse_adamw import SparseAdamW
+
+__version__ = "0.1.0"
+
+__all__ = ["BlockLayout", "SparseAdamW", "ops", "__version__"]

@@ -1,0 +1,72 @@
+"""Argument checks shared by the ops and the optimizer: each names the argument it rejects."""
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def _real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def non_negative(value, name: str) -> float:
+    value = _real(value, name)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def beta(value, name: str) -> float:
+    value = _real(value, name)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
+def betas(value, name: str = "betas") -> tuple[float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {value!r}")
+    return beta(value[0], f"{name}[0]"), beta(value[1], f"{name}[1]")
+
+
+def density(value, name: str = "density") -> float:
+    value = _real(value, name)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return value
+
+
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
+def flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def choice(value, options: tuple[str, ...], name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {options}; got {type(value).__name__}")
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def num_selected(density_value: float, num_blocks: int) -> int:
+    """``ceil(density * num_blocks)``, blind to binary rounding: 0.3 * 10 gives 3, not 4.
+
+    A product within a relative 1e-12 above an integer counts as that integer.
+    """
+    product = float(density_value) * num_blocks
+    return math.ceil(product - product * 1e-12)

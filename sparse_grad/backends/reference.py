@@ -1,0 +1,119 @@
+"""Reference backend: pure PyTorch, written to be read. Every other backend is tested against it.
+
+It favours clarity over speed: it loops over tensors in Python and, on CUDA, splits the selected
+ids per tensor on the host. Arithmetic follows ``torch.optim.AdamW`` (single-tensor path)
+operation by operation, in fp32 for fp16/bf16/fp32 tensors and in fp64 for fp64 tensors.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def block_sqnorms(tensors: Sequence[torch.Tensor], block_size: int) -> torch.Tensor:
+    """Sum of squares of every block of every tensor, as fp32 ``[num_blocks]``."""
+    parts = []
+    for t in tensors:
+        flat = t.reshape(-1).to(_compute_dtype(t.dtype))
+        pad = (-flat.numel()) % block_size
+        blocks = F.pad(flat, (0, pad)).view(-1, block_size)
+        parts.append(blocks.square().sum(dim=1).float())
+    if not parts:
+        return torch.empty(0, dtype=torch.float32)
+    return torch.cat(parts)
+
+
+def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks: Sequence[int]) -> torch.Tensor:
+    """The ``segment_ks[s]`` highest-scoring blocks of each segment, as ascending int64 global ids.
+
+    Segments are consecutive runs of ``segment_sizes[s]`` blocks. Within a segment blocks are
+    ranked by score, highest first (NaN ranks above everything); ties go to the lower id.
+    """
+    chosen = []
+    start = 0
+    for size, k in zip(segment_sizes, segment_ks):
+        segment = scores[start:start + size] + 0.0  # + 0.0 turns -0.0 into +0.0: zeros tie
+        order = torch.sort(segment, descending=True, stable=True).indices
+        chosen.append(order[:k] + start)
+        start += size
+    if not chosen:
+        return torch.empty(0, dtype=torch.int64, device=scores.device)
+    return torch.sort(torch.cat(chosen)).values
+
+
+def sparse_adamw_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    block_steps: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    block_size: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """AdamW on the selected blocks only, in place; every other element is left untouched.
+
+    For each selected block ``b`` of tensor ``t``: ``block_steps[t][b] += 1`` and, with
+    ``s = block_steps[t][b]`` and the block's elements::
+
+        g = -grad if maximize else grad
+        param   *= 1 - lr * weight_decay
+        exp_avg  = lerp(exp_avg, g, 1 - beta1)
+        exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * g * g
+        denom    = sqrt(exp_avg_sq) / sqrt(1 - beta2**s) + eps
+        param   += -(lr / (1 - beta1**s)) * exp_avg / denom
+    """
+    counts = [(p.numel() + block_size - 1) // block_size for p in params]
+    offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
+    # Where each tensor's ids start in the (ascending) id list.
+    bounds = torch.searchsorted(block_ids.cpu(), offsets).tolist()
+    for t, (p, g, m, v, steps) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, block_steps)):
+        local = block_ids[bounds[t]:bounds[t + 1]] - offsets[t].item()
+        if local.numel() == 0:
+            continue
+        steps[local] += 1
+        # Bias corrections per block, in fp64 like torch's host-side scalars, then per element.
+        step = steps[local].double()
+        dtype = _compute_dtype(p.dtype)
+        step_size = (lr / (1 - beta1 ** step)).to(dtype)
+        bias_correction2_sqrt = ((1 - beta2 ** step) ** 0.5).to(dtype)
+        if local.numel() == steps.numel():  # every block: the whole tensor, no gather
+            elems = slice(None)
+            step_size = step_size.repeat_interleave(block_size)[:p.numel()]
+            bias_correction2_sqrt = bias_correction2_sqrt.repeat_interleave(block_size)[:p.numel()]
+        else:
+            elems = (local[:, None] * block_size + torch.arange(block_size, device=local.device)).reshape(-1)
+            elems = elems[elems < p.numel()]
+            which = torch.searchsorted(local, elems // block_size)  # each element's selected block
+            step_size, bias_correction2_sqrt = step_size[which], bias_correction2_sqrt[which]
+
+        p_flat, m_flat, v_flat = p.view(-1), m.view(-1), v.view(-1)
+        param = p_flat[elems].to(dtype)
+        grad = g.reshape(-1)[elems].to(dtype)
+        exp_avg = m_flat[elems].to(dtype)
+        exp_avg_sq = v_flat[elems].to(dtype)
+        if maximize:
+            grad = -grad
+
+        param.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        param.add_(-step_size * exp_avg / denom)
+
+        p_flat[elems] = param.to(p.dtype)
+        m_flat[elems] = exp_avg.to(m.dtype)
+        v_flat[elems] = exp_avg_sq.to(v.dtype)

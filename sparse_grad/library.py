@@ -1,0 +1,64 @@
+"""The ``sparse_grad`` op schemas: one ``torch.library`` custom op per op, with its fake impl.
+
+Each op takes a concrete ``backend`` name (``sparse_grad.ops`` resolves ``"auto"``) and forwards
+to that backend. The fake impls give output shapes and dtypes, so the ops trace under
+``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backends
+
+
+@torch.library.custom_op("sparse_grad::block_sqnorms", mutates_args=())
+def block_sqnorms(tensors: list[torch.Tensor], block_size: int, backend: str) -> torch.Tensor:
+    return backends.get(backend).block_sqnorms(tensors, block_size)
+
+
+@block_sqnorms.register_fake
+def _(tensors, block_size, backend):
+    num_blocks = sum((t.numel() + block_size - 1) // block_size for t in tensors)
+    return tensors[0].new_empty(num_blocks, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse_grad::select_blocks", mutates_args=())
+def select_blocks(scores: torch.Tensor, segment_sizes: list[int], segment_ks: list[int],
+                  backend: str) -> torch.Tensor:
+    return backends.get(backend).select_blocks(scores, segment_sizes, segment_ks)
+
+
+@select_blocks.register_fake
+def _(scores, segment_sizes, segment_ks, backend):
+    return scores.new_empty(sum(segment_ks), dtype=torch.int64)
+
+
+@torch.library.custom_op(
+    "sparse_grad::sparse_adamw_step",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "block_steps"),
+)
+def sparse_adamw_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    block_steps: list[torch.Tensor],
+    block_ids: torch.Tensor,
+    block_size: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    backend: str,
+) -> None:
+    backends.get(backend).sparse_adamw_step(
+        params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids,
+        block_size, lr, beta1, beta2, eps, weight_decay, maximize)
+
+
+@sparse_adamw_step.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size, lr, beta1,
+      beta2, eps, weight_decay, maximize, backend):
+    return None

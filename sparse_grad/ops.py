@@ -1,0 +1,212 @@
+"""sparse_grad's kernels as functions (DESIGN §5).
+
+Each function checks its arguments up front (a ``TypeError``/``ValueError`` naming the argument,
+before anything is written), resolves ``backend="auto"`` for the tensors' device and calls the
+matching ``torch.ops.sparse_grad`` custom op::
+
+    layout = ops.BlockLayout(params, block_size=4096)
+    scores = ops.block_sqnorms(grads, block_size=4096)           # fp32 [num_blocks]
+    ids    = ops.select_blocks(scores, density=0.05)              # or k=..., segments=layout
+    ops.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, ids,
+                          block_size=4096, lr=1e-3, weight_decay=1e-2)
+
+``backend`` is ``"auto"`` (CUDA tensors: triton; CPU tensors: reference), ``"reference"`` or
+``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import torch
+
+from . import _checks, backends, library
+from .layout import BlockLayout, check_tensor
+
+__all__ = ["BlockLayout", "block_sqnorms", "num_selected", "select_blocks", "sparse_adamw_step"]
+
+num_selected = _checks.num_selected
+
+
+def _tensor_list(value, name: str) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of tensors, got {type(value).__name__}")
+    return list(value)
+
+
+def block_sqnorms(tensors: Sequence[torch.Tensor], block_size: int = 4096, *,
+                  backend: str = "auto") -> torch.Tensor:
+    """Sum of squares of every block of every tensor, accumulated in fp32 (DESIGN §2).
+
+    Args:
+        tensors: contiguous floating tensors on one device (typically the grads of a group).
+        block_size: elements per block; each tensor's last block may be partial.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+
+    Returns:
+        fp32 tensor of shape ``[num_blocks]`` in global block order (see :class:`BlockLayout`);
+        one kernel launch per distinct dtype on the Triton backend.
+    """
+    tensors = _tensor_list(tensors, "tensors")
+    layout = BlockLayout(tensors, block_size)
+    backend = backends.resolve(backend, layout.device)
+    if not tensors:
+        return torch.empty(0, dtype=torch.float32)
+    return library.block_sqnorms(tensors, layout.block_size, backend)
+
+
+def _segment_sizes(segments, num_scores: int) -> list[int]:
+    if segments is None:
+        return [num_scores]
+    if isinstance(segments, BlockLayout):
+        sizes = list(segments.block_counts)
+    elif isinstance(segments, (list, tuple)):
+        sizes = segments
+        for i, n in enumerate(sizes):
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+                raise TypeError(f"segments[{i}] must be a non-negative int, got {n!r}")
+        sizes = [int(n) for n in sizes]
+    else:
+        raise TypeError(f"segments must be None, a BlockLayout or a list of ints, got {type(segments).__name__}")
+    if sum(sizes) != num_scores:
+        raise ValueError(f"segments cover {sum(sizes)} blocks but scores has {num_scores}")
+    return sizes
+
+
+def _segment_ks(k, density, sizes: list[int], per_segment: bool) -> list[int]:
+    if (k is None) == (density is None):
+        raise TypeError("select_blocks needs exactly one of k and density")
+    if density is not None:
+        density = _checks.density(density)
+        return [num_selected(density, n) for n in sizes]
+    if not per_segment:
+        ks = [k]
+    elif isinstance(k, (list, tuple)):
+        ks = list(k)
+        if len(ks) != len(sizes):
+            raise ValueError(f"k has {len(ks)} counts but there are {len(sizes)} segments")
+    else:
+        raise TypeError("with segments, k must be a list with one count per segment (or use density)")
+    for i, (count, n) in enumerate(zip(ks, sizes)):
+        label = f"k[{i}]" if per_segment else "k"
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+            raise TypeError(f"{label} must be an int, got {type(count).__name__} {count!r}")
+        if not 0 <= count <= n:
+            raise ValueError(f"{label} must be in [0, {n}] (the blocks it chooses from), got {count}")
+    return [int(c) for c in ks]
+
+
+def select_blocks(scores: torch.Tensor, k: int | Sequence[int] | None = None, *,
+                  density: float | None = None, segments=None, backend: str = "auto") -> torch.Tensor:
+    """Ids of the highest-scoring blocks, ascending, on the scores' device, without host sync.
+
+    Exactly ``k`` blocks (or ``ceil(density * n)``) are chosen; higher scores first, NaN above
+    everything, ties to the lower id.
+
+    Args:
+        scores: fp32 ``[num_blocks]``.
+        k: number of blocks (global), or a list with one count per segment.
+        density: fraction in (0, 1]; each segment keeps ``ceil(density * its blocks)`` (so at
+            least one block of every non-empty segment).
+        segments: ``None`` to choose over all blocks, or a :class:`BlockLayout` / list of segment
+            lengths to choose within each tensor (``scope="tensor"``).
+        backend: ``"auto"``, ``"reference"`` or ``"triton"`` (torch.topk on device).
+
+    Returns:
+        int64 tensor of global block ids, ascending, of length ``sum(k)``.
+    """
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dtype != torch.float32 or scores.dim() != 1:
+        raise TypeError(f"scores must be a 1-D float32 tensor, got {scores.dtype} of shape {tuple(scores.shape)}")
+    sizes = _segment_sizes(segments, scores.numel())
+    ks = _segment_ks(k, density, sizes, per_segment=segments is not None)
+    return library.select_blocks(scores.contiguous(), sizes, ks, backends.resolve(backend, scores.device))
+
+
+def _check_like(tensors: list[torch.Tensor], params: list[torch.Tensor], name: str, device) -> None:
+    if len(tensors) != len(params):
+        raise ValueError(f"{name} has {len(tensors)} tensors but params has {len(params)}")
+    for i, (t, p) in enumerate(zip(tensors, params)):
+        check_tensor(t, f"{name}[{i}]", device)
+        if t.shape != p.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but params[{i}] has {tuple(p.shape)}")
+
+
+def sparse_adamw_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    block_steps: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    *,
+    block_size: int = 4096,
+    lr: float = 1e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    maximize: bool = False,
+    backend: str = "auto",
+) -> None:
+    r"""AdamW, in place, on the blocks ``block_ids`` only (DESIGN §3.4).
+
+    For every selected block ``b`` of tensor ``t`` (and nothing else)::
+
+        block_steps[t][b] += 1;  s = block_steps[t][b]
+        g      = -grad if maximize else grad
+        param  = param * (1 - lr * weight_decay)
+        m      = lerp(m, g, 1 - beta1)
+        v      = beta2 * v + (1 - beta2) * g * g
+        param += -lr / (1 - beta1^s) * m / (sqrt(v) / sqrt(1 - beta2^s) + eps)
+
+    Scalars are computed in fp64 and elementwise math in fp32 (fp64 for fp64 params), in
+    ``torch.optim.AdamW``'s order.
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs: lists of contiguous tensors of matching shapes on
+            one device; moments share a dtype. Grads may have another floating dtype than params.
+        block_steps: one int32 tensor per param with one count per block.
+        block_ids: int64 ascending, unique global block ids (as from :func:`select_blocks`).
+    """
+    params = _tensor_list(params, "params")
+    grads = _tensor_list(grads, "grads")
+    exp_avgs = _tensor_list(exp_avgs, "exp_avgs")
+    exp_avg_sqs = _tensor_list(exp_avg_sqs, "exp_avg_sqs")
+    block_steps = _tensor_list(block_steps, "block_steps")
+    layout = BlockLayout(params, block_size, name="params")
+    device = layout.device
+    _check_like(grads, params, "grads", device)
+    _check_like(exp_avgs, params, "exp_avgs", device)
+    _check_like(exp_avg_sqs, params, "exp_avg_sqs", device)
+    for i, (m, v) in enumerate(zip(exp_avgs, exp_avg_sqs)):
+        if m.dtype != v.dtype:
+            raise TypeError(f"exp_avg_sqs[{i}] is {v.dtype} but exp_avgs[{i}] is {m.dtype}")
+    if len(block_steps) != len(params):
+        raise ValueError(f"block_steps has {len(block_steps)} tensors but params has {len(params)}")
+    for i, (steps, n) in enumerate(zip(block_steps, layout.block_counts)):
+        if not isinstance(steps, torch.Tensor) or steps.dtype != torch.int32:
+            raise TypeError(f"block_steps[{i}] must be an int32 tensor")
+        if steps.dim() != 1 or steps.numel() != n or not steps.is_contiguous() or steps.device != device:
+            raise ValueError(f"block_steps[{i}] must be a contiguous 1-D tensor of {n} counts on "
+                             f"{device}, got shape {tuple(steps.shape)} on {steps.device}")
+    if not isinstance(block_ids, torch.Tensor) or block_ids.dtype != torch.int64 or block_ids.dim() != 1:
+        raise TypeError("block_ids must be a 1-D int64 tensor")
+    if params and block_ids.device != device:
+        raise ValueError(f"block_ids is on {block_ids.device} but params are on {device}")
+    if block_ids.numel() > layout.num_blocks:
+        raise ValueError(f"block_ids has {block_ids.numel()} ids but params have only {layout.num_blocks} blocks")
+    lr = _checks.non_negative(lr, "lr")
+    beta1 = _checks.beta(beta1, "beta1")
+    beta2 = _checks.beta(beta2, "beta2")
+    eps = _checks.non_negative(eps, "eps")
+    weight_decay = _checks.non_negative(weight_decay, "weight_decay")
+    maximize = _checks.flag(maximize, "maximize")
+    backend = backends.resolve(backend, device)
+    if not params or block_ids.numel() == 0:
+        return
+    with torch.no_grad():
+        library.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids,
+                                  layout.block_size, lr, beta1, beta2, eps, weight_decay, maximize,
+                                  backend)

@@ -1,0 +1,265 @@
+"""SparseAdamW: a drop-in for torch.optim.AdamW that updates only the blocks that matter."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from . import _checks, backends, ops
+from .layout import BlockLayout, check_tensor, num_blocks_of
+
+__all__ = ["SparseAdamW"]
+
+SCOPES = ("global", "tensor")
+
+
+@dataclass
+class _Selection:
+    """The block ids a param group updates until its next reselection."""
+
+    key: tuple  # (positions of params with a grad, block_size, density, scope)
+    block_ids: torch.Tensor
+    age: int  # steps taken with these ids
+
+
+@dataclass
+class _Plan:
+    """A checked param group, ready to step: nothing has been written yet."""
+
+    index: int
+    group: dict
+    positions: list[int]
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    layout: BlockLayout
+
+
+def _check_hyperparameters(group: dict, where: str = "") -> None:
+    def name(key):
+        return f"{where}[{key!r}]" if where else key
+
+    _checks.non_negative(group["lr"], name("lr"))
+    _checks.betas(group["betas"], name("betas"))
+    _checks.non_negative(group["eps"], name("eps"))
+    _checks.non_negative(group["weight_decay"], name("weight_decay"))
+    _checks.density(group["density"], name("density"))
+    _checks.positive_int(group["block_size"], name("block_size"))
+    _checks.choice(group["scope"], SCOPES, name("scope"))
+    _checks.positive_int(group["reselect_every"], name("reselect_every"))
+    _checks.flag(group["maximize"], name("maximize"))
+    backends.check_backend(group["backend"], name("backend"))
+
+
+class SparseAdamW(Optimizer):
+    r"""AdamW on the blocks with the largest gradients; at ``density=1.0`` it is ``torch.optim.AdamW``.
+
+    Each param group's parameters are viewed flat and cut into blocks of ``block_size`` elements
+    (DESIGN §2). Per group, ``step()`` does::
+
+        params with a grad → blocks numbered globally (params whose grad is None take no part)
+        if a reselection is due (every reselect_every steps, or the set of params with a grad,
+        the block size, density or scope changed):
+            scores = sum of squares of the grad over each block          (one pass, on device)
+            ids    = the ceil(density · n) highest-scoring blocks, ties to the lower id;
+                     scope="tensor": ceil(density · blocks of t) blocks of every tensor t
+            (density 1.0: all blocks, no pass over the grads)
+        for every selected block b, with per-block step count s_b += 1:
+            θ_b ← θ_b · (1 − lr·λ)
+            m_b ← β₁ m_b + (1 − β₁) g_b
+            v_b ← β₂ v_b + (1 − β₂) g_b²
+            θ_b ← θ_b − lr / (1 − β₁^s_b) · m_b / (√v_b / √(1 − β₂^s_b) + ε)
+
+    Blocks not selected keep their parameters and moments bit for bit. Bias correction uses the
+    block's own step count, so a block that was idle catches up like a freshly started AdamW.
+
+    Args:
+        params: iterable of parameters or param-group dicts; each group may set any of the
+            options below.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.AdamW``
+            (``amsgrad=True`` is not supported).
+        density: fraction of blocks updated per step, in (0, 1].
+        block_size: elements per block (positive int; powers of two are fastest).
+        scope: ``"global"`` (top blocks of the whole group) or ``"tensor"`` (of every tensor).
+        reselect_every: reselect the blocks every this many steps; in between the same blocks
+            are updated and no pass over the grads is made.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"`` (see :mod:`sparse_grad.ops`).
+
+    State per parameter: ``exp_avg``, ``exp_avg_sq`` (like the parameter) and ``block_step``
+    (int32, one count per block). ``state_dict()`` also holds each group's current selection,
+    so a run resumed mid-interval continues bit for bit.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        density: float = 0.05,
+        block_size: int = 4096,
+        scope: str = "global",
+        reselect_every: int = 1,
+        backend: str = "auto",
+    ):
+        if amsgrad is not False:
+            raise ValueError("amsgrad=True is not supported by SparseAdamW")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        density=density, block_size=block_size, scope=scope,
+                        reselect_every=reselect_every, backend=backend)
+        _check_hyperparameters(defaults)
+        self._selections: dict[int, _Selection] = {}
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_selections", {})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        where = f"param_groups[{len(self.param_groups)}]"
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else params
+        if isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections")
+        params = list(params)
+        _check_hyperparameters({**self.defaults, **param_group}, where)
+        device = params[0].device if params and isinstance(params[0], torch.Tensor) else None
+        for j, p in enumerate(params):
+            check_tensor(p, f"{where}['params'][{j}]", device)
+        super().add_param_group({**param_group, "params": params})
+
+    def _plan(self, index: int, group: dict) -> _Plan | None:
+        """Check one group and what stepping it needs, without writing anything."""
+        where = f"param_groups[{index}]"
+        _check_hyperparameters(group, where)
+        positions, params, grads = [], [], []
+        device = None
+        for j, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            name = f"{where}['params'][{j}]"
+            if device is None:
+                device = p.device
+            check_tensor(p, name, device)
+            if p.grad.layout != torch.strided:
+                raise TypeError(f"{name}.grad is sparse; SparseAdamW needs dense gradients")
+            grad = p.grad.contiguous()
+            check_tensor(grad, f"{name}.grad", device)
+            state = self.state.get(p)
+            if state and state["block_step"].numel() != num_blocks_of(p.numel(), group["block_size"]):
+                raise ValueError(f"{where}['block_size'] is {group['block_size']}, but the state of "
+                                 f"{name} was made with another block size")
+            positions.append(j)
+            params.append(p)
+            grads.append(grad)
+        if not params:
+            return None
+        return _Plan(index, group, positions, params, grads, BlockLayout(params, group["block_size"]))
+
+    def _block_ids(self, plan: _Plan) -> torch.Tensor:
+        group, layout = plan.group, plan.layout
+        key = (tuple(plan.positions), group["block_size"], group["density"], group["scope"])
+        selection = self._selections.get(plan.index)
+        due = (selection is None or selection.key != key
+               or (group["density"] < 1.0 and selection.age >= group["reselect_every"]))
+        if due:
+            if group["density"] == 1.0:
+                ids = torch.arange(layout.num_blocks, dtype=torch.int64, device=layout.device)
+            else:
+                scores = ops.block_sqnorms(plan.grads, layout.block_size, backend=group["backend"])
+                segments = layout if group["scope"] == "tensor" else None
+                ids = ops.select_blocks(scores, density=group["density"], segments=segments,
+                                        backend=group["backend"])
+            selection = self._selections[plan.index] = _Selection(key, ids, 0)
+        selection.age += 1
+        return selection.block_ids
+
+    def _apply(self, plan: _Plan) -> None:
+        group = plan.group
+        for p in plan.params:
+            state = self.state[p]
+            if not state:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["block_step"] = torch.zeros(
+                    num_blocks_of(p.numel(), group["block_size"]), dtype=torch.int32, device=p.device)
+        states = [self.state[p] for p in plan.params]
+        beta1, beta2 = group["betas"]
+        ops.sparse_adamw_step(
+            plan.params, plan.grads,
+            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["block_step"] for s in states], self._block_ids(plan),
+            block_size=group["block_size"], lr=group["lr"], beta1=beta1, beta2=beta2,
+            eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"],
+            backend=group["backend"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One optimizer step over every param group; returns ``closure()``'s loss if given.
+
+        Every group is checked before any parameter or state is written, so bad input leaves
+        the optimizer and the model as they were.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plans = [self._plan(i, group) for i, group in enumerate(self.param_groups)]
+        for plan in plans:
+            if plan is not None:
+                self._apply(plan)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        state_dict["selections"] = {
+            i: {"key": s.key, "block_ids": s.block_ids, "age": s.age} for i, s in self._selections.items()
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`; checked in full before anything changes."""
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer "
+                             f"{len(self.param_groups)}")
+        block_steps = {}
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict's param group {i} has {len(saved['params'])} params, "
+                                 f"the optimizer's {len(group['params'])}")
+            _check_hyperparameters({**self.defaults, **saved}, f"state_dict['param_groups'][{i}]")
+            for j, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
+                if saved_id not in saved_state:
+                    continue
+                state = saved_state[saved_id]
+                name = f"param_groups[{i}]['params'][{j}]"
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if tuple(state[key].shape) != tuple(p.shape):
+                        raise ValueError(f"state_dict does not fit {name}: its {key} has shape "
+                                         f"{tuple(state[key].shape)}, the parameter {tuple(p.shape)}")
+                expected = num_blocks_of(p.numel(), saved["block_size"])
+                if state["block_step"].numel() != expected:
+                    raise ValueError(f"state_dict does not fit {name}: its block_step has "
+                                     f"{state['block_step'].numel()} blocks, expected {expected}")
+                block_steps[p] = state["block_step"]
+        selections = {}
+        for i, s in state_dict.get("selections", {}).items():
+            if not 0 <= int(i) < len(self.param_groups):
+                raise ValueError(f"state_dict has a selection for param group {i}, which does not exist")
+            device = self.param_groups[int(i)]["params"][0].device
+            positions, block_size, density, scope = s["key"]
+            key = (tuple(positions), block_size, density, scope)
+            selections[int(i)] = _Selection(key, s["block_ids"].to(device), int(s["age"]))
+        super().load_state_dict({"state": saved_state, "param_groups": saved_groups})
+        # Optimizer.load_state_dict casts every state tensor to the param's dtype; these are counts.
+        for p, steps in block_steps.items():
+            self.state[p]["block_step"] = steps.to(device=p.device, dtype=torch.int32)
+        self._selections = selections

@@ -1,0 +1,75 @@
+"""Shared test helpers: which backends run here, tolerances, data makers, snapshots."""
+from __future__ import annotations
+
+import copy
+import importlib
+
+import torch
+
+from sparse_grad import backends
+
+# (atol, rtol) per parameter dtype, used wherever results are compared across implementations.
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-6, 1e-5),
+    torch.bfloat16: (1e-2, 1e-2),
+    torch.float16: (1e-3, 1e-3),
+}
+
+
+def backend_cases() -> list[tuple[str, str]]:
+    cases = [("cpu", "reference")]
+    if backends.triton_unavailable_reason(torch.device("cpu")) is None:
+        cases.append(("cpu", "triton"))
+    if torch.cuda.is_available():
+        cases.append(("cuda", "reference"))
+        if backends.triton_unavailable_reason(torch.device("cuda")) is None:
+            cases.append(("cuda", "triton"))
+    return cases
+
+
+def heavy_tailed(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Random data whose scale varies over orders of magnitude, like real gradients."""
+    x = torch.randn(shape, dtype=torch.float64)
+    scale = torch.exp(torch.randn(shape, dtype=torch.float64) * 1.5)
+    return (x * scale).to(dtype=dtype, device=device)
+
+
+def snapshot(obj):
+    """A deep copy of tensors (or nested containers of them), to compare before/after."""
+    return copy.deepcopy(obj)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same(a, b):
+    """Bit-for-bit equality of (nested containers of) tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(_bytes(a), _bytes(b)), "tensors differ"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def count_launches(monkeypatch, module: str, launcher: str) -> list:
+    """Record the calls of a Triton launcher (e.g. ``"block_sqnorms", "launch_block_sqnorms"``)."""
+    kernels = importlib.import_module(f"{backends.triton_kernels().__name__}.{module}")
+    real = getattr(kernels, launcher)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, launcher, counting)
+    return calls

@@ -1,0 +1,65 @@
+"""The torch.library custom ops: schemas, fake impls, opcheck, torch.compile, backend choice."""
+import pytest
+import torch
+
+import sparse_grad  # noqa: F401  (registers torch.ops.sparse_grad)
+from sparse_grad import backends, ops
+from _utils import heavy_tailed
+
+
+def step_args(device, backend):
+    params = [heavy_tailed(s, device=device) for s in [(37,), (4, 5), (1,)]]
+    return (params, [heavy_tailed(p.shape, device=device) for p in params],
+            [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+            [torch.zeros((p.numel() + 7) // 8, dtype=torch.int32, device=device) for p in params],
+            torch.tensor([0, 2, 5, 8], device=device), 8, 1e-2, 0.9, 0.999, 1e-8, 0.01, False, backend)
+
+
+def test_opcheck(case):
+    device, backend = case
+    tensors = [heavy_tailed(s, device=device) for s in [(37,), (4, 5), (1,)]]
+    torch.library.opcheck(torch.ops.sparse_grad.block_sqnorms.default, (tensors, 8, backend))
+    scores = torch.rand(30, device=device)
+    torch.library.opcheck(torch.ops.sparse_grad.select_blocks.default, (scores, [30], [7], backend))
+    torch.library.opcheck(torch.ops.sparse_grad.select_blocks.default, (scores, [10, 20], [3, 2], backend))
+    torch.library.opcheck(torch.ops.sparse_grad.sparse_adamw_step.default, step_args(device, backend))
+
+
+def test_compiled_step_matches_eager():
+    """The three ops trace into one graph (fullgraph=True) and give the eager results."""
+
+    def sparse_step(params, grads, exp_avgs, exp_avg_sqs, block_steps):
+        scores = ops.block_sqnorms(grads, 8, backend="reference")
+        ids = ops.select_blocks(scores, density=0.3, backend="reference")
+        ops.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, ids, block_size=8,
+                              lr=1e-2, backend="reference")
+        return scores
+
+    args = step_args("cpu", "reference")[:5]
+    eager_args = [[t.clone() for t in ts] for ts in args]
+    compiled = torch.compile(sparse_step, fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        torch.testing.assert_close(compiled(*args), sparse_step(*eager_args), rtol=0, atol=0)
+    for got, want in zip(args, eager_args):
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+def test_auto_backend():
+    assert backends.resolve("auto", torch.device("cpu")) == "reference"
+    assert backends.resolve("reference", torch.device("cpu")) == "reference"
+    assert backends.resolve("auto", None) == "reference"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.resolve("cuda-graph", torch.device("cpu"))
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.block_sqnorms([torch.randn(4)], 4, backend="triton")
+
+
+def test_kernels_import_as_subpackage():
+    kernels = backends.triton_kernels()
+    assert kernels.__name__ == "sparse_grad.triton_kernels"
+    assert callable(kernels.block_sqnorms) and callable(kernels.sparse_adamw_step)

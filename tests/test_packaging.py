@@ -1,0 +1,45 @@
+"""Install layout, the README's commands, and the benchmark suite's ability to run."""
+import importlib.metadata
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def installed_files():
+    try:
+        return importlib.metadata.files("sparse_grad")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@pytest.mark.skipif(installed_files() is None, reason="sparse_grad is not pip-installed here (source checkout)")
+def test_triton_kernels_install_inside_the_package():
+    paths = {str(f).replace("\\", "/") for f in installed_files()}
+    assert "sparse_grad/triton_kernels/__init__.py" in paths
+    assert "sparse_grad/triton_kernels/sparse_adamw.py" in paths
+    assert not any(p.startswith("triton_kernels/") for p in paths), "the bare name belongs to another package"
+
+
+def test_ci_runs_the_readme_commands_verbatim():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- readme-commands -->\s*```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    for command in commands:
+        assert command in ci, f"README command not run by .ci/run: {command}"
+
+
+def test_benchmark_suite_runs():
+    """Each benchmark case runs once at a tiny size, so the suite cannot rot."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "-q", "-p", "no:cacheprovider",
+         "--benchmark-disable", "--scale", "0.0005"],
+        cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert re.search(r"\b7 passed\b", run.stdout), run.stdout[-2000:]

@@ -1,0 +1,228 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from sparse_grad import ops
+from _utils import TOLERANCES, assert_same, count_launches, heavy_tailed, snapshot
+
+SHAPES = [(37,), (5, 13), (1,), (0,), (200,), (16,), (3, 3, 3)]
+
+
+def make_state(shapes, block_size, param_dtype, grad_dtype, device, max_step=3):
+    """Params, grads and moments of fresh random data, and mixed per-block step counts."""
+    params = [heavy_tailed(s, param_dtype, device) for s in shapes]
+    grads = [heavy_tailed(s, grad_dtype, device) for s in shapes]
+    exp_avgs = [heavy_tailed(s, param_dtype, device) * 0.1 for s in shapes]
+    exp_avg_sqs = [heavy_tailed(s, param_dtype, device).square() * 0.1 for s in shapes]
+    steps = [torch.randint(0, max_step, ((p.numel() + block_size - 1) // block_size,),
+                           dtype=torch.int32, device=device) for p in params]
+    return params, grads, exp_avgs, exp_avg_sqs, steps
+
+
+def adamw_fp64(state, ids, block_size, lr, beta1, beta2, eps, weight_decay, maximize):
+    """Independent oracle: the textbook AdamW in float64, element by element per selected block."""
+    params, grads, exp_avgs, exp_avg_sqs, steps = [[t.double().cpu().clone() for t in ts] for ts in state]
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + (p.numel() + block_size - 1) // block_size)
+    for b in ids.tolist():
+        t = max(i for i in range(len(params)) if offsets[i] <= b < offsets[i + 1])
+        local = b - offsets[t]
+        steps[t][local] += 1
+        s = steps[t][local].item()
+        sl = slice(local * block_size, min((local + 1) * block_size, params[t].numel()))
+        p, g = params[t].view(-1)[sl], grads[t].view(-1)[sl]
+        m, v = exp_avgs[t].view(-1)[sl], exp_avg_sqs[t].view(-1)[sl]
+        g = -g if maximize else g
+        p *= 1 - lr * weight_decay
+        m.mul_(beta1).add_((1 - beta1) * g)
+        v.mul_(beta2).add_((1 - beta2) * g * g)
+        p -= lr / (1 - beta1 ** s) * m / (v.sqrt() / (1 - beta2 ** s) ** 0.5 + eps)
+    return params, exp_avgs, exp_avg_sqs, steps
+
+
+def random_ids(num_blocks, k, device):
+    return torch.sort(torch.randperm(num_blocks)[:k]).values.to(device)
+
+
+def num_blocks(shapes, block_size):
+    return sum((torch.Size(s).numel() + block_size - 1) // block_size for s in shapes)
+
+
+HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, maximize=False)
+
+
+@pytest.mark.parametrize("param_dtype, grad_dtype", [
+    (torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16), (torch.float64, torch.float64)])
+@pytest.mark.parametrize("block_size", [1, 16, 50])
+def test_matches_float64(case, param_dtype, grad_dtype, block_size):
+    device, backend = case
+    state = make_state(SHAPES, block_size, param_dtype, grad_dtype, device)
+    n = num_blocks(SHAPES, block_size)
+    ids = random_ids(n, max(1, n // 3), device)
+    expected = adamw_fp64(state, ids, block_size, **HYPER)
+    ops.sparse_adamw_step(*state, ids, block_size=block_size, backend=backend, **HYPER)
+    atol, rtol = TOLERANCES[param_dtype]
+    params, _, exp_avgs, exp_avg_sqs, steps = state
+    for got, want in zip([params, exp_avgs, exp_avg_sqs], expected[:3]):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double().cpu(), w, atol=atol, rtol=rtol)
+    for g, w in zip(steps, expected[3]):
+        assert torch.equal(g.cpu(), w.to(torch.int32))
+
+
+@pytest.mark.parametrize("maximize, weight_decay, beta1", [(True, 0.0, 0.9), (False, 0.0, 0.3), (True, 0.5, 0.5)])
+def test_options_match_float64(case, maximize, weight_decay, beta1):
+    device, backend = case
+    hyper = {**HYPER, "maximize": maximize, "weight_decay": weight_decay, "beta1": beta1}
+    state = make_state(SHAPES, 8, torch.float32, torch.float32, device, max_step=40)
+    ids = random_ids(num_blocks(SHAPES, 8), 20, device)
+    expected = adamw_fp64(state, ids, 8, **hyper)
+    ops.sparse_adamw_step(*state, ids, block_size=8, backend=backend, **hyper)
+    for g, w in zip(state[0], expected[0]):
+        torch.testing.assert_close(g.double().cpu(), w, atol=1e-6, rtol=1e-5)
+
+
+def test_only_selected_blocks_change(case):
+    device, backend = case
+    block_size = 8
+    state = make_state(SHAPES, block_size, torch.float32, torch.float32, device)
+    n = num_blocks(SHAPES, block_size)
+    ids = random_ids(n, n // 2, device)
+    before = snapshot(state)
+    ops.sparse_adamw_step(*state, ids, block_size=block_size, backend=backend, **HYPER)
+    selected = set(ids.tolist())
+    block = 0
+    for t in range(len(SHAPES)):
+        for local in range(before[4][t].numel()):
+            sl = slice(local * block_size, (local + 1) * block_size)
+            for k in range(4):  # params, grads, exp_avgs, exp_avg_sqs
+                old, new = before[k][t].view(-1)[sl], state[k][t].view(-1)[sl]
+                if block in selected and k != 1:
+                    assert not torch.equal(old, new), f"block {block} of list {k} did not change"
+                else:
+                    assert_same(old, new)
+            assert state[4][t][local].item() == before[4][t][local].item() + (block in selected)
+            block += 1
+
+
+def test_backend_matches_reference(case):
+    device, backend = case
+    cpu_state = make_state(SHAPES, 16, torch.float32, torch.float32, "cpu", max_step=1000)
+    state = [[t.to(device) for t in ts] for ts in cpu_state]
+    ids = random_ids(num_blocks(SHAPES, 16), 12, "cpu")
+    ops.sparse_adamw_step(*cpu_state, ids, block_size=16, backend="reference", **HYPER)
+    ops.sparse_adamw_step(*state, ids.to(device), block_size=16, backend=backend, **HYPER)
+    for ref_list, got_list in zip(cpu_state, state):
+        for r, g in zip(ref_list, got_list):
+            torch.testing.assert_close(g.cpu(), r, atol=1e-7, rtol=1e-6)
+
+
+def test_empty_selection_and_empty_lists(case):
+    device, backend = case
+    state = make_state(SHAPES, 16, torch.float32, torch.float32, device)
+    before = snapshot(state)
+    ops.sparse_adamw_step(*state, torch.empty(0, dtype=torch.int64, device=device), block_size=16,
+                          backend=backend)
+    assert_same(state, before)
+    ops.sparse_adamw_step([], [], [], [], [], torch.empty(0, dtype=torch.int64), backend=backend)
+
+
+def test_one_launch_per_dtype_group(triton_case, monkeypatch):
+    device, backend = triton_case
+    launches = count_launches(monkeypatch, "sparse_adamw", "launch_sparse_adamw")
+    shapes = [(n,) for n in torch.randint(1, 40, (30,)).tolist()]
+    state = make_state(shapes, 16, torch.float32, torch.float32, device)
+    ops.sparse_adamw_step(*state, random_ids(num_blocks(shapes, 16), 10, device), block_size=16,
+                          backend=backend)
+    assert len(launches) == 1
+
+
+def test_mixed_dtype_groups(case):
+    device, backend = case
+    params = [heavy_tailed((40,), torch.float32, device), heavy_tailed((33,), torch.bfloat16, device),
+              heavy_tailed((20,), torch.float32, device)]
+    grads = [heavy_tailed(p.shape, d, device) for p, d in zip(params, [torch.bfloat16, torch.bfloat16, torch.float32])]
+    state = (params, grads, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+             [torch.zeros((p.numel() + 15) // 16, dtype=torch.int32, device=device) for p in params])
+    ids = torch.tensor([0, 2, 4, 5, 6], device=device)
+    expected = adamw_fp64(state, ids, 16, **HYPER)
+    ops.sparse_adamw_step(*state, ids, block_size=16, backend=backend, **HYPER)
+    for got, want, p in zip(state[0], expected[0], params):
+        atol, rtol = TOLERANCES[p.dtype]
+        torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol)
+
+
+def _bad_calls(state, ids):
+    params, grads, exp_avgs, exp_avg_sqs, steps = state
+    good = dict(block_size=16)
+    yield "grads has 1 tensors", (params, grads[:1], exp_avgs, exp_avg_sqs, steps, ids), good
+    yield r"grads\[1\] has shape", (params, [grads[0], grads[0]], exp_avgs, exp_avg_sqs, steps, ids), good
+    yield r"exp_avgs\[0\] is not contiguous", (params, grads, [exp_avgs[0].view(5, 8).t(), exp_avgs[1]], exp_avg_sqs, steps, ids), dict(block_size=16)
+    yield r"exp_avg_sqs\[0\] is torch.float64", (params, grads, exp_avgs, [exp_avg_sqs[0].double(), exp_avg_sqs[1]], steps, ids), good
+    yield r"block_steps\[1\] must be an int32", (params, grads, exp_avgs, exp_avg_sqs, [steps[0], steps[1].long()], ids), good
+    yield r"block_steps\[0\] must be a contiguous 1-D tensor of 3", (params, grads, exp_avgs, exp_avg_sqs, [steps[0][:2], steps[1]], ids), good
+    yield "block_ids must be a 1-D int64", (params, grads, exp_avgs, exp_avg_sqs, steps, ids.int()), good
+    yield "block_ids has 9 ids", (params, grads, exp_avgs, exp_avg_sqs, steps, torch.arange(9)), good
+    yield "lr must be >= 0", (params, grads, exp_avgs, exp_avg_sqs, steps, ids), dict(block_size=16, lr=-1.0)
+    yield r"beta2 must be in \[0, 1\)", (params, grads, exp_avgs, exp_avg_sqs, steps, ids), dict(block_size=16, beta2=1.0)
+    yield "eps must be finite", (params, grads, exp_avgs, exp_avg_sqs, steps, ids), dict(block_size=16, eps=float("nan"))
+    yield "weight_decay must be >= 0", (params, grads, exp_avgs, exp_avg_sqs, steps, ids), dict(block_size=16, weight_decay=-0.1)
+    yield "maximize must be a bool", (params, grads, exp_avgs, exp_avg_sqs, steps, ids), dict(block_size=16, maximize=1)
+    yield "block_size must be a positive int", (params, grads, exp_avgs, exp_avg_sqs, steps, ids), dict(block_size=0)
+    yield "unknown backend|backend must be one of", (params, grads, exp_avgs, exp_avg_sqs, steps, ids), dict(block_size=16, backend="fast")
+    yield r"grads\[0\] is a sparse tensor", (params, [grads[0].to_sparse(), grads[1]], exp_avgs, exp_avg_sqs, steps, ids), good
+    yield "params must be a list", (params[0], grads, exp_avgs, exp_avg_sqs, steps, ids), good
+
+
+def test_bad_inputs_change_nothing():
+    state = make_state([(40,), (23,)], 16, torch.float32, torch.float32, "cpu")
+    ids = torch.tensor([0, 2, 4])
+    before = snapshot(state)
+    for message, args, kwargs in _bad_calls(state, ids):
+        with pytest.raises((TypeError, ValueError), match=message):
+            ops.sparse_adamw_step(*args, **kwargs)
+        assert_same(state, before)
+
+
+INT64_SCRIPT = textwrap.dedent("""
+    import torch
+    from sparse_grad.backends import triton_kernels
+    kernels = triton_kernels()
+    device, block_size = {device!r}, 64
+    # Each tensor is "virtual", 2**31 + 150 elements long, of which x holds the last 150:
+    # its base address lies 2**31 elements before x's, and global block 0 is local block 2**25.
+    skip = 2**31
+    skip_blocks = skip // block_size
+    tensors = [torch.randn(150, device=device) for _ in range(4)]  # param, grad, exp_avg, exp_avg_sq
+    tensors[3] = tensors[3].abs()
+    steps = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    expected = [t.clone() for t in tensors] + [steps.clone()]
+    hyper = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    kernels.sparse_adamw_step(*[[t] for t in expected], torch.tensor([0, 1, 2], device=device),
+                              block_size, maximize=False, **hyper)
+    tables = [torch.tensor([t.data_ptr() - skip * 4], device=device) for t in tensors]
+    tables.append(torch.tensor([steps.data_ptr() - skip_blocks * 4], device=device))
+    hparams = torch.tensor([hyper[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay")],
+                           dtype=torch.float64, device=device)
+    kernels.launch_sparse_adamw(
+        torch.tensor([0, 1, 2], device=device), hparams, tables,
+        torch.tensor([skip + 150], device=device), torch.tensor([-skip_blocks], device=device),
+        torch.zeros(3, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int64, device=device),
+        3, block_size, 0, (torch.float32,) * 3, False)
+    for got, want in zip(tensors + [steps], expected):
+        assert torch.equal(got, want), (got, want)
+    print("ok")
+""")
+
+
+def test_int64_offsets_past_2_31(triton_case):
+    """Elements past 2**31 are addressed correctly, without allocating such a tensor."""
+    device, _ = triton_case
+    run = subprocess.run([sys.executable, "-c", INT64_SCRIPT.format(device=device)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

@@ -1,0 +1,18 @@
+"""Triton kernels of sparse_grad, installed as ``sparse_grad.triton_kernels``.
+
+One launch covers every tensor of a list: kernels read each tensor's base address from an int64
+pointer table and the owning tensor of each block from an int32 block->tensor map. On CPU tensors
+they run under ``TRITON_INTERPRET=1`` (set it before this package is imported).
+"""
+from .block_sqnorms import block_sqnorms, launch_block_sqnorms
+from .sparse_adamw import launch_sparse_adamw, sparse_adamw_step
+from .tables import BlockMap, block_map
+
+__all__ = [
+    "BlockMap",
+    "block_map",
+    "block_sqnorms",
+    "launch_block_sqnorms",
+    "launch_sparse_adamw",
+    "sparse_adamw_step",
+]

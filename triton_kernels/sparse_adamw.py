@@ -1,0 +1,201 @@
+"""AdamW on selected blocks only: one program per selected block, one launch per dtype group."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .tables import TL_DTYPES, block_map, launch_config, compute_dtype, float64_bits, group_by, to_device
+
+
+
+@triton.jit
+def _pow_int(base, exponent):
+    """``base ** exponent`` for an int ``exponent >= 0`` by repeated squaring (exact to fp64 ulps)."""
+    result = base * 0.0 + 1.0
+    while exponent > 0:
+        if (exponent & 1) == 1:
+            result = result * base
+        base = base * base
+        exponent = exponent >> 1
+    return result
+
+
+@triton.jit
+def _sqrt(x):
+    """Correctly rounded sqrt (tl.sqrt is approximate for fp32; fp64 sqrt is exact)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _div(x, y):
+    """Correctly rounded division (fp32 `/` is approximate in Triton; fp64 `/` is exact)."""
+    if x.dtype == tl.float64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """fp32 -> DTYPE, rounding to nearest even.
+
+    bf16 is rounded with integer ops (as c10::BFloat16 does): the result equals the GPU's
+    cvt.rn.bf16.f32, while Triton's interpreter would truncate.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(tl.bfloat16), rounded)  # NaN stays NaN
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _sparse_adamw_kernel(
+    block_ids_ptr,  # int64 [num_selected]: global ids of the blocks to update
+    hparams_ptr,  # fp64 [5]: lr, beta1, beta2, eps, weight_decay
+    param_ptrs_ptr,  # int64 [T] base addresses ...
+    grad_ptrs_ptr,
+    exp_avg_ptrs_ptr,
+    exp_avg_sq_ptrs_ptr,
+    step_ptrs_ptr,  # ... of int32 per-block step counts
+    numels_ptr,  # int64 [T]
+    first_block_ptr,  # int64 [T]
+    block_tensor_ptr,  # int32 [num_blocks]
+    groups_ptr,  # int64 [T]: dtype group of each tensor; this launch handles `group`
+    num_blocks,
+    block_size,
+    group,
+    MAXIMIZE: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,  # cdiv(block_size, CHUNK)
+):
+    block = tl.load(block_ids_ptr + tl.program_id(0).to(tl.int64))
+    valid = (block >= 0) & (block < num_blocks)  # an out-of-range id updates nothing
+    block = tl.where(valid, block, 0)
+    t = tl.load(block_tensor_ptr + block)
+    active = valid & (tl.load(groups_ptr + t) == group)
+    local = block - tl.load(first_block_ptr + t)
+
+    step_ptr = tl.load(step_ptrs_ptr + t).to(tl.pointer_type(tl.int32)) + local
+    step = tl.load(step_ptr, mask=active, other=0) + 1
+    tl.store(step_ptr, step, mask=active)
+
+    # Scalars in fp64 then rounded once, as torch.optim.AdamW computes them on the host.
+    lr = tl.load(hparams_ptr + 0)
+    beta1 = tl.load(hparams_ptr + 1)
+    beta2 = tl.load(hparams_ptr + 2)
+    eps = tl.load(hparams_ptr + 3).to(COMPUTE_DTYPE)
+    weight_decay = tl.load(hparams_ptr + 4)
+    neg_step_size = (-lr / (1.0 - _pow_int(beta1, step))).to(COMPUTE_DTYPE)
+    bias_correction2_sqrt = _sqrt(1.0 - _pow_int(beta2, step)).to(COMPUTE_DTYPE)
+    decay = (1.0 - lr * weight_decay).to(COMPUTE_DTYPE)
+    beta2_c = beta2.to(COMPUTE_DTYPE)
+    one_minus_beta2 = (1.0 - beta2).to(COMPUTE_DTYPE)
+    # exp_avg.lerp_(grad, w) as torch computes it: fma(coeff, grad - exp_avg, base).
+    weight = (1.0 - beta1).to(COMPUTE_DTYPE)
+    small_weight = weight < 0.5
+    lerp_coeff = tl.where(small_weight, weight, weight - 1.0)
+
+    param_ptr = tl.load(param_ptrs_ptr + t).to(tl.pointer_type(PARAM_DTYPE))
+    grad_ptr = tl.load(grad_ptrs_ptr + t).to(tl.pointer_type(GRAD_DTYPE))
+    exp_avg_ptr = tl.load(exp_avg_ptrs_ptr + t).to(tl.pointer_type(STATE_DTYPE))
+    exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs_ptr + t).to(tl.pointer_type(STATE_DTYPE))
+    start = local * block_size
+    end = tl.minimum(start + block_size, tl.load(numels_ptr + t))
+    end = tl.where(active, end, start)  # invalid id, or another launch's block: touch nothing
+    for chunk in range(NUM_CHUNKS):
+        offsets = start + chunk * CHUNK + tl.arange(0, CHUNK)
+        mask = offsets < end
+        param = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        if MAXIMIZE:
+            grad = -grad
+        param = param * decay
+        exp_avg = tl.fma(lerp_coeff, grad - exp_avg, tl.where(small_weight, exp_avg, grad))
+        exp_avg_sq = exp_avg_sq * beta2_c
+        exp_avg_sq = exp_avg_sq + one_minus_beta2 * grad * grad
+        denom = _div(_sqrt(exp_avg_sq), bias_correction2_sqrt) + eps
+        param = param + _div(neg_step_size * exp_avg, denom)
+        tl.store(param_ptr + offsets, _round_to(param, PARAM_DTYPE), mask=mask)
+        tl.store(exp_avg_ptr + offsets, _round_to(exp_avg, STATE_DTYPE), mask=mask)
+        tl.store(exp_avg_sq_ptr + offsets, _round_to(exp_avg_sq, STATE_DTYPE), mask=mask)
+
+
+def launch_sparse_adamw(
+    block_ids: torch.Tensor,
+    hparams: torch.Tensor,
+    tables: Sequence[torch.Tensor],
+    numels: torch.Tensor,
+    first_block: torch.Tensor,
+    block_tensor: torch.Tensor,
+    groups: torch.Tensor,
+    num_blocks: int,
+    block_size: int,
+    group: int,
+    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+    maximize: bool,
+    chunk: int | None = None,
+    num_warps: int | None = None,
+) -> None:
+    """Launch one program per id in ``block_ids``.
+
+    ``tables`` holds the int64 pointer tables of params, grads, exp_avgs, exp_avg_sqs and
+    block_steps; ``dtypes`` the (param, grad, state) dtypes of group ``group``.
+    """
+    param_dtype, grad_dtype, state_dtype = dtypes
+    _sparse_adamw_kernel[(block_ids.numel(),)](
+        block_ids, hparams, *tables, numels, first_block, block_tensor, groups,
+        num_blocks, block_size, group,
+        MAXIMIZE=maximize,
+        PARAM_DTYPE=TL_DTYPES[param_dtype],
+        GRAD_DTYPE=TL_DTYPES[grad_dtype],
+        STATE_DTYPE=TL_DTYPES[state_dtype],
+        COMPUTE_DTYPE=compute_dtype(param_dtype),
+        **launch_config(block_size, block_ids.device, 1024, chunk, num_warps),
+    )
+
+
+def sparse_adamw_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    block_steps: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    block_size: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """In-place AdamW on the blocks ``block_ids`` (global ids over ``params``); see the reference."""
+    if block_ids.numel() == 0 or not params:
+        return
+    device = params[0].device
+    bmap = block_map(tuple(p.numel() for p in params), block_size, device)
+    groups, dtypes = group_by([(p.dtype, g.dtype, m.dtype) for p, g, m in zip(params, grads, exp_avgs)])
+    *tables, group_table, hparams = to_device(
+        [[x.data_ptr() for x in xs] for xs in (params, grads, exp_avgs, exp_avg_sqs, block_steps)]
+        + [groups, float64_bits([lr, beta1, beta2, eps, weight_decay])],
+        device,
+    )
+    for g, group_dtypes in enumerate(dtypes):
+        launch_sparse_adamw(block_ids, hparams.view(torch.float64), tables, bmap.numels,
+                            bmap.first_block, bmap.block_tensor, group_table, bmap.num_blocks,
+                            block_size, g, group_dtypes, maximize)
