@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
+from .layout import num_blocks_of
 
 
 @torch.library.custom_op("sparse_grad::block_sqnorms", mutates_args=())
@@ -18,7 +19,7 @@ def block_sqnorms(tensors: list[torch.Tensor], block_size: int, backend: str) ->
 
 @block_sqnorms.register_fake
 def _(tensors, block_size, backend):
-    num_blocks = sum((t.numel() + block_size - 1) // block_size for t in tensors)
+    num_blocks = sum(num_blocks_of(t.numel(), block_size) for t in tensors)
     return tensors[0].new_empty(num_blocks, dtype=torch.float32)
 
 

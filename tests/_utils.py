@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import subprocess
+import sys
 
 import torch
 
@@ -73,3 +75,10 @@ def count_launches(monkeypatch, module: str, launcher: str) -> list:
 
     monkeypatch.setattr(kernels, launcher, counting)
     return calls
+
+
+def assert_script_prints_ok(script: str) -> None:
+    """Run ``script`` in a fresh interpreter, so that a wrong address crashes it and not the
+    test session, and check that it printed ``ok``."""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

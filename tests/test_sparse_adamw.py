@@ -169,7 +169,7 @@ def test_reselect_every_reuses_blocks_and_skips_the_norm_pass(case, monkeypatch)
     params = make_params(device)
     opt = SparseAdamW(params, density=0.2, block_size=8, reselect_every=3, backend=backend)
     chosen = []
-    for step in range(7):
+    for _ in range(7):
         for p in params:
             p.grad = heavy_tailed(p.shape, device=device)
         before = snapshot([p.detach() for p in params])

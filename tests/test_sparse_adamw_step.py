@@ -1,12 +1,10 @@
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from sparse_grad import ops
-from _utils import TOLERANCES, assert_same, count_launches, heavy_tailed, snapshot
+from _utils import TOLERANCES, assert_same, assert_script_prints_ok, count_launches, heavy_tailed, snapshot
 
 SHAPES = [(37,), (5, 13), (1,), (0,), (200,), (16,), (3, 3, 3)]
 
@@ -223,6 +221,4 @@ INT64_SCRIPT = textwrap.dedent("""
 def test_int64_offsets_past_2_31(triton_case):
     """Elements past 2**31 are addressed correctly, without allocating such a tensor."""
     device, _ = triton_case
-    run = subprocess.run([sys.executable, "-c", INT64_SCRIPT.format(device=device)],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+    assert_script_prints_ok(INT64_SCRIPT.format(device=device))

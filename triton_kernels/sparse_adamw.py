@@ -10,10 +10,12 @@ import triton.language as tl
 from .tables import TL_DTYPES, block_map, launch_config, compute_dtype, float64_bits, group_by, to_device
 
 
-
 @triton.jit
 def _pow_int(base, exponent):
-    """``base ** exponent`` for an int ``exponent >= 0`` by repeated squaring (exact to fp64 ulps)."""
+    """``base ** exponent`` for an int ``exponent >= 0`` by repeated squaring in fp64.
+
+    Relative error < exponent * 2**-52: far below fp32 resolution of ``1 - base**exponent``.
+    """
     result = base * 0.0 + 1.0
     while exponent > 0:
         if (exponent & 1) == 1:
@@ -43,16 +45,17 @@ def _div(x, y):
 
 @triton.jit
 def _round_to(x, DTYPE: tl.constexpr):
-    """fp32 -> DTYPE, rounding to nearest even.
+    """x -> DTYPE, rounding to nearest even.
 
-    bf16 is rounded with integer ops (as c10::BFloat16 does): the result equals the GPU's
-    cvt.rn.bf16.f32, while Triton's interpreter would truncate.
+    bf16 is rounded with integer ops exactly as c10::BFloat16 does (NaN -> 0x7FC0): the result
+    equals the GPU's cvt.rn.bf16.f32, while Triton's interpreter would truncate.
     """
     if DTYPE == tl.bfloat16:
+        x = x.to(tl.float32)
         bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(x != x, x.to(tl.bfloat16), rounded)  # NaN stays NaN
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
 

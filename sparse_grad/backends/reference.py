@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..layout import num_blocks_of
+
 __all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step"]
 
 
@@ -76,7 +78,7 @@ def sparse_adamw_step(
         denom    = sqrt(exp_avg_sq) / sqrt(1 - beta2**s) + eps
         param   += -(lr / (1 - beta1**s)) * exp_avg / denom
     """
-    counts = [(p.numel() + block_size - 1) // block_size for p in params]
+    counts = [num_blocks_of(p.numel(), block_size) for p in params]
     offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
     # Where each tensor's ids start in the (ascending) id list.
     bounds = torch.searchsorted(block_ids.cpu(), offsets).tolist()
