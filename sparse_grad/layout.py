@@ -57,15 +57,27 @@ class BlockLayout:
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], block_size: int, *, name: str = "tensors"):
-        self.block_size = positive_int(block_size, "block_size")
+        block_size = positive_int(block_size, "block_size")
         if isinstance(tensors, torch.Tensor):
             raise TypeError(f"{name} must be a list of tensors, not a single tensor")
         tensors = list(tensors)
-        self.device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
+        device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
         for i, t in enumerate(tensors):
-            check_tensor(t, f"{name}[{i}]", self.device)
-        self.numels = tuple(t.numel() for t in tensors)
-        self.block_counts = tuple(num_blocks_of(n, self.block_size) for n in self.numels)
+            check_tensor(t, f"{name}[{i}]", device)
+        self._build([t.numel() for t in tensors], block_size, device)
+
+    @classmethod
+    def of_numels(cls, numels: Sequence[int], block_size: int, device: torch.device | None = None) -> "BlockLayout":
+        """The layout of tensors with these element counts, for callers that checked them already."""
+        layout = cls.__new__(cls)
+        layout._build(numels, positive_int(block_size, "block_size"), device)
+        return layout
+
+    def _build(self, numels: Sequence[int], block_size: int, device: torch.device | None) -> None:
+        self.block_size = block_size
+        self.device = device
+        self.numels = tuple(numels)
+        self.block_counts = tuple(num_blocks_of(n, block_size) for n in self.numels)
         offsets = [0]
         for c in self.block_counts:
             offsets.append(offsets[-1] + c)

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from . import _checks, backends, ops
+from . import _checks, backends, library, ops
 from .layout import BlockLayout, check_tensor, num_blocks_of
 
 __all__ = ["SparseAdamW"]
@@ -34,6 +34,7 @@ class _Plan:
     params: list[torch.Tensor]
     grads: list[torch.Tensor]
     layout: BlockLayout
+    backend: str  # concrete: "auto" resolved for the params' device
 
 
 def _check_hyperparameters(group: dict, where: str = "") -> None:
@@ -161,7 +162,8 @@ class SparseAdamW(Optimizer):
             grads.append(grad)
         if not params:
             return None
-        return _Plan(index, group, positions, params, grads, BlockLayout(params, group["block_size"]))
+        layout = BlockLayout.of_numels([p.numel() for p in params], group["block_size"], device)
+        return _Plan(index, group, positions, params, grads, layout, backends.resolve(group["backend"], device))
 
     def _block_ids(self, plan: _Plan) -> torch.Tensor:
         group, layout = plan.group, plan.layout
@@ -173,10 +175,10 @@ class SparseAdamW(Optimizer):
             if group["density"] == 1.0:
                 ids = torch.arange(layout.num_blocks, dtype=torch.int64, device=layout.device)
             else:
-                scores = ops.block_sqnorms(plan.grads, layout.block_size, backend=group["backend"])
+                scores = library.block_sqnorms(plan.grads, layout.block_size, plan.backend)
                 segments = layout if group["scope"] == "tensor" else None
                 ids = ops.select_blocks(scores, density=group["density"], segments=segments,
-                                        backend=group["backend"])
+                                        backend=plan.backend)
             selection = self._selections[plan.index] = _Selection(key, ids, 0)
         selection.age += 1
         return selection.block_ids
@@ -192,13 +194,14 @@ class SparseAdamW(Optimizer):
                     num_blocks_of(p.numel(), group["block_size"]), dtype=torch.int32, device=p.device)
         states = [self.state[p] for p in plan.params]
         beta1, beta2 = group["betas"]
-        ops.sparse_adamw_step(
+        # The plan checked params and grads, and the state is the optimizer's own: call the op
+        # schema directly rather than sparse_grad.ops, which would check all of it again.
+        library.sparse_adamw_step(
             plan.params, plan.grads,
             [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["block_step"] for s in states], self._block_ids(plan),
-            block_size=group["block_size"], lr=group["lr"], beta1=beta1, beta2=beta2,
-            eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"],
-            backend=group["backend"])
+            group["block_size"], float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+            float(group["weight_decay"]), group["maximize"], plan.backend)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):

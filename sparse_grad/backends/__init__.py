@@ -5,6 +5,7 @@ with the reference backend's signatures.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -55,9 +56,14 @@ def triton_kernels() -> ModuleType:
     return module
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton backend cannot run on ``device``, or ``None`` if it can."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "the triton package is not installed (pip install triton)"
     if device.type == "cuda":
         return None
