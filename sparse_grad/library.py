@@ -63,3 +63,26 @@ def sparse_adamw_step(
 def _(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size, lr, beta1,
       beta2, eps, weight_decay, maximize, backend):
     return None
+
+
+# Native kernels (csrc/): one schema per kernel, defined here and implemented in C++ for the CPU
+# dispatch key (csrc/cpu) and the CUDA key (csrc/cuda/binding.cpp). The "cpp" and "cuda"
+# backends call them; the dispatcher picks the kernel by the tensors' device.
+_native = torch.library.Library("sparse_grad", "FRAGMENT")
+_native.define("native_block_sqnorms(Tensor[] tensors, int block_size) -> Tensor")
+_native.define(
+    "native_sparse_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+    "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] block_steps, Tensor block_ids, int block_size, "
+    "float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()")
+
+
+@torch.library.register_fake("sparse_grad::native_block_sqnorms")
+def _(tensors, block_size):
+    num_blocks = sum(num_blocks_of(t.numel(), block_size) for t in tensors)
+    return tensors[0].new_empty(num_blocks, dtype=torch.float32)
+
+
+@torch.library.register_fake("sparse_grad::native_sparse_adamw_step")
+def _(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size, lr, beta1,
+      beta2, eps, weight_decay, maximize):
+    return None

@@ -20,14 +20,11 @@ TOLERANCES = {
 
 
 def backend_cases() -> list[tuple[str, str]]:
-    cases = [("cpu", "reference")]
-    if backends.triton_unavailable_reason(torch.device("cpu")) is None:
-        cases.append(("cpu", "triton"))
-    if torch.cuda.is_available():
-        cases.append(("cuda", "reference"))
-        if backends.triton_unavailable_reason(torch.device("cuda")) is None:
-            cases.append(("cuda", "triton"))
-    return cases
+    """(device, backend) for every backend that can run here (the Triton one on CPU only when
+    interpreted)."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [(device, backend) for device in devices for backend in backends.BACKENDS[1:]
+            if backends.unavailable_reason(backend, torch.device(device)) is None]
 
 
 def heavy_tailed(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
@@ -77,8 +74,8 @@ def count_launches(monkeypatch, module: str, launcher: str) -> list:
     return calls
 
 
-def assert_script_prints_ok(script: str) -> None:
+def assert_script_prints_ok(script: str, cwd=None) -> None:
     """Run ``script`` in a fresh interpreter, so that a wrong address crashes it and not the
     test session, and check that it printed ``ok``."""
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

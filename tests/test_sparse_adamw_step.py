@@ -222,3 +222,23 @@ def test_int64_offsets_past_2_31(triton_case):
     """Elements past 2**31 are addressed correctly, without allocating such a tensor."""
     device, _ = triton_case
     assert_script_prints_ok(INT64_SCRIPT.format(device=device))
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
+def test_fp32_state_for_16bit_params(case, param_dtype):
+    """Moments in fp32 beside 16-bit params: the same result as the reference."""
+    device, backend = case
+    shapes = [(37,), (5, 13), (16,)]
+    params, grads, _, _, steps = make_state(shapes, 8, param_dtype, param_dtype, "cpu")
+    exp_avgs = [heavy_tailed(s) * 0.1 for s in shapes]
+    exp_avg_sqs = [heavy_tailed(s).square() * 0.1 for s in shapes]
+    cpu_state = [params, grads, exp_avgs, exp_avg_sqs, steps]
+    state = [[t.to(device) for t in ts] for ts in cpu_state]
+    ids = random_ids(num_blocks(shapes, 8), 9, "cpu")
+    ops.sparse_adamw_step(*cpu_state, ids, block_size=8, backend="reference", **HYPER)
+    ops.sparse_adamw_step(*state, ids.to(device), block_size=8, backend=backend, **HYPER)
+    for ref_list, got_list in zip(cpu_state, state):
+        for r, g in zip(ref_list, got_list):
+            atol, rtol = TOLERANCES[r.dtype] if r.dtype in (torch.bfloat16, torch.float16) else (1e-7, 1e-6)
+            torch.testing.assert_close(g.cpu(), r, atol=atol, rtol=rtol)
+    assert state[2][0].dtype == torch.float32 and state[0][0].dtype == param_dtype

@@ -16,7 +16,7 @@ import torch
 
 from .._checks import choice
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
 
 
 def check_backend(backend, name: str = "backend") -> str:
@@ -75,19 +75,33 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return f"the Triton backend supports CUDA tensors (and CPU tensors when interpreted), not {device.type}"
 
 
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why the concrete backend ``backend`` cannot run on ``device``, or ``None`` if it can."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        return triton_unavailable_reason(device)
+    from . import native
+    return native.unavailable_reason(backend, device)
+
+
+# What backend="auto" tries, in order, per device type (DESIGN §1); the reference always runs.
+AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
+
+
 def resolve(backend: str, device: torch.device | None) -> str:
     """The concrete backend for tensors on ``device``; raises if the one asked for cannot run."""
     check_backend(backend)
     if device is None:  # nothing to compute on
         return "reference"
     if backend == "auto":
-        if device.type == "cuda" and triton_unavailable_reason(device) is None:
-            return "triton"
+        for candidate in AUTO_ORDER.get(device.type, ()):
+            if unavailable_reason(candidate, device) is None:
+                return candidate
         return "reference"
-    if backend == "triton":
-        reason = triton_unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run on {device}: {reason}")
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
     return backend
 
 
@@ -99,4 +113,7 @@ def get(backend: str) -> ModuleType:
     if backend == "triton":
         from . import triton_backend
         return triton_backend
+    if backend in ("cpp", "cuda"):
+        from . import native
+        return native
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS[1:]}")

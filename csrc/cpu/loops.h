@@ -1,0 +1,41 @@
+// The per-block inner loops of the CPU kernels, compiled once per instruction set (loops.cpp)
+// and chosen at run time for the CPU the process runs on.
+#pragma once
+
+#include <cstdint>
+
+#include "elements.h"
+
+namespace sparse_grad::cpu {
+
+// Per-block scalars of the AdamW update, computed in fp64 (see ops.cpp) and rounded to the
+// compute type once per block by the loop.
+struct AdamWScalars {
+  double neg_step_size;          // -lr / (1 - beta1^s)
+  double bias_correction2_sqrt;  // sqrt(1 - beta2^s)
+  double decay;                  // 1 - lr * weight_decay
+  double eps;
+  double beta2;
+  double one_minus_beta2;
+  double lerp_weight;            // 1 - beta1
+  bool maximize;
+};
+
+// Sum of squares of x[0, n), accumulated in fp32 (fp64 for fp64 data), returned as fp32.
+using SumSquaresFn = float (*)(const void* x, std::int64_t n);
+// AdamW over n elements of one block: param, grad, exp_avg, exp_avg_sq.
+using AdamWBlockFn = void (*)(void* param, const void* grad, void* exp_avg, void* exp_avg_sq,
+                              std::int64_t n, const AdamWScalars& scalars);
+
+struct Loops {
+  const char* isa;
+  SumSquaresFn (*sum_squares)(DType dtype);
+  // nullptr when the state dtype is neither the param dtype nor fp32.
+  AdamWBlockFn (*adamw_block)(DType param, DType grad, DType state);
+};
+
+// The loops for this CPU (AVX-512, AVX2+FMA or baseline), or the instruction set named by the
+// environment variable SPARSE_GRAD_CPU_ISA ("avx512", "avx2", "default"; for tests).
+const Loops& loops();
+
+}  // namespace sparse_grad::cpu

@@ -1,0 +1,171 @@
+// CPU kernels of sparse_grad::native_block_sqnorms and sparse_grad::native_sparse_adamw_step
+// (schemas in sparse_grad/library.py): parallel over blocks, one vectorized loop per block.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "loops.h"
+
+namespace sparse_grad::cpu {
+namespace {
+
+// Elements per parallel task: small blocks are handed out in batches.
+constexpr std::int64_t kGrainElements = std::int64_t{1} << 15;
+
+std::int64_t grain(std::int64_t block_size) {
+  return std::max<std::int64_t>(1, kGrainElements / block_size);
+}
+
+DType dtype_code(const at::Tensor& t, const char* list, std::size_t i) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK(false, list, "[", i, "] has unsupported dtype ", t.scalar_type());
+  }
+}
+
+void check_list(at::TensorList tensors, const char* list, std::size_t size) {
+  TORCH_CHECK(tensors.size() == size, list, " has ", tensors.size(), " tensors, expected ", size);
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(tensors[i].device().is_cpu(), list, "[", i, "] is not a CPU tensor");
+    TORCH_CHECK(tensors[i].is_contiguous(), list, "[", i, "] is not contiguous");
+  }
+}
+
+// Global block numbering of a list of tensors (DESIGN §2).
+struct Blocks {
+  std::int64_t block_size;
+  std::vector<std::int64_t> numel;
+  std::vector<std::int64_t> first;  // [T + 1]: first global block of each tensor, then the total
+
+  Blocks(at::TensorList tensors, std::int64_t block_size) : block_size(block_size) {
+    TORCH_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
+    first.push_back(0);
+    for (const at::Tensor& t : tensors) {
+      numel.push_back(t.numel());
+      first.push_back(first.back() + t.numel() / block_size + (t.numel() % block_size != 0));
+    }
+  }
+  std::int64_t count() const { return first.back(); }
+  // The tensor owning global block `block` (tensors without blocks own none).
+  std::size_t tensor_of(std::int64_t block) const {
+    return std::upper_bound(first.begin(), first.end(), block) - first.begin() - 1;
+  }
+  std::int64_t start(std::size_t t, std::int64_t block) const {
+    return (block - first[t]) * block_size;
+  }
+  std::int64_t length(std::size_t t, std::int64_t block) const {
+    return std::min(block_size, numel[t] - start(t, block));
+  }
+};
+
+// Raw view of one tensor of a list, taken once before the parallel loop.
+struct Operand {
+  char* data;
+  std::int64_t element_size;
+
+  explicit Operand(const at::Tensor& t)
+      : data(static_cast<char*>(t.data_ptr())), element_size(t.element_size()) {}
+  char* at(std::int64_t element) const { return data + element * element_size; }
+};
+
+std::vector<Operand> operands(at::TensorList tensors) {
+  return std::vector<Operand>(tensors.begin(), tensors.end());
+}
+
+at::Tensor block_sqnorms(at::TensorList tensors, std::int64_t block_size) {
+  check_list(tensors, "tensors", tensors.size());
+  const Blocks blocks(tensors, block_size);
+  at::Tensor out = at::empty({blocks.count()}, at::TensorOptions().dtype(at::kFloat));
+  std::vector<SumSquaresFn> sum_squares;
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    sum_squares.push_back(loops().sum_squares(dtype_code(tensors[i], "tensors", i)));
+  }
+  const std::vector<Operand> data = operands(tensors);
+  float* result = out.data_ptr<float>();
+  at::parallel_for(0, blocks.count(), grain(block_size), [&](std::int64_t begin, std::int64_t end) {
+    std::size_t t = blocks.tensor_of(begin);
+    for (std::int64_t block = begin; block < end; ++block) {
+      while (block >= blocks.first[t + 1]) ++t;
+      result[block] = sum_squares[t](data[t].at(blocks.start(t, block)), blocks.length(t, block));
+    }
+  });
+  return out;
+}
+
+void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList block_steps,
+                       const at::Tensor& block_ids, std::int64_t block_size, double lr,
+                       double beta1, double beta2, double eps, double weight_decay,
+                       bool maximize) {
+  const std::size_t num_tensors = params.size();
+  check_list(params, "params", num_tensors);
+  check_list(grads, "grads", num_tensors);
+  check_list(exp_avgs, "exp_avgs", num_tensors);
+  check_list(exp_avg_sqs, "exp_avg_sqs", num_tensors);
+  check_list(block_steps, "block_steps", num_tensors);
+  TORCH_CHECK(block_ids.device().is_cpu() && block_ids.scalar_type() == at::kLong &&
+              block_ids.dim() == 1 && block_ids.is_contiguous(),
+              "block_ids must be a contiguous 1-D int64 CPU tensor");
+  const Blocks blocks(params, block_size);
+  std::vector<AdamWBlockFn> update(num_tensors);
+  for (std::size_t t = 0; t < num_tensors; ++t) {
+    for (const at::Tensor* other : {&grads[t], &exp_avgs[t], &exp_avg_sqs[t]}) {
+      TORCH_CHECK(other->numel() == params[t].numel(), "tensor ", t, " of grads/exp_avgs/exp_avg_sqs has ",
+                  other->numel(), " elements, params[", t, "] ", params[t].numel());
+    }
+    TORCH_CHECK(exp_avgs[t].scalar_type() == exp_avg_sqs[t].scalar_type(),
+                "exp_avgs[", t, "] and exp_avg_sqs[", t, "] have different dtypes");
+    TORCH_CHECK(block_steps[t].scalar_type() == at::kInt &&
+                block_steps[t].numel() == blocks.first[t + 1] - blocks.first[t],
+                "block_steps[", t, "] must be int32 with one count per block of params[", t, "]");
+    update[t] = loops().adamw_block(dtype_code(params[t], "params", t), dtype_code(grads[t], "grads", t),
+                                    dtype_code(exp_avgs[t], "exp_avgs", t));
+    TORCH_CHECK(update[t] != nullptr, "exp_avgs[", t, "] is ", exp_avgs[t].scalar_type(),
+                "; the state dtype must be the param dtype or float32");
+  }
+  const std::vector<Operand> param = operands(params), grad = operands(grads),
+                            exp_avg = operands(exp_avgs), exp_avg_sq = operands(exp_avg_sqs);
+  std::vector<std::int32_t*> steps;
+  for (const at::Tensor& s : block_steps) steps.push_back(s.data_ptr<std::int32_t>());
+  const std::int64_t* ids = block_ids.data_ptr<std::int64_t>();
+  at::parallel_for(0, block_ids.numel(), grain(block_size), [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i) {
+      const std::int64_t block = ids[i];
+      if (block < 0 || block >= blocks.count()) continue;  // out of range: updates nothing
+      const std::size_t t = blocks.tensor_of(block);
+      const std::int32_t step = ++steps[t][block - blocks.first[t]];
+      // Scalars in fp64, as torch.optim.AdamW computes them on the host.
+      const AdamWScalars scalars{
+          -lr / (1.0 - std::pow(beta1, step)),
+          std::sqrt(1.0 - std::pow(beta2, step)),
+          1.0 - lr * weight_decay,
+          eps,
+          beta2,
+          1.0 - beta2,
+          1.0 - beta1,
+          maximize,
+      };
+      const std::int64_t start = blocks.start(t, block);
+      update[t](param[t].at(start), grad[t].at(start), exp_avg[t].at(start), exp_avg_sq[t].at(start),
+                blocks.length(t, block), scalars);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparse_grad, CPU, m) {
+  m.impl("native_block_sqnorms", &block_sqnorms);
+  m.impl("native_sparse_adamw_step", &sparse_adamw_step);
+}
+
+}  // namespace sparse_grad::cpu

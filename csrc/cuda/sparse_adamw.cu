@@ -1,0 +1,217 @@
+// AdamW on selected blocks only: one CTA per selected block id, one launch per
+// (param, grad, state) dtype triple of the list.
+//
+// The arithmetic is the reference backend's, operation by operation, as torch's CUDA kernels
+// round it: fp32 math (fp64 for fp64 params), every operation rounded once, written with the
+// _rn intrinsics so that nvcc cannot contract a multiply and an add whatever the flags. The two
+// FMAs are torch's own: lerp (fma(w, end - self, self)) and addcmul (fma(value, t1 * t2, self),
+// ATen/native/cuda/DeviceAddCmulCdiv.cuh).
+#include "common.cuh"
+
+namespace sparse_grad {
+namespace cuda_kernels {
+namespace {
+
+using namespace detail;
+
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
+__device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
+
+// fp32 math for 16/32-bit params, fp64 math for fp64 params.
+template <typename P>
+using Compute = typename std::conditional<std::is_same<P, double>::value, double, float>::type;
+
+// base ** n for n >= 0 by repeated squaring in fp64, in the Triton kernel's order.
+__device__ double pow_int(double base, int32_t n) {
+  double result = 1.0;
+  while (n > 0) {
+    if (n & 1) result = __dmul_rn(result, base);
+    base = __dmul_rn(base, base);
+    n >>= 1;
+  }
+  return result;
+}
+
+// A block's scalars: computed in fp64 and rounded once, as torch.optim.AdamW computes them on
+// the host.
+template <typename C>
+struct Scalars {
+  C neg_step_size;          // -lr / (1 - beta1^step)
+  C bias_correction2_sqrt;  // sqrt(1 - beta2^step)
+  C decay;                  // 1 - lr * weight_decay
+  C eps;
+  C beta2;
+  C one_minus_beta2;
+  // exp_avg.lerp_(grad, w) as torch computes it: fma(w, grad - exp_avg, exp_avg) for |w| < 0.5,
+  // else fma(w - 1, grad - exp_avg, grad).
+  C lerp_coeff;
+  bool lerp_small_weight;
+  bool maximize;
+};
+
+template <typename C>
+__device__ Scalars<C> block_scalars(const AdamwHyper& h, int32_t step) {
+  Scalars<C> s;
+  s.neg_step_size = static_cast<C>(__ddiv_rn(-h.lr, __dsub_rn(1.0, pow_int(h.beta1, step))));
+  s.bias_correction2_sqrt = static_cast<C>(__dsqrt_rn(__dsub_rn(1.0, pow_int(h.beta2, step))));
+  s.decay = static_cast<C>(__dsub_rn(1.0, __dmul_rn(h.lr, h.weight_decay)));
+  s.eps = static_cast<C>(h.eps);
+  s.beta2 = static_cast<C>(h.beta2);
+  s.one_minus_beta2 = static_cast<C>(__dsub_rn(1.0, h.beta2));
+  const C weight = static_cast<C>(__dsub_rn(1.0, h.beta1));
+  s.lerp_small_weight = fabs(weight) < C(0.5);
+  s.lerp_coeff = s.lerp_small_weight ? weight : sub_rn(weight, C(1));
+  s.maximize = h.maximize;
+  return s;
+}
+
+// One element: loads widen to C, stores round to nearest even.
+template <typename C, typename P, typename G, typename S>
+__device__ __forceinline__ void update_element(P& param, G grad, S& exp_avg, S& exp_avg_sq,
+                                               const Scalars<C>& s) {
+  C p = static_cast<C>(widen(param));
+  C g = static_cast<C>(widen(grad));
+  C m = static_cast<C>(widen(exp_avg));
+  C v = static_cast<C>(widen(exp_avg_sq));
+  if (s.maximize) g = -g;
+  p = mul_rn(p, s.decay);
+  m = fma_rn(s.lerp_coeff, sub_rn(g, m), s.lerp_small_weight ? m : g);
+  v = fma_rn(s.one_minus_beta2, mul_rn(g, g), mul_rn(v, s.beta2));  // mul_(beta2).addcmul_(g, g)
+  const C denom = add_rn(div_rn(sqrt_rn(v), s.bias_correction2_sqrt), s.eps);
+  p = add_rn(p, div_rn(mul_rn(s.neg_step_size, m), denom));
+  param = Narrow<P>::apply(p);
+  exp_avg = Narrow<S>::apply(m);
+  exp_avg_sq = Narrow<S>::apply(v);
+}
+
+// The len elements of one block, by the whole CTA. Vector accesses need the four arrays at the
+// same position within their N-element vectors (always so for block_size % N == 0 and
+// allocator-aligned tensors); otherwise the block is done element by element.
+template <int N, typename C, typename P, typename G, typename S>
+__device__ __forceinline__ void update_block(P* param, const G* grad, S* exp_avg, S* exp_avg_sq,
+                                             int64_t len, const Scalars<C>& s) {
+  assume_global(param);
+  assume_global(grad);
+  assume_global(exp_avg);
+  assume_global(exp_avg_sq);
+  const int64_t phase = vec_phase<N>(param);
+  const bool aligned = phase >= 0 && vec_phase<N>(grad) == phase &&
+                       vec_phase<N>(exp_avg) == phase && vec_phase<N>(exp_avg_sq) == phase;
+  const Split split = split_block<N>(aligned ? phase : -1, len);
+  const int64_t stride = blockDim.x;
+  for (int64_t j = threadIdx.x; j < split.num_vecs; j += stride) {
+    const int64_t i = split.head + j * N;
+    Vec<P, N> p = *reinterpret_cast<const Vec<P, N>*>(param + i);
+    const Vec<G, N> g = *reinterpret_cast<const Vec<G, N>*>(grad + i);
+    Vec<S, N> m = *reinterpret_cast<const Vec<S, N>*>(exp_avg + i);
+    Vec<S, N> v = *reinterpret_cast<const Vec<S, N>*>(exp_avg_sq + i);
+#pragma unroll
+    for (int k = 0; k < N; ++k) update_element(p.x[k], g.x[k], m.x[k], v.x[k], s);
+    *reinterpret_cast<Vec<P, N>*>(param + i) = p;
+    *reinterpret_cast<Vec<S, N>*>(exp_avg + i) = m;
+    *reinterpret_cast<Vec<S, N>*>(exp_avg_sq + i) = v;
+  }
+  const int64_t num_scalars = split.num_scalars(len, N);
+  for (int64_t k = threadIdx.x; k < num_scalars; k += stride) {
+    const int64_t i = split.scalar_index(k, N);
+    update_element(param[i], grad[i], exp_avg[i], exp_avg_sq[i], s);
+  }
+}
+
+// Elements per vector access: 16 bytes of the widest of the three types, fewer of the others.
+template <typename P, typename G, typename S>
+struct VecWidth {
+  static constexpr size_t kPG = sizeof(P) > sizeof(G) ? sizeof(P) : sizeof(G);
+  static constexpr int value = static_cast<int>(16 / (kPG > sizeof(S) ? kPG : sizeof(S)));
+};
+
+template <typename P, typename G, typename S>
+__global__ void __launch_bounds__(kMaxThreads)
+sparse_adamw_kernel(AdamwTables tables, BlockMap map, const int64_t* block_ids, int64_t num_ids,
+                    int64_t combo, AdamwHyper hyper) {
+  using C = Compute<P>;
+  constexpr int N = VecWidth<P, G, S>::value;
+  for (int64_t i = blockIdx.x; i < num_ids; i += gridDim.x) {
+    // Every thread of the CTA takes the same branches here: b and t are the CTA's.
+    const int64_t b = block_ids[i];
+    if (b < 0 || b >= map.num_blocks) continue;  // an out-of-range id updates nothing
+    const int32_t t = map.block_tensor[b];
+    if (tables.dtype_combos[t] != combo) continue;  // another launch's dtype triple
+    const int64_t local = b - map.first_block[t];
+
+    int32_t* step_ptr = as_ptr<int32_t>(tables.block_steps[t]) + local;
+    assume_global(step_ptr);
+    const int32_t step = *step_ptr + 1;
+    __syncthreads();  // every thread has read the old count before thread 0 replaces it
+    if (threadIdx.x == 0) *step_ptr = step;
+
+    const Scalars<C> s = block_scalars<C>(hyper, step);
+    const int64_t start = local * map.block_size;
+    const int64_t len = min(map.block_size, map.numels[t] - start);
+    update_block<N>(as_ptr<P>(tables.params[t]) + start, as_ptr<const G>(tables.grads[t]) + start,
+                    as_ptr<S>(tables.exp_avgs[t]) + start,
+                    as_ptr<S>(tables.exp_avg_sqs[t]) + start, len, s);
+  }
+}
+
+template <typename P, typename G, typename S>
+cudaError_t launch(const AdamwTables& tables, const BlockMap& map, const int64_t* block_ids,
+                   int64_t num_ids, int64_t combo, const AdamwHyper& hyper,
+                   cudaStream_t stream) {
+  sparse_adamw_kernel<P, G, S><<<grid_for(num_ids), threads_for(map.block_size), 0, stream>>>(
+      tables, map, block_ids, num_ids, combo, hyper);
+  return cudaGetLastError();
+}
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// Calls f(Type<T>{}) with the element type T of dtype.
+template <typename F>
+cudaError_t with_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: return f(Type<float>{});
+    case DType::Float16: return f(Type<__half>{});
+    case DType::BFloat16: return f(Type<__nv_bfloat16>{});
+    case DType::Float64: return f(Type<double>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_sparse_adamw(const AdamwTables& tables, const BlockMap& map,
+                                const int64_t* block_ids, int64_t num_ids, DType param,
+                                DType grad, DType state, const AdamwHyper& hyper,
+                                cudaStream_t stream) {
+  if (num_ids <= 0 || map.num_blocks <= 0) return cudaSuccess;
+  const int64_t combo = dtype_combo(param, grad, state);
+  return with_type(param, [&](auto p) {
+    return with_type(grad, [&](auto g) {
+      using P = typename decltype(p)::type;
+      using G = typename decltype(g)::type;
+      if (state == param) {
+        return launch<P, G, P>(tables, map, block_ids, num_ids, combo, hyper, stream);
+      }
+      if (state == DType::Float32) {
+        return launch<P, G, float>(tables, map, block_ids, num_ids, combo, hyper, stream);
+      }
+      return cudaErrorInvalidValue;
+    });
+  });
+}
+
+}  // namespace cuda_kernels
+}  // namespace sparse_grad

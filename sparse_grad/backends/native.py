@@ -1,0 +1,65 @@
+"""Native backends: the kernels of the extension ``sparse_grad._C`` (csrc/).
+
+``"cpp"`` (csrc/cpu: vectorized loops, OpenMP across blocks) and ``"cuda"`` (csrc/cuda) are
+the same two op schemas, ``sparse_grad::native_block_sqnorms`` and
+``sparse_grad::native_sparse_adamw_step`` (sparse_grad/library.py), implemented in C++ for the
+CPU and CUDA dispatch keys: the dispatcher picks the kernel by the tensors' device. Selection is
+``torch.topk`` on device, as for the Triton backend.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+from .topk_select import select_blocks
+
+__all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step", "unavailable_reason", "cpu_isa"]
+
+# Backend name -> (device type it runs on, dispatch key of its kernels).
+DEVICES = {"cpp": ("cpu", "CPU"), "cuda": ("cuda", "CUDA")}
+
+
+@functools.cache
+def _load_error() -> str | None:
+    """Import sparse_grad._C (which registers the kernels); why it failed, or None."""
+    try:
+        importlib.import_module("sparse_grad._C")
+    except ImportError as err:
+        return (f"the extension sparse_grad._C is not available ({err}); reinstall sparse_grad "
+                "with a C++ compiler and torch present (see the README's install command)")
+    return None
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why the native backend ``backend`` ("cpp" or "cuda") cannot run on ``device``, or None."""
+    device_type, dispatch_key = DEVICES[backend]
+    if device.type != device_type:
+        return f"backend={backend!r} runs on {device_type} tensors, not {device.type}"
+    error = _load_error()
+    if error is not None:
+        return error
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("sparse_grad::native_block_sqnorms", dispatch_key):
+        return (f"sparse_grad._C was built without {dispatch_key} kernels (CUDA kernels are built "
+                "only when torch has CUDA and nvcc is found at install time)")
+    return None
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU loops run with: "avx512", "avx2" or "default"."""
+    error = _load_error()
+    if error is not None:
+        raise RuntimeError(error)
+    return importlib.import_module("sparse_grad._C").cpu_isa()
+
+
+def block_sqnorms(tensors, block_size):
+    return torch.ops.sparse_grad.native_block_sqnorms(tensors, block_size)
+
+
+def sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size,
+                      lr, beta1, beta2, eps, weight_decay, maximize):
+    torch.ops.sparse_grad.native_sparse_adamw_step(
+        params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size,
+        lr, beta1, beta2, eps, weight_decay, maximize)
