@@ -10,8 +10,10 @@ matching ``torch.ops.sparse_grad`` custom op::
     ops.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, ids,
                           block_size=4096, lr=1e-3, weight_decay=1e-2)
 
-``backend`` is ``"auto"`` (CUDA tensors: triton; CPU tensors: reference), ``"reference"`` or
-``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+``backend`` is ``"auto"`` (CUDA tensors: triton, else cuda, else reference; CPU tensors: cpp,
+else reference), ``"reference"``, ``"triton"`` (CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``), ``"cpp"`` (CPU tensors) or ``"cuda"`` (CUDA tensors); the native ones
+need the extension ``sparse_grad._C``.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def block_sqnorms(tensors: Sequence[torch.Tensor], block_size: int = 4096, *,
     Args:
         tensors: contiguous floating tensors on one device (typically the grads of a group).
         block_size: elements per block; each tensor's last block may be partial.
-        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpp"`` or ``"cuda"``.
 
     Returns:
         fp32 tensor of shape ``[num_blocks]`` in global block order (see :class:`BlockLayout`);
@@ -110,7 +112,8 @@ def select_blocks(scores: torch.Tensor, k: int | Sequence[int] | None = None, *,
             least one block of every non-empty segment).
         segments: ``None`` to choose over all blocks, or a :class:`BlockLayout` / list of segment
             lengths to choose within each tensor (``scope="tensor"``).
-        backend: ``"auto"``, ``"reference"`` or ``"triton"`` (torch.topk on device).
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpp"`` or ``"cuda"`` (all but
+            the reference: torch.topk on device).
 
     Returns:
         int64 tensor of global block ids, ascending, of length ``sum(k)``.

@@ -85,7 +85,8 @@ class SparseAdamW(Optimizer):
         scope: ``"global"`` (top blocks of the whole group) or ``"tensor"`` (of every tensor).
         reselect_every: reselect the blocks every this many steps; in between the same blocks
             are updated and no pass over the grads is made.
-        backend: ``"auto"``, ``"reference"`` or ``"triton"`` (see :mod:`sparse_grad.ops`).
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpp"`` or ``"cuda"`` (see
+            :mod:`sparse_grad.ops`).
 
     State per parameter: ``exp_avg``, ``exp_avg_sq`` (like the parameter) and ``block_step``
     (int32, one count per block). ``state_dict()`` also holds each group's current selection,

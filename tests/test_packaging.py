@@ -1,6 +1,8 @@
 """Install layout, the README's commands, and the benchmark suite's ability to run."""
 import importlib.metadata
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +50,43 @@ def test_benchmark_suite_runs():
     # Per shape set: copy, read, 2 torch AdamW, and per CPU backend the norm pass + 4 densities.
     cpu_backends = [b for b in ("reference", "cpp") if backends.unavailable_reason(b, torch.device("cpu")) is None]
     assert re.search(rf"\b{3 * (4 + 5 * len(cpu_backends))} passed\b", run.stdout), run.stdout[-2000:]
+
+
+SOURCES = ["setup.py", "pyproject.toml", "README.md", "sparse_grad", "triton_kernels", "csrc"]
+
+NO_EXTENSION_SCRIPT = """
+import torch
+import sparse_grad
+from sparse_grad import backends, ops
+assert not hasattr(sparse_grad, "_C")
+assert backends.resolve("auto", torch.device("cpu")) == "reference"
+try:
+    ops.block_sqnorms([torch.ones(3)], 2, backend="cpp")
+except RuntimeError as err:
+    assert "sparse_grad._C is not available" in str(err) and "reinstall" in str(err), err
+else:
+    raise AssertionError("backend='cpp' ran without the extension")
+print("ok")
+"""
+
+
+def test_install_without_a_compiler_is_pure_python(tmp_path):
+    """No working compiler: the install still succeeds, and backend="cpp" says what is missing."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        else:
+            shutil.copy(ROOT / name, source / name)
+    env = {**os.environ, "CC": "false", "CXX": "false"}
+    env.pop("SPARSE_GRAD_REQUIRE_NATIVE", None)
+    run = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+                          "--target", str(tmp_path / "site"), str(source)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert not list((tmp_path / "site" / "sparse_grad").glob("_C*"))
+    check = subprocess.run([sys.executable, "-c", NO_EXTENSION_SCRIPT], cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and check.stdout.strip() == "ok", check.stderr[-3000:]

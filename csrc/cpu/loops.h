@@ -18,7 +18,6 @@ struct AdamWScalars {
   double beta2;
   double one_minus_beta2;
   double lerp_weight;            // 1 - beta1
-  bool maximize;
 };
 
 // Sum of squares of x[0, n), accumulated in fp32 (fp64 for fp64 data), returned as fp32.
@@ -31,7 +30,7 @@ struct Loops {
   const char* isa;
   SumSquaresFn (*sum_squares)(DType dtype);
   // nullptr when the state dtype is neither the param dtype nor fp32.
-  AdamWBlockFn (*adamw_block)(DType param, DType grad, DType state);
+  AdamWBlockFn (*adamw_block)(DType param, DType grad, DType state, bool maximize);
 };
 
 // The loops for this CPU (AVX-512, AVX2+FMA or baseline), or the instruction set named by the

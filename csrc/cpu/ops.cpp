@@ -101,6 +101,20 @@ at::Tensor block_sqnorms(at::TensorList tensors, std::int64_t block_size) {
   return out;
 }
 
+// Scalars in fp64, as torch.optim.AdamW computes them on the host.
+AdamWScalars adamw_scalars(std::int32_t step, double lr, double beta1, double beta2, double eps,
+                           double weight_decay) {
+  return AdamWScalars{
+      -lr / (1.0 - std::pow(beta1, step)),
+      std::sqrt(1.0 - std::pow(beta2, step)),
+      1.0 - lr * weight_decay,
+      eps,
+      beta2,
+      1.0 - beta2,
+      1.0 - beta1,
+  };
+}
+
 void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList block_steps,
                        const at::Tensor& block_ids, std::int64_t block_size, double lr,
@@ -128,7 +142,7 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
                 block_steps[t].numel() == blocks.first[t + 1] - blocks.first[t],
                 "block_steps[", t, "] must be int32 with one count per block of params[", t, "]");
     update[t] = loops().adamw_block(dtype_code(params[t], "params", t), dtype_code(grads[t], "grads", t),
-                                    dtype_code(exp_avgs[t], "exp_avgs", t));
+                                    dtype_code(exp_avgs[t], "exp_avgs", t), maximize);
     TORCH_CHECK(update[t] != nullptr, "exp_avgs[", t, "] is ", exp_avgs[t].scalar_type(),
                 "; the state dtype must be the param dtype or float32");
   }
@@ -138,22 +152,18 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
   for (const at::Tensor& s : block_steps) steps.push_back(s.data_ptr<std::int32_t>());
   const std::int64_t* ids = block_ids.data_ptr<std::int64_t>();
   at::parallel_for(0, block_ids.numel(), grain(block_size), [&](std::int64_t begin, std::int64_t end) {
+    // Blocks mostly share a step count: compute the scalars (two pow) once per count seen.
+    std::int32_t scalars_step = 0;
+    AdamWScalars scalars{};
     for (std::int64_t i = begin; i < end; ++i) {
       const std::int64_t block = ids[i];
       if (block < 0 || block >= blocks.count()) continue;  // out of range: updates nothing
       const std::size_t t = blocks.tensor_of(block);
       const std::int32_t step = ++steps[t][block - blocks.first[t]];
-      // Scalars in fp64, as torch.optim.AdamW computes them on the host.
-      const AdamWScalars scalars{
-          -lr / (1.0 - std::pow(beta1, step)),
-          std::sqrt(1.0 - std::pow(beta2, step)),
-          1.0 - lr * weight_decay,
-          eps,
-          beta2,
-          1.0 - beta2,
-          1.0 - beta1,
-          maximize,
-      };
+      if (step != scalars_step) {
+        scalars_step = step;
+        scalars = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay);
+      }
       const std::int64_t start = blocks.start(t, block);
       update[t](param[t].at(start), grad[t].at(start), exp_avg[t].at(start), exp_avg_sq[t].at(start),
                 blocks.length(t, block), scalars);
