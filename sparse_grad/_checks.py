@@ -28,6 +28,13 @@ def beta(value, name: str) -> float:
     return value
 
 
+def unit_interval(value, name: str) -> float:
+    value = _real(value, name)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
 def betas(value, name: str = "betas") -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{name} must be a pair (beta1, beta2), got {value!r}")
