@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import torch
+from _utils import heavy_tailed
 
 from sparse_grad.demo import TinyLM
-from _utils import heavy_tailed
 
 
 def odd_model(device="cpu") -> torch.nn.Module:

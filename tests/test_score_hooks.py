@@ -1,10 +1,10 @@
 """SparseAdamW's score hooks and named parameters."""
 import pytest
 import torch
-
-from sparse_grad import SparseAdamW, library, ops
 from _models import odd_model, set_grads, step_counts, updated_blocks
 from _utils import assert_same, snapshot
+
+from sparse_grad import SparseAdamW, library, ops
 
 
 def test_hook_sees_scores_params_and_ids_of_every_group_step(case):
@@ -16,7 +16,7 @@ def test_hook_sees_scores_params_and_ids_of_every_group_step(case):
     calls = []
     handle = opt.register_score_hook(lambda *args: calls.append(args))
     for step in range(3):
-        grads = set_grads(model, skip=("2.bias",))
+        set_grads(model, skip=("2.bias",))
         before = dict(zip(map(id, params), step_counts(opt, params)))
         opt.step()
         assert [c[1] for c in calls[2 * step:]] == [0, 1]
@@ -53,7 +53,7 @@ def test_named_parameters_give_the_same_trajectory_and_keep_their_names(case):
     torch.manual_seed(0)
     a, b = odd_model(device), odd_model(device)
     b.load_state_dict(a.state_dict())
-    kwargs = dict(lr=1e-2, density=0.3, block_size=8, backend=backend)
+    kwargs = {"lr": 1e-2, "density": 0.3, "block_size": 8, "backend": backend}
     opt_a = SparseAdamW(a.parameters(), **kwargs)
     opt_b = SparseAdamW(b.named_parameters(), **kwargs)
     assert opt_b.param_groups[0]["param_names"] == [n for n, _ in b.named_parameters()]

@@ -3,5 +3,6 @@
 with every Python, so nothing has to be downloaded."""
 from .data import batches, stdlib_bytes, stdlib_text, train_val_split
 from .model import TinyLM, lm_loss
+from .train import train_steps
 
-__all__ = ["TinyLM", "batches", "lm_loss", "stdlib_bytes", "stdlib_text", "train_val_split"]
+__all__ = ["TinyLM", "batches", "lm_loss", "stdlib_bytes", "stdlib_text", "train_steps", "train_val_split"]
