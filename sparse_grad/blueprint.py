@@ -175,7 +175,7 @@ class Blueprint:
             "sparse_grad_version": __version__,
         }
 
-    def describe(self) -> str:
+    def describe(self, *, per_tensor: bool = False) -> str:
         """A printable summary: metadata, recommendations per submodule, heavy-tail report."""
         rec = self.recommendations()
         title = (f"blueprint format {FORMAT_VERSION}: {len(self.scores)} parameters, {self.num_blocks:,} blocks "
@@ -188,7 +188,7 @@ class Blueprint:
         for module, r in rec["modules"].items():
             lines.append(f"  {module or ROOT:<{width}}  k = {r['k']:>6} of {r['num_blocks']:>6}  "
                          f"density {r['density'] or 0:.3f}")
-        return "\n".join(lines) + "\n\n" + self.report.to_text()
+        return "\n".join(lines) + "\n\n" + self.report.to_text(per_tensor=per_tensor)
 
     # -- files -----------------------------------------------------------------------------------
 
