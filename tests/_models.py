@@ -1,6 +1,8 @@
 """Small models and gradient helpers for the tests of the features above the optimizer."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from _utils import heavy_tailed
 
@@ -40,3 +42,16 @@ def updated_blocks(opt, params, counts_before) -> set[int]:
         ids |= {offset + int(i) for i in torch.nonzero(rose).flatten()}
         offset += after.numel()
     return ids
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Train tiny models on one CPU thread: they run as fast as on two, and do not slow down
+    several-fold when another process keeps a core of a 2-core machine busy (a second torch
+    thread then waits on it at every small op; measured 1.8 s instead of 0.65 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -4,7 +4,14 @@ import json
 
 import pytest
 import torch
-from _models import odd_model, set_grads, step_counts, tiny_lm, updated_blocks
+from _models import (
+    odd_model,
+    one_thread,
+    set_grads,
+    step_counts,
+    tiny_lm,
+    updated_blocks,
+)
 from _utils import assert_same
 
 from sparse_grad import SparseAdamW, library, ops
@@ -28,7 +35,8 @@ def test_round_trip_of_a_trained_model_gives_identical_masks(tmp_path):
     monitor = GradientMonitor(model, block_size=64)
     opt = SparseAdamW(model.parameters(), lr=3e-3, density=0.3, block_size=64)
     monitor.attach(opt)
-    train_steps(model, opt, stdlib_bytes(50_000), steps=12, batch=8, context=16)
+    with one_thread():
+        train_steps(model, opt, stdlib_bytes(50_000), steps=12, batch=8, context=16)
     bp = Blueprint.from_monitor(monitor, target_share=0.8)
     bp.save(tmp_path / "bp.safetensors")
     back = Blueprint.load(tmp_path / "bp.safetensors")

@@ -26,7 +26,7 @@ estimated scale — ln(x/u) is exponential under the Pareto law, and D is the sa
 scale). If every candidate is rejected, the tail is the k with the smallest Dₖ, Clauset et al.'s
 rule. The largest plausible tail rather than the smallest distance: on samples that are power
 laws throughout, the minimum of a noisy Dₖ often falls on a small tail and α̂ then scatters
-about 1.5× as much (measured at 10⁴ blocks); where a lognormal body sits below the tail, the
+1.3–1.4× as much (measured at 10⁴ blocks); where a lognormal body sits below the tail, the
 test rejects the body at these sizes and the two rules agree to a few hundredths.
 
 Goodness of fit: ``ks`` (Dₖ; 0 is a perfect power law, a true one gives about 0.9/√k) and
