@@ -14,6 +14,11 @@ def _real(value, name: str) -> float:
     return value
 
 
+def finite(value, name: str) -> float:
+    """A finite real number (not a bool), as a float."""
+    return _real(value, name)
+
+
 def non_negative(value, name: str) -> float:
     value = _real(value, name)
     if value < 0:

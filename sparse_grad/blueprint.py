@@ -31,6 +31,7 @@ import torch
 from . import __version__, _checks, ops
 from .analysis.files import load_tensors, save_tensors
 from .analysis.monitor import GradientMonitor, GradientSnapshot
+from .analysis.params import look_up, trainable_parameters
 from .analysis.report import ROOT, HeavyTailReport, heavy_tail_report
 
 __all__ = ["FORMAT_VERSION", "Blueprint", "model_fingerprint"]
@@ -48,12 +49,6 @@ def model_fingerprint(names: Sequence[str], shapes: Sequence[Sequence[int]], dty
 
 def _numel(shape: Sequence[int]) -> int:
     return math.prod(int(d) for d in shape)
-
-
-def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 class Blueprint:
@@ -227,7 +222,7 @@ class Blueprint:
         """Raise a ``ValueError`` naming the first mismatch between the blueprint and ``model``'s
         trainable parameters: a parameter the blueprint lacks, one the model lacks, a shape, or
         (if given) the block size. Dtypes may differ: scores do not depend on them."""
-        named = _trainable(model)
+        named = trainable_parameters(model)
         if block_size is not None and _checks.positive_int(block_size, "block_size") != self.block_size:
             raise ValueError(f"the blueprint has block_size {self.block_size}, not {block_size}; re-block it "
                              f"explicitly with blueprint.reblock({block_size})")
@@ -268,12 +263,7 @@ class Blueprint:
             if self._bound is None:
                 raise ValueError("the blueprint cannot tell which parameter is which: build the optimizer from "
                                  "model.named_parameters(), or call blueprint.bind(model) first")
-            names = []
-            for j, p in enumerate(params):
-                if id(p) not in self._bound:
-                    raise ValueError(f"params[{j}] (shape {tuple(p.shape)}) is not a parameter of the model the "
-                                     "blueprint is bound to")
-                names.append(self._bound[id(p)])
+            names = look_up(params, self._bound, "params", "a parameter of the model the blueprint is bound to")
         if len(names) != len(params):
             raise ValueError(f"{len(names)} names for {len(params)} params")
         for name, p in zip(names, params):

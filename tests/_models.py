@@ -45,6 +45,17 @@ def updated_blocks(opt, params, counts_before) -> set[int]:
 
 
 @contextlib.contextmanager
+def no_host_sync():
+    """Fail on any CUDA host synchronization inside the block."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@contextlib.contextmanager
 def one_thread():
     """Train tiny models on one CPU thread: they run as fast as on two, and do not slow down
     several-fold when another process keeps a core of a 2-core machine busy (a second torch

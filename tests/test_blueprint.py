@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from _models import (
+    no_host_sync,
     odd_model,
     one_thread,
     set_grads,
@@ -328,11 +329,7 @@ def test_blended_selection_makes_no_host_sync_on_cuda():
     opt = SparseAdamW(model.named_parameters(), density=0.2, block_size=8, blueprint=bp, blueprint_weight=0.4)
     set_grads(model)
     opt.step()  # the first step builds state and caches the blueprint's device scores
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for _ in range(3):
             set_grads(model)
             opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")

@@ -2,7 +2,7 @@
 plots, and the heavy-tail report of a real small model."""
 import pytest
 import torch
-from _models import odd_model, one_thread, set_grads, tiny_lm
+from _models import no_host_sync, odd_model, one_thread, set_grads, tiny_lm
 from _utils import assert_same
 
 from sparse_grad import SparseAdamW, library, ops
@@ -186,13 +186,9 @@ def test_no_host_sync_per_step_on_cuda():
     set_grads(model)
     updated.update()
     opt.step()  # first steps build cached index maps and state
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for _ in range(3):
             set_grads(model)
             updated.update()
             opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert hooked.steps == updated.steps == 4

@@ -13,6 +13,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .. import _checks, ops
 from .files import load_tensors, save_tensors
+from .params import look_up, trainable_parameters
 from .report import HeavyTailReport, heavy_tail_report, module_of
 
 __all__ = ["GradientMonitor", "GradientSnapshot"]
@@ -131,13 +132,11 @@ class GradientMonitor:
 
     def __init__(self, model: torch.nn.Module, block_size: int = 4096, *, accumulate: str = "mean",
                  beta: float = 0.9, history_every: int = 1):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        named = trainable_parameters(model)
         self.block_size = _checks.positive_int(block_size, "block_size")
         self.accumulate = _checks.choice(accumulate, ACCUMULATE, "accumulate")
         self.beta = _checks.beta(beta, "beta")
         self.history_every = _checks.positive_int(history_every, "history_every")
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("model has no parameters with requires_grad=True to monitor")
         self.names = [n for n, _ in named]
@@ -204,12 +203,8 @@ class GradientMonitor:
         tensor position (cached per source and parameter list)."""
         key = (source, tuple(map(id, params)))
         if key not in self._maps:
-            positions = []
-            for j, p in enumerate(params):
-                if id(p) not in self._position:
-                    raise ValueError(f"{where}['params'][{j}] (shape {tuple(p.shape)}) is not a trainable "
-                                     "parameter of the monitored model")
-                positions.append(self._position[id(p)])
+            positions = look_up(params, self._position, f"{where}['params']",
+                                "a trainable parameter of the monitored model")
             ranges = [torch.arange(*self.layout.block_range(t)) for t in positions]
             counts = torch.tensor([self.layout.block_counts[t] for t in positions])
             self._maps[key] = (torch.cat(ranges).to(self.device),

@@ -1,9 +1,6 @@
 """MarginalReturnStopper: stop training when capability gained per resource spent runs low."""
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
 from .. import _checks
@@ -64,9 +61,4 @@ def _finite(value, name: str) -> float:
     """A finite float from a real number or a one-element tensor (e.g. an undetached loss)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    return _checks.finite(value, name)
