@@ -359,6 +359,8 @@ class SparseAdamW(Optimizer):
                 raise ValueError(f"state_dict's param group {i} has {len(saved['params'])} params, "
                                  f"the optimizer's {len(group['params'])}")
             _check_hyperparameters({**self.defaults, **saved}, f"state_dict['param_groups'][{i}]")
+            self._check_blueprint_weight({**self.defaults, **saved},
+                                         f"state_dict['param_groups'][{i}]['blueprint_weight']")
             for j, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
                 if saved_id not in saved_state:
                     continue

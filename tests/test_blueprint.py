@@ -289,7 +289,12 @@ def test_named_params_and_a_bound_blueprint_select_alike():
     assert named == bound
     opt = SparseAdamW(model.named_parameters(), block_size=8, blueprint=bp)
     assert opt.param_groups[0]["blueprint_weight"] == 0.5  # the default with a blueprint
-    assert opt.state_dict()["param_groups"][0]["blueprint_weight"] == 0.5
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["blueprint_weight"] == 0.5
+    without = SparseAdamW(model.named_parameters(), block_size=8)
+    with pytest.raises(ValueError, match=r"state_dict\['param_groups'\]\[0\]\['blueprint_weight'\] is 0.5, but"):
+        without.load_state_dict(saved)
+    assert without.param_groups[0]["blueprint_weight"] == 0.0
 
 
 def test_bad_blueprint_arguments_name_the_problem():

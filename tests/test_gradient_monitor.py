@@ -162,10 +162,18 @@ def test_bad_arguments_and_mismatches():
     with pytest.raises(TypeError, match="register_score_hook"):
         monitor.attach(torch.optim.AdamW(model.parameters()))
     opt = SparseAdamW(model.parameters(), block_size=16)
+    with pytest.raises(ValueError, match=r"param_groups\[0\] uses block_size 16, the monitor 8"):
+        monitor.attach(opt)
+    opt = SparseAdamW(model.parameters(), block_size=8)
     monitor.attach(opt)
+    opt.param_groups[0]["block_size"] = 16  # changed after attaching
     set_grads(model)
     with pytest.raises(ValueError, match=r"param_groups\[0\] uses block_size 16, the monitor 8"):
         opt.step()
+    transposed = odd_model()
+    transposed[2].weight.data = transposed[2].weight.data.t()
+    with pytest.raises(ValueError, match="model parameter '2.weight': params.2. is not contiguous"):
+        GradientMonitor(transposed)
     other = odd_model()
     opt = SparseAdamW([*model.parameters(), *other.parameters()], block_size=8)
     GradientMonitor(model, block_size=8).attach(opt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,7 +142,13 @@ class GradientMonitor:
             raise ValueError("model has no parameters with requires_grad=True to monitor")
         self.names = [n for n, _ in named]
         self._params = [p for _, p in named]
-        self.layout = ops.BlockLayout(self._params, self.block_size, name="model parameters")
+        try:
+            self.layout = ops.BlockLayout(self._params, self.block_size, name="params")
+        except (TypeError, ValueError) as err:  # name the parameter, not its position
+            index = re.match(r"params\[(\d+)\]", str(err))
+            if index is None:
+                raise
+            raise type(err)(f"model parameter {self.names[int(index.group(1))]!r}: {err}") from None
         self._position = {id(p): i for i, p in enumerate(self._params)}
         self._maps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset()
@@ -164,19 +171,24 @@ class GradientMonitor:
         return max(self._steps.values(), default=0)
 
     def attach(self, optimizer) -> RemovableHandle:
-        """Register :meth:`hook` on a SparseAdamW (``optimizer.register_score_hook``)."""
+        """Register :meth:`hook` on a SparseAdamW (``optimizer.register_score_hook``); its param
+        groups must use the monitor's block size."""
         register = getattr(optimizer, "register_score_hook", None)
         if register is None:
             raise TypeError(f"{type(optimizer).__name__} has no register_score_hook; with it, call "
                             "monitor.update() after backward() instead")
+        for i, group in enumerate(optimizer.param_groups):
+            self._check_block_size(group, i)
         return register(self.hook)
+
+    def _check_block_size(self, group: dict, index: int) -> None:
+        if group.get("block_size", self.block_size) != self.block_size:
+            raise ValueError(f"the optimizer's param_groups[{index}] uses block_size {group['block_size']}, "
+                             f"the monitor {self.block_size}")
 
     def hook(self, optimizer, group_index: int, params, scores: torch.Tensor, block_ids: torch.Tensor) -> None:
         """A SparseAdamW score hook: record the scores of one param group's step."""
-        group = optimizer.param_groups[group_index]
-        if group.get("block_size", self.block_size) != self.block_size:
-            raise ValueError(f"the optimizer's param_groups[{group_index}] uses block_size "
-                             f"{group['block_size']}, the monitor {self.block_size}")
+        self._check_block_size(optimizer.param_groups[group_index], group_index)
         self._record(("group", id(optimizer), group_index), list(params), scores,
                      f"param_groups[{group_index}]")
 
