@@ -46,6 +46,25 @@ def test_accumulation_matches_a_direct_computation_per_block(accumulate):
             assert (row[t] == 0) == (name in skip)
 
 
+def test_non_finite_scores_are_not_observations():
+    model = odd_model()
+    monitor = GradientMonitor(model, block_size=16)
+    set_grads(model)
+    first = {n: s.clone() for n, s in scores_of(model, 16).items()}
+    monitor.update()
+    model[0].weight.grad[0, 0] = float("inf")  # block 0 of 0.weight overflows
+    model[2].weight.grad[1, 3] = float("nan")  # so does block 2 of 2.weight
+    monitor.update()
+    second = scores_of(model, 16)
+    got = monitor.scores()
+    for name, blocks in (("0.weight", [0]), ("2.weight", [2])):
+        torch.testing.assert_close(got[name][blocks], first[name][blocks])  # only the first step counts
+        rest = torch.ones_like(got[name], dtype=torch.bool)
+        rest[blocks] = False
+        torch.testing.assert_close(got[name][rest], ((first[name] + second[name]) / 2)[rest])
+    assert bool(torch.isfinite(monitor.snapshot().history).all())
+
+
 def test_hook_and_update_record_the_same(case):
     device, backend = case
     model = odd_model(device)

@@ -125,7 +125,8 @@ class GradientMonitor:
         accumulate: ``"mean"``: a block's score is the mean of its scores over the steps in
             which it had a gradient. ``"ema"``: an exponential moving average with factor
             ``beta`` over those steps, bias-corrected like Adam's moments
-            (``ema / (1 − beta^count)``), so recent steps weigh more.
+            (``ema / (1 − beta^count)``), so recent steps weigh more. A non-finite score (an
+            overflowed step) is not counted.
         beta: EMA factor in [0, 1).
         history_every: record each tensor's total mass every this many steps (4 bytes per
             tensor per row, for the per-module heatmap).
@@ -229,14 +230,18 @@ class GradientMonitor:
             raise ValueError(f"{where}: got {scores.numel()} block scores for {blocks.numel()} blocks of "
                              f"{self.block_size} elements")
         scores = scores.to(torch.float32)
-        count = self._count.index_select(0, blocks) + 1
+        # An overflowed step (inf/NaN grads, e.g. one GradScaler skips) is not an observation:
+        # masked on device, so one bad step cannot poison a block's mean for the rest of the run.
+        valid = torch.isfinite(scores)
+        scores = torch.where(valid, scores, 0.0)
+        count = self._count.index_select(0, blocks) + valid
         old = self._value.index_select(0, blocks)
         if self.accumulate == "mean":
-            new = old + (scores - old) / count  # running mean, stable in fp32 over many steps
+            new = old + (scores - old) / count.clamp_min(1)  # running mean, stable in fp32
         else:
             new = old * self.beta + scores * (1.0 - self.beta)
         self._count.index_copy_(0, blocks, count)
-        self._value.index_copy_(0, blocks, new)
+        self._value.index_copy_(0, blocks, torch.where(valid, new, old))
         step = self._steps[source] = self._steps.get(source, 0) + 1
         if (step - 1) % self.history_every == 0:
             row = (step - 1) // self.history_every
