@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -152,10 +153,9 @@ class SparseAdamW(Optimizer):
                             f"(a sparse_grad.blueprint.Blueprint), got {type(blueprint).__name__}")
         if blueprint_weight is None:
             blueprint_weight = 0.0 if blueprint is None else 0.5
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                        density=density, block_size=block_size, scope=scope,
-                        reselect_every=reselect_every, backend=backend,
-                        blueprint_weight=blueprint_weight)
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "maximize": maximize,
+                    "density": density, "block_size": block_size, "scope": scope,
+                    "reselect_every": reselect_every, "backend": backend, "blueprint_weight": blueprint_weight}
         _check_hyperparameters(defaults)
         self._blueprint = blueprint
         self._check_blueprint_weight(defaults, "blueprint_weight")
