@@ -46,7 +46,8 @@ def _process_rss_bytes() -> tuple[int, str]:
         resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
         return resident_pages * os.sysconf("SC_PAGE_SIZE"), "process RSS (/proc/self/statm)"
     except (OSError, ValueError, IndexError):
-        from resource import RUSAGE_SELF, getrusage  # Unix only, like this fallback
+        # Unix only, so imported here, where /proc is missing, rather than at the top.
+        from resource import RUSAGE_SELF, getrusage
 
         peak = getrusage(RUSAGE_SELF).ru_maxrss
         return peak * (1 if sys.platform == "darwin" else 1024), "process peak RSS (getrusage)"
