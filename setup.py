@@ -96,9 +96,13 @@ setup(
         "torch>=2.6",
         "triton>=3.6; platform_system == 'Linux'",
         "numpy",
+        "safetensors>=0.4",  # blueprint and monitor-dump files
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        # the test suite draws the plots too (headless: figures are saved without pyplot)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
         "bench": ["pytest-benchmark>=4"],
+        "plots": ["matplotlib>=3.7"],
+        "energy": ["nvidia-ml-py"],  # GPU energy readings for sparse_grad.cpr.ResourceMeter
     },
 )

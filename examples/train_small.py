@@ -11,63 +11,18 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sysconfig
 import time
-from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from sparse_grad import SparseAdamW
-
-
-def stdlib_text(max_bytes: int) -> bytes:
-    """Source of the standard library's top-level modules, in a fixed order."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    data = bytearray()
-    for f in files:
-        data += f.read_bytes()
-        if len(data) >= max_bytes:
-            break
-    return bytes(data[:max_bytes])
-
-
-class TinyLM(nn.Module):
-    def __init__(self, context: int, width: int = 128, layers: int = 2, heads: int = 4):
-        super().__init__()
-        self.embed = nn.Embedding(256, width)
-        self.position = nn.Parameter(torch.randn(context, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True,
-                                           norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, 256)
-        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        n = tokens.shape[1]
-        x = self.embed(tokens) + self.position[:n]
-        x = self.blocks(x, mask=self.causal[:n, :n], is_causal=True)
-        return self.head(self.norm(x))
-
-
-def batches(data: torch.Tensor, steps: int, batch: int, context: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        starts = torch.randint(0, data.numel() - context - 1, (batch,), generator=g)
-        window = torch.stack([data[s:s + context + 1] for s in starts.tolist()])
-        yield window[:, :-1], window[:, 1:]
-
-
-def loss_of(model, x, y):
-    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+from sparse_grad.demo import TinyLM, batches, lm_loss, stdlib_bytes, train_val_split
 
 
 @torch.no_grad()
 def evaluate(model, data, args, device):
     model.eval()
-    losses = [loss_of(model, x.to(device), y.to(device)).item()
+    losses = [lm_loss(model, x.to(device), y.to(device)).item()
               for x, y in batches(data, 8, args.batch, args.context, seed=12345)]
     model.train()
     return statistics.mean(losses)
@@ -84,7 +39,7 @@ def train(name, make_opt, train_data, val_data, args, device):
     opt = make_opt(model.parameters())
     losses, step_times = [], []
     for x, y in batches(train_data, args.steps, args.batch, args.context, seed=1):
-        loss = loss_of(model, x.to(device), y.to(device))
+        loss = lm_loss(model, x.to(device), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if device.type == "cuda":
@@ -116,9 +71,8 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    data = torch.frombuffer(bytearray(stdlib_text(args.bytes)), dtype=torch.uint8).long()
-    split = int(0.9 * data.numel())
-    train_data, val_data = data[:split], data[split:]
+    data = stdlib_bytes(args.bytes)
+    train_data, val_data = train_val_split(data)
     print(f"data: {data.numel():,} bytes of standard-library source (90% train, 10% validation); "
           f"device {device}; {args.steps} steps of {args.batch}x{args.context} tokens")
 

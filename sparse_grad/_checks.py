@@ -14,6 +14,11 @@ def _real(value, name: str) -> float:
     return value
 
 
+def finite(value, name: str) -> float:
+    """A finite real number (not a bool), as a float."""
+    return _real(value, name)
+
+
 def non_negative(value, name: str) -> float:
     value = _real(value, name)
     if value < 0:
@@ -25,6 +30,13 @@ def beta(value, name: str) -> float:
     value = _real(value, name)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
+def unit_interval(value, name: str) -> float:
+    value = _real(value, name)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
     return value
 
 

@@ -1,11 +1,14 @@
 """SparseAdamW: a drop-in for torch.optim.AdamW that updates only the blocks that matter."""
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from . import _checks, backends, library, ops
 from .layout import BlockLayout, check_tensor, num_blocks_of
@@ -35,6 +38,7 @@ class _Plan:
     grads: list[torch.Tensor]
     layout: BlockLayout
     backend: str  # concrete: "auto" resolved for the params' device
+    blueprint_scores: torch.Tensor | None  # fp32 [num_blocks] on device; None: no blend
 
 
 def _check_hyperparameters(group: dict, where: str = "") -> None:
@@ -51,6 +55,20 @@ def _check_hyperparameters(group: dict, where: str = "") -> None:
     _checks.positive_int(group["reselect_every"], name("reselect_every"))
     _checks.flag(group["maximize"], name("maximize"))
     backends.check_backend(group["backend"], name("backend"))
+    _checks.unit_interval(group["blueprint_weight"], name("blueprint_weight"))
+
+
+def _split_names(params: list) -> tuple[list, list[str] | None]:
+    """Tensors and names of a group's params, given as tensors or ``named_parameters()`` pairs."""
+    if params and all(isinstance(p, tuple) and len(p) == 2 for p in params):
+        return [p for _, p in params], [name for name, _ in params]
+    return params, None
+
+
+def _normalized(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` divided by their sum, on device. NaN is left out of the sum, so a NaN block
+    stays NaN and still ranks first; an all-zero vector stays zero."""
+    return scores / torch.nansum(scores).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class SparseAdamW(Optimizer):
@@ -63,14 +81,19 @@ class SparseAdamW(Optimizer):
         if a reselection is due (every reselect_every steps, or the set of params with a grad,
         the block size, density or scope changed):
             scores = sum of squares of the grad over each block          (one pass, on device)
+            scores = α · blueprint/Σ + (1 − α) · scores/Σ      (only with a blueprint, α > 0)
             ids    = the ceil(density · n) highest-scoring blocks, ties to the lower id;
                      scope="tensor": ceil(density · blocks of t) blocks of every tensor t
-            (density 1.0: all blocks, no pass over the grads)
+            (density 1.0: all blocks, no pass over the grads unless a score hook wants them)
         for every selected block b, with per-block step count s_b += 1:
             θ_b ← θ_b · (1 − lr·λ)
             m_b ← β₁ m_b + (1 − β₁) g_b
             v_b ← β₂ v_b + (1 − β₂) g_b²
             θ_b ← θ_b − lr / (1 − β₁^s_b) · m_b / (√v_b / √(1 − β₂^s_b) + ε)
+
+    ``params`` may be ``model.named_parameters()`` (torch stores the names in each group's
+    ``param_names``; a blueprint uses them). Score hooks (:meth:`register_score_hook`) see every
+    step's block scores, e.g. for a :class:`sparse_grad.analysis.GradientMonitor`.
 
     Blocks not selected keep their parameters and moments bit for bit. Bias correction uses the
     block's own step count, so a block that was idle catches up like a freshly started AdamW.
@@ -87,6 +110,19 @@ class SparseAdamW(Optimizer):
             are updated and no pass over the grads is made.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpp"`` or ``"cuda"`` (see
             :mod:`sparse_grad.ops`).
+        blueprint: per-block scores from an earlier run that guide the selection, usually a
+            :class:`sparse_grad.blueprint.Blueprint` (any object with a
+            ``block_scores(params, names, block_size)`` method returning fp32 scores for those
+            params' blocks). Parameters are matched by name: build the optimizer from
+            ``model.named_parameters()``, or bind the blueprint first (``bp.bind(model)``).
+            Checked when each param group is added (a mismatch names the parameter).
+        blueprint_weight: α in [0, 1] (per group; default 0.5 with a blueprint, 0 without).
+            Selection ranks ``α · b / Σb + (1 − α) · s / Σs``, where ``b`` are the blueprint's
+            and ``s`` this step's block scores, each normalized to sum 1 over the group's blocks
+            that take part, so both weigh the same whatever their scale. ``α = 0`` selects
+            exactly as without a blueprint; ``α = 1`` selects from the blueprint alone (a fixed
+            mask, equal to ``blueprint.to_mask``) and needs no norm pass. A new α takes effect
+            at the next reselection.
 
     State per parameter: ``exp_avg``, ``exp_avg_sq`` (like the parameter) and ``block_step``
     (int32, one count per block). ``state_dict()`` also holds each group's current selection,
@@ -108,19 +144,60 @@ class SparseAdamW(Optimizer):
         scope: str = "global",
         reselect_every: int = 1,
         backend: str = "auto",
+        blueprint: Any = None,
+        blueprint_weight: float | None = None,
     ):
         if amsgrad is not False:
             raise ValueError("amsgrad=True is not supported by SparseAdamW")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                        density=density, block_size=block_size, scope=scope,
-                        reselect_every=reselect_every, backend=backend)
+        if blueprint is not None and not callable(getattr(blueprint, "block_scores", None)):
+            raise TypeError("blueprint must have a block_scores(params, names, block_size) method "
+                            f"(a sparse_grad.blueprint.Blueprint), got {type(blueprint).__name__}")
+        if blueprint_weight is None:
+            blueprint_weight = 0.0 if blueprint is None else 0.5
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "maximize": maximize,
+                    "density": density, "block_size": block_size, "scope": scope,
+                    "reselect_every": reselect_every, "backend": backend, "blueprint_weight": blueprint_weight}
         _check_hyperparameters(defaults)
+        self._blueprint = blueprint
+        self._check_blueprint_weight(defaults, "blueprint_weight")
         self._selections: dict[int, _Selection] = {}
+        self._blueprint_scores: dict[tuple, torch.Tensor] = {}
+        self._score_hooks: OrderedDict[int, Callable] = OrderedDict()
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_selections", {})
+        self.__dict__.setdefault("_blueprint", None)
+        self.__dict__.setdefault("_blueprint_scores", {})
+        self.__dict__.setdefault("_score_hooks", OrderedDict())
+
+    def register_score_hook(self, hook: Callable[..., None]) -> RemovableHandle:
+        """Call ``hook(optimizer, group_index, params, scores, block_ids)`` after every group step.
+
+        ``params`` are the group's params that took part (those with a grad), ``scores`` their
+        fp32 block scores ``[num_blocks]`` (this step's sums of squares of the grads, before any
+        blend with a blueprint) and ``block_ids`` the int64 ids of the blocks updated, all on the
+        params' device; block ids follow :class:`~sparse_grad.BlockLayout` over ``params``.
+        The hook must not modify them.
+
+        Cost: while any score hook is registered, every step runs the norm pass, also where it
+        would skip it (density 1.0, steps between reselections, ``blueprint_weight=1``): one
+        extra read of the grads, about ``4 / (4 + 28 · density)`` of a step's memory traffic.
+
+        Returns:
+            a handle whose ``remove()`` unregisters the hook.
+        """
+        if not callable(hook):
+            raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        handle = RemovableHandle(self._score_hooks)
+        self._score_hooks[handle.id] = hook
+        return handle
+
+    def _check_blueprint_weight(self, group: dict, name: str) -> None:
+        if self._blueprint is None and group["blueprint_weight"] != 0.0:
+            raise ValueError(f"{name} is {group['blueprint_weight']}, but SparseAdamW has no blueprint "
+                             "to blend (pass blueprint=...)")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
@@ -131,16 +208,22 @@ class SparseAdamW(Optimizer):
         if isinstance(params, set):
             raise TypeError("optimizer parameters need to be organized in ordered collections")
         params = list(params)
-        _check_hyperparameters({**self.defaults, **param_group}, where)
-        device = params[0].device if params and isinstance(params[0], torch.Tensor) else None
-        for j, p in enumerate(params):
+        tensors, names = _split_names(params)
+        group = {**self.defaults, **param_group}
+        _check_hyperparameters(group, where)
+        self._check_blueprint_weight(group, f"{where}['blueprint_weight']")
+        device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
+        for j, p in enumerate(tensors):
             check_tensor(p, f"{where}['params'][{j}]", device)
+        if self._blueprint is not None and group["blueprint_weight"] > 0.0 and tensors:
+            self._blueprint.block_scores(tensors, names, group["block_size"])  # raises on a mismatch
         super().add_param_group({**param_group, "params": params})
 
     def _plan(self, index: int, group: dict) -> _Plan | None:
         """Check one group and what stepping it needs, without writing anything."""
         where = f"param_groups[{index}]"
         _check_hyperparameters(group, where)
+        self._check_blueprint_weight(group, f"{where}['blueprint_weight']")
         positions, params, grads = [], [], []
         device = None
         for j, p in enumerate(group["params"]):
@@ -164,25 +247,59 @@ class SparseAdamW(Optimizer):
         if not params:
             return None
         layout = BlockLayout.of_numels([p.numel() for p in params], group["block_size"], device)
-        return _Plan(index, group, positions, params, grads, layout, backends.resolve(group["backend"], device))
+        return _Plan(index, group, positions, params, grads, layout, backends.resolve(group["backend"], device),
+                     self._blueprint_scores_of(index, group, positions, params))
 
-    def _block_ids(self, plan: _Plan) -> torch.Tensor:
+    def _blueprint_scores_of(self, index: int, group: dict, positions: list[int],
+                             params: list[torch.Tensor]) -> torch.Tensor | None:
+        """The blueprint's scores for these params' blocks, on their device (cached per group,
+        params taking part and block size, so a step copies nothing to the device)."""
+        if self._blueprint is None or group["blueprint_weight"] == 0.0:
+            return None
+        key = (index, tuple(positions), group["block_size"])
+        if key not in self._blueprint_scores:
+            names = group.get("param_names")
+            names = None if names is None else [names[j] for j in positions]
+            scores = self._blueprint.block_scores(params, names, group["block_size"])
+            expected = sum(num_blocks_of(p.numel(), group["block_size"]) for p in params)
+            if not isinstance(scores, torch.Tensor) or scores.shape != (expected,):
+                raise ValueError(f"blueprint.block_scores returned {type(scores).__name__} "
+                                 f"{tuple(getattr(scores, 'shape', ()))} for param_groups[{index}], "
+                                 f"expected a tensor of {expected} block scores")
+            self._blueprint_scores[key] = scores.to(device=params[0].device, dtype=torch.float32)
+        return self._blueprint_scores[key]
+
+    def _select(self, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block ids this step updates, and this step's block scores if a norm pass ran."""
         group, layout = plan.group, plan.layout
         key = (tuple(plan.positions), group["block_size"], group["density"], group["scope"])
         selection = self._selections.get(plan.index)
         due = (selection is None or selection.key != key
                or (group["density"] < 1.0 and selection.age >= group["reselect_every"]))
+        ranks_current = due and group["density"] < 1.0 and group["blueprint_weight"] < 1.0
+        scores = None
+        if ranks_current or self._score_hooks:
+            scores = library.block_sqnorms(plan.grads, layout.block_size, plan.backend)
         if due:
             if group["density"] == 1.0:
                 ids = torch.arange(layout.num_blocks, dtype=torch.int64, device=layout.device)
             else:
-                scores = library.block_sqnorms(plan.grads, layout.block_size, plan.backend)
                 segments = layout if group["scope"] == "tensor" else None
-                ids = ops.select_blocks(scores, density=group["density"], segments=segments,
-                                        backend=plan.backend)
+                ids = ops.select_blocks(self._selection_scores(plan, scores), density=group["density"],
+                                        segments=segments, backend=plan.backend)
             selection = self._selections[plan.index] = _Selection(key, ids, 0)
         selection.age += 1
-        return selection.block_ids
+        return selection.block_ids, scores
+
+    def _selection_scores(self, plan: _Plan, scores: torch.Tensor | None) -> torch.Tensor:
+        """What the selection ranks (DESIGN §3.2): this step's scores, then blended with the
+        blueprint's. Further stages on the current scores (an EMA) belong before the blend."""
+        weight = plan.group["blueprint_weight"]
+        if plan.blueprint_scores is None or weight == 0.0:
+            return scores  # exactly the selection without a blueprint
+        if weight == 1.0:
+            return plan.blueprint_scores  # the blueprint's own ranking: its to_mask()
+        return weight * _normalized(plan.blueprint_scores) + (1.0 - weight) * _normalized(scores)
 
     def _apply(self, plan: _Plan) -> None:
         group = plan.group
@@ -195,14 +312,17 @@ class SparseAdamW(Optimizer):
                     num_blocks_of(p.numel(), group["block_size"]), dtype=torch.int32, device=p.device)
         states = [self.state[p] for p in plan.params]
         beta1, beta2 = group["betas"]
+        block_ids, scores = self._select(plan)
         # The plan checked params and grads, and the state is the optimizer's own: call the op
         # schema directly rather than sparse_grad.ops, which would check all of it again.
         library.sparse_adamw_step(
             plan.params, plan.grads,
             [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["block_step"] for s in states], self._block_ids(plan),
+            [s["block_step"] for s in states], block_ids,
             group["block_size"], float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
             float(group["weight_decay"]), group["maximize"], plan.backend)
+        for hook in list(self._score_hooks.values()):
+            hook(self, plan.index, plan.params, scores, block_ids)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -240,6 +360,8 @@ class SparseAdamW(Optimizer):
                 raise ValueError(f"state_dict's param group {i} has {len(saved['params'])} params, "
                                  f"the optimizer's {len(group['params'])}")
             _check_hyperparameters({**self.defaults, **saved}, f"state_dict['param_groups'][{i}]")
+            self._check_blueprint_weight({**self.defaults, **saved},
+                                         f"state_dict['param_groups'][{i}]['blueprint_weight']")
             for j, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
                 if saved_id not in saved_state:
                     continue

@@ -1,0 +1,31 @@
+"""``python -m sparse_grad <command>``: one module per command, each with ``add_parser`` and
+``run``; add a command by adding its module to ``COMMANDS``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import analyze, blueprint
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+COMMANDS = (analyze, blueprint)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sparse_grad",
+                                     description="sparse_grad tools: gradient analysis and blueprints.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for command in COMMANDS:
+        command.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; returns the exit status (errors in the input print one line, status 2)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

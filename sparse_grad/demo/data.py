@@ -1,0 +1,43 @@
+"""Text that ships with Python: the source of the standard library's top-level modules."""
+from __future__ import annotations
+
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+__all__ = ["batches", "stdlib_bytes", "stdlib_text", "train_val_split"]
+
+
+def stdlib_text(max_bytes: int) -> bytes:
+    """Up to ``max_bytes`` of the standard library's top-level ``*.py`` files, in name order."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    data = bytearray()
+    for f in files:
+        data += f.read_bytes()
+        if len(data) >= max_bytes:
+            break
+    return bytes(data[:max_bytes])
+
+
+def stdlib_bytes(max_bytes: int) -> torch.Tensor:
+    """:func:`stdlib_text` as an int64 tensor of byte values (token ids)."""
+    return torch.frombuffer(bytearray(stdlib_text(max_bytes)), dtype=torch.uint8).long()
+
+
+def train_val_split(data: torch.Tensor, train_fraction: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``train_fraction`` of ``data`` for training, the rest for validation."""
+    split = int(train_fraction * data.numel())
+    return data[:split], data[split:]
+
+
+def batches(data: torch.Tensor, steps: int, batch: int, context: int, seed: int
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` batches of ``batch`` random windows: inputs ``[batch, context]`` and the same
+    windows shifted by one byte as targets. The same ``seed`` gives the same batches."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, data.numel() - context - 1, (batch,), generator=g)
+        window = torch.stack([data[s:s + context + 1] for s in starts.tolist()])
+        yield window[:, :-1], window[:, 1:]
