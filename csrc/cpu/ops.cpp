@@ -15,12 +15,9 @@
 namespace sparse_grad::cpu {
 namespace {
 
-// Elements per parallel task: small blocks are handed out in batches.
+// Elements per parallel task: small blocks are handed out in batches, and a list too small to
+// be worth waking a second thread runs on the calling one.
 constexpr std::int64_t kGrainElements = std::int64_t{1} << 15;
-
-std::int64_t grain(std::int64_t block_size) {
-  return std::max<std::int64_t>(1, kGrainElements / block_size);
-}
 
 DType dtype_code(const at::Tensor& t, const char* list, std::size_t i) {
   switch (t.scalar_type()) {
@@ -55,6 +52,13 @@ struct Blocks {
     }
   }
   std::int64_t count() const { return first.back(); }
+  // Blocks per parallel task, from the mean block length (tails and small tensors included).
+  std::int64_t grain() const {
+    std::int64_t elements = 0;
+    for (const std::int64_t n : numel) elements += n;
+    const std::int64_t mean_length = count() > 0 ? std::max<std::int64_t>(1, elements / count()) : 1;
+    return std::max<std::int64_t>(1, kGrainElements / mean_length);
+  }
   // The tensor owning global block `block` (tensors without blocks own none).
   std::size_t tensor_of(std::int64_t block) const {
     return std::upper_bound(first.begin(), first.end(), block) - first.begin() - 1;
@@ -91,7 +95,7 @@ at::Tensor block_sqnorms(at::TensorList tensors, std::int64_t block_size) {
   }
   const std::vector<Operand> data = operands(tensors);
   float* result = out.data_ptr<float>();
-  at::parallel_for(0, blocks.count(), grain(block_size), [&](std::int64_t begin, std::int64_t end) {
+  at::parallel_for(0, blocks.count(), blocks.grain(), [&](std::int64_t begin, std::int64_t end) {
     std::size_t t = blocks.tensor_of(begin);
     for (std::int64_t block = begin; block < end; ++block) {
       while (block >= blocks.first[t + 1]) ++t;
@@ -151,7 +155,7 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
   std::vector<std::int32_t*> steps;
   for (const at::Tensor& s : block_steps) steps.push_back(s.data_ptr<std::int32_t>());
   const std::int64_t* ids = block_ids.data_ptr<std::int64_t>();
-  at::parallel_for(0, block_ids.numel(), grain(block_size), [&](std::int64_t begin, std::int64_t end) {
+  at::parallel_for(0, block_ids.numel(), blocks.grain(), [&](std::int64_t begin, std::int64_t end) {
     // Blocks mostly share a step count: compute the scalars (two pow) once per count seen.
     std::int32_t scalars_step = 0;
     AdamWScalars scalars{};
