@@ -108,16 +108,23 @@ def test_only_selected_blocks_change(case):
             block += 1
 
 
+def assert_step_matches_reference(cpu_state, ids, block_size, device, backend):
+    """One step of ``backend`` on a copy of ``cpu_state`` on ``device`` against the reference on
+    the CPU: fp32/fp64 tensors within an ulp or so, 16-bit ones within their dtype's tolerance."""
+    state = [[t.to(device) for t in ts] for ts in cpu_state]
+    ops.sparse_adamw_step(*cpu_state, ids, block_size=block_size, backend="reference", **HYPER)
+    ops.sparse_adamw_step(*state, ids.to(device), block_size=block_size, backend=backend, **HYPER)
+    for ref_list, got_list in zip(cpu_state, state):
+        for r, g in zip(ref_list, got_list):
+            atol, rtol = TOLERANCES[r.dtype] if r.dtype in (torch.bfloat16, torch.float16) else (1e-7, 1e-6)
+            torch.testing.assert_close(g.cpu(), r, atol=atol, rtol=rtol)
+    return state
+
+
 def test_backend_matches_reference(case):
     device, backend = case
     cpu_state = make_state(SHAPES, 16, torch.float32, torch.float32, "cpu", max_step=1000)
-    state = [[t.to(device) for t in ts] for ts in cpu_state]
-    ids = random_ids(num_blocks(SHAPES, 16), 12, "cpu")
-    ops.sparse_adamw_step(*cpu_state, ids, block_size=16, backend="reference", **HYPER)
-    ops.sparse_adamw_step(*state, ids.to(device), block_size=16, backend=backend, **HYPER)
-    for ref_list, got_list in zip(cpu_state, state):
-        for r, g in zip(ref_list, got_list):
-            torch.testing.assert_close(g.cpu(), r, atol=1e-7, rtol=1e-6)
+    assert_step_matches_reference(cpu_state, random_ids(num_blocks(SHAPES, 16), 12, "cpu"), 16, device, backend)
 
 
 def test_empty_selection_and_empty_lists(case):
@@ -233,12 +240,6 @@ def test_fp32_state_for_16bit_params(case, param_dtype):
     exp_avgs = [heavy_tailed(s) * 0.1 for s in shapes]
     exp_avg_sqs = [heavy_tailed(s).square() * 0.1 for s in shapes]
     cpu_state = [params, grads, exp_avgs, exp_avg_sqs, steps]
-    state = [[t.to(device) for t in ts] for ts in cpu_state]
     ids = random_ids(num_blocks(shapes, 8), 9, "cpu")
-    ops.sparse_adamw_step(*cpu_state, ids, block_size=8, backend="reference", **HYPER)
-    ops.sparse_adamw_step(*state, ids.to(device), block_size=8, backend=backend, **HYPER)
-    for ref_list, got_list in zip(cpu_state, state):
-        for r, g in zip(ref_list, got_list):
-            atol, rtol = TOLERANCES[r.dtype] if r.dtype in (torch.bfloat16, torch.float16) else (1e-7, 1e-6)
-            torch.testing.assert_close(g.cpu(), r, atol=atol, rtol=rtol)
+    state = assert_step_matches_reference(cpu_state, ids, 8, device, backend)
     assert state[2][0].dtype == torch.float32 and state[0][0].dtype == param_dtype
