@@ -30,16 +30,18 @@ def _import_torch():
     to the path (after the build environment's own) so that the extension is built against the
     torch it will run with and no second torch is installed for the build.
     """
-    for attempt in range(2):
+    try:
+        import torch
+    except ImportError:
+        target = sysconfig.get_paths()["purelib"]
+        if target in sys.path:
+            return None
+        sys.path.append(target)
         try:
             import torch
-            return torch
         except ImportError:
-            target = sysconfig.get_paths()["purelib"]
-            if attempt or target in sys.path:
-                return None
-            sys.path.append(target)
-    return None
+            return None
+    return torch
 
 
 def _native_build():
