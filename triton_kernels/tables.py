@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Sequence
@@ -92,8 +93,9 @@ def clear_cache() -> None:
 
 
 def float64_bits(values: Sequence[float]) -> list[int]:
-    """fp64 values as their int64 bit patterns, to travel in an int64 table."""
-    return torch.tensor(values, dtype=torch.float64).view(torch.int64).tolist()
+    """fp64 values as their int64 bit patterns, to travel in an int64 table (with ``struct``, not a
+    tensor: a step's host work stays free of torch ops)."""
+    return list(struct.unpack(f"<{len(values)}q", struct.pack(f"<{len(values)}d", *values)))
 
 
 def group_by(keys: Sequence[Hashable]) -> tuple[list[int], list[Hashable]]:
