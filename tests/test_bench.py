@@ -9,7 +9,7 @@ import torch
 from _models import one_thread
 
 from sparse_grad import backends
-from sparse_grad.bench import Result, ideal_bytes, median_time, run, shapes
+from sparse_grad.bench import Result, ideal_bytes, make_params, median_time, run, shapes
 from sparse_grad.bench import suite, timing
 from sparse_grad.cli import main
 
@@ -129,3 +129,11 @@ def test_cli_bench_bad_arguments(tmp_path, capsys, argv, match):
     status = main(["bench", "--device", "cpu", "--scale", "1e-6", "--out", str(tmp_path), *argv])
     assert status == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_make_params_is_seeded_and_leaves_the_global_random_state_alone():
+    state = torch.random.get_rng_state()
+    a, b = make_params([(5, 3), (7,)], "cpu"), make_params([(5, 3), (7,)], "cpu")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(x, y) and torch.equal(x.grad, y.grad) for x, y in zip(a, b))
+    assert not torch.equal(make_params([(7,)], "cpu", seed=1)[0], make_params([(7,)], "cpu", seed=2)[0])

@@ -40,14 +40,17 @@ class Result:
         return asdict(self)
 
 
-def make_params(shapes: Sequence[tuple[int, ...]], device: torch.device, seed: int = 0) -> list[torch.nn.Parameter]:
-    """fp32 params with fp32 grads whose scale differs per tensor (a realistic selection)."""
-    generator = torch.Generator().manual_seed(seed)
-    params = []
-    for shape in shapes:
-        p = torch.nn.Parameter(torch.randn(shape, device=device) * 0.02)
-        p.grad = torch.randn(shape, device=device) * torch.rand((), generator=generator).item()
-        params.append(p)
+def make_params(shapes: Sequence[tuple[int, ...]], device: torch.device | str, seed: int = 0) -> list[torch.nn.Parameter]:
+    """fp32 params with fp32 grads whose scale differs per tensor (a realistic selection); the
+    same values for the same ``seed``, without touching the caller's random state."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        params = []
+        for shape in shapes:
+            p = torch.nn.Parameter(torch.randn(shape, device=device) * 0.02)
+            p.grad = torch.randn(shape, device=device) * torch.rand(()).item()
+            params.append(p)
     return params
 
 
