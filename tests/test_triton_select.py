@@ -102,3 +102,10 @@ def importlib_tables():
     import importlib
 
     return importlib.import_module(triton_kernels().__name__ + ".tables")
+
+
+def test_more_blocks_than_int32_counts_is_refused():
+    pytest.importorskip("triton")
+    scores = torch.empty(2**31, device="meta")  # no memory: refused before anything runs
+    with pytest.raises(ValueError, match="at most 2147483647"):
+        triton_kernels().select_blocks(scores, [2**31], [1])

@@ -20,6 +20,9 @@ import triton.language as tl
 
 from .tables import cached_rows
 
+# Counts within a segment (keys still to take, ties seen, slots taken) are int32.
+MAX_BLOCKS = 2**31 - 1
+
 
 @triton.jit
 def _rank_keys(scores_ptr, offsets, valid):
@@ -114,6 +117,8 @@ def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks
     The segment table is cached on the device per (sizes, ks), so a step with the same layout
     and density copies nothing to the device.
     """
+    if scores.numel() > MAX_BLOCKS:
+        raise ValueError(f"scores has {scores.numel()} blocks; at most {MAX_BLOCKS} are supported")
     device = scores.device
     total = sum(segment_ks)
     out = torch.empty(total, dtype=torch.int64, device=device)
