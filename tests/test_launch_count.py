@@ -60,7 +60,6 @@ def torch_ops_outside_launches(fn) -> Counter:
 
 
 def model(device, num_tensors, dtype=torch.float32):
-    torch.manual_seed(num_tensors)
     sizes = torch.randint(1, 200, (num_tensors,)).tolist()
     params = [torch.nn.Parameter(torch.randn(n, dtype=dtype, device=device)) for n in sizes]
     for p in params:
@@ -78,6 +77,16 @@ def test_a_step_is_three_launches_whatever_the_tensor_count(triton_case, launche
     ops = torch_ops_outside_launches(opt.step)
     assert launches == {"block_sqnorms": 1, "select_blocks": 1, "sparse_adamw": 1}
     assert set(ops) <= NO_KERNEL, ops
+
+
+def test_each_further_dtype_adds_one_launch_per_op(triton_case, launches):
+    device, _ = triton_case
+    params = model(device, 6) + model(device, 5, torch.bfloat16)
+    opt = SparseAdamW(params, density=0.2, block_size=16, backend="triton")
+    opt.step()
+    launches.clear()
+    opt.step()
+    assert launches == {"block_sqnorms": 2, "select_blocks": 1, "sparse_adamw": 2}
 
 
 def test_between_reselections_and_at_density_one_a_step_is_one_launch(triton_case, launches):
