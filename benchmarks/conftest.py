@@ -1,8 +1,14 @@
-"""Options for the benchmark suite and a closing table of medians with ratios to the baselines.
+"""Options and fixtures of the benchmark suite, and a closing table of medians with ratios.
 
-    pytest benchmarks/ --benchmark-only                       # CPU, small shapes
+    pytest benchmarks/ --benchmark-only                                  # CPU, --scale 0.02
     pytest benchmarks/ --benchmark-only --device cuda --scale 1.0
-    pytest benchmarks/ --benchmark-only --scale 0.125 -k "one-flat or fifty"   # 50M params
+    pytest benchmarks/ --benchmark-only --shapes llm-400m --scale 0.125 -k optimizer_step
+    pytest benchmarks/ --quick --benchmark-disable                       # CI: every case once, checked
+
+One module per op (block_sqnorms, select_blocks, sparse_adamw_step, the full optimizer step),
+parametrized by backend, dtype, block size, density and shape set (sparse_grad.bench.shapes).
+``--quick`` runs every case once at a tiny scale and checks its output against the reference
+backend, so the suite cannot rot unnoticed.
 """
 from __future__ import annotations
 
@@ -11,13 +17,25 @@ import platform
 import pytest
 import torch
 
+from sparse_grad.bench import SHAPE_SETS, shapes
 from _report import RESULTS
+
+QUICK_SCALE = 0.0005
 
 
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="device to benchmark on (cpu or cuda)")
-    parser.addoption("--scale", type=float, default=0.02,
-                     help="fraction of the 400M-parameter shape sets to allocate (1.0 = full size)")
+    parser.addoption("--scale", type=float, default=None,
+                     help="fraction of the ~400M-parameter shape sets to allocate (default 0.02; 1.0 = full)")
+    parser.addoption("--shapes", default=",".join(SHAPE_SETS), help="comma-separated shape sets (default: all)")
+    parser.addoption("--quick", action="store_true",
+                     help=f"run each case once at scale {QUICK_SCALE} and check its output (CI)")
+
+
+def pytest_generate_tests(metafunc):
+    if "shape_set" in metafunc.fixturenames:
+        names = [n.strip() for n in metafunc.config.getoption("--shapes").split(",") if n.strip()]
+        metafunc.parametrize("shape_set", names, scope="module")
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +44,35 @@ def device(request):
 
 
 @pytest.fixture(scope="session")
-def scale(request):
-    return request.config.getoption("--scale")
+def quick(request):
+    return request.config.getoption("--quick")
+
+
+@pytest.fixture(scope="session")
+def scale(request, quick):
+    given = request.config.getoption("--scale")
+    return given if given is not None else (QUICK_SCALE if quick else 0.02)
+
+
+@pytest.fixture(scope="module")
+def shape_list(shape_set, scale):
+    return shapes(shape_set, scale)
+
+
+@pytest.fixture
+def timed(benchmark, device, quick):
+    """``timed(fn)``: one call in quick mode, else the median of 7 rounds after 2 warm-ups."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run_timed(fn):
+        def once():
+            fn()
+            sync()
+        rounds, warmup = (1, 0) if quick else (7, 2)
+        return benchmark.pedantic(once, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    return run_timed
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -39,12 +84,12 @@ def pytest_terminal_summary(terminalreporter):
           f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     baselines = {(r["group"], r["name"]): r for r in RESULTS if r["name"] in ("copy", "read")}
     fused = {r["group"]: r for r in RESULTS if r["name"] == "torch AdamW fused"}
-    write(f"{'group':<9} {'case':<34} {'median ms':>10} {'GB/s':>8} {'% of BW':>13} {'vs fused':>9}")
+    write(f"{'group':<10} {'case':<40} {'median ms':>10} {'GB/s':>8} {'% of BW':>13} {'vs fused':>9}")
     for r in RESULTS:
         gbps = r["ideal_bytes"] / r["median"] / 1e9
         bw = baselines.get((r["group"], r["baseline"]))
         bw_text = (f"{100 * gbps / (bw['ideal_bytes'] / bw['median'] / 1e9):>7.0f}% {r['baseline']:<5}"
                    if bw else f"{'':>13}")
         base = fused.get(r["group"])
-        ratio = f"{base['median'] / r['median']:>8.2f}x" if base and r["baseline"] == "copy" else f"{'':>9}"
-        write(f"{r['group']:<9} {r['name']:<34} {1e3 * r['median']:>10.3f} {gbps:>8.1f} {bw_text} {ratio}")
+        ratio = f"{base['median'] / r['median']:>8.2f}x" if base and r["name"].startswith(("SparseAdamW", "torch", "copy")) else f"{'':>9}"
+        write(f"{r['group']:<10} {r['name']:<40} {1e3 * r['median']:>10.3f} {gbps:>8.1f} {bw_text} {ratio}")

@@ -1,93 +1,53 @@
-"""Time one optimizer step: torch AdamW (foreach, fused) vs SparseAdamW per backend and density,
-with a plain copy of the same bytes as the bandwidth baseline, and the norm pass alone against a
-plain read (torch.sum). Ideal bytes per DESIGN §7: 4 B/param for the norm pass + 28 B/param x
-density for the fp32 AdamW update. Shape sets: benchmarks/shapes.py."""
+"""A full optimizer step: torch AdamW (foreach, fused) vs SparseAdamW.step per backend and
+density, with a plain copy of all parameters (8 B/param) as the bandwidth baseline. Ideal bytes
+per DESIGN §7 (sparse_grad.bench.ideal_bytes): 4 B/param for the norm pass + 28 B/param·density."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sparse_grad import SparseAdamW, backends, ops
+from sparse_grad import SparseAdamW
+from sparse_grad.bench import ideal_bytes
+from _cases import TIMED_BACKENDS, assert_close, params_of, skip_unless_timed
 from _report import record
-from shapes import SHAPE_SETS
 
 DENSITIES = [1.0, 0.2, 0.05, 0.01]
-TIMED_BACKENDS = ["reference", "triton", "cpp", "cuda"]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-@pytest.fixture(scope="module", params=list(SHAPE_SETS))
-def model(request, device, scale):
-    """(shape set name, fp32 params with fp32 grads of per-tensor scales)."""
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in SHAPE_SETS[request.param](scale)]
-    for p in params:
-        p.grad = torch.randn_like(p) * torch.rand(()).item()
-    return request.param, params
-
-
-def skip_unless_timed(backend, device):
-    if backend == "triton" and device.type != "cuda":
-        pytest.skip("the triton backend is timed on CUDA only (the CPU interpreter is for tests)")
-    reason = backends.unavailable_reason(backend, device)
-    if reason is not None:
-        pytest.skip(reason)
-
-
-def timed(benchmark, device, fn):
-    def run():
-        fn()
-        sync(device)
-    return benchmark.pedantic(run, rounds=7, warmup_rounds=2, iterations=1)
-
-
-def test_copy(benchmark, device, model):
-    group, params = model
-    src = torch.cat([p.detach().reshape(-1) for p in params])
+def test_copy(benchmark, timed, device, shape_set, shape_list):
+    src = torch.cat([p.detach().reshape(-1) for p in params_of(shape_list, device)])
     dst = torch.empty_like(src)
-    timed(benchmark, device, lambda: dst.copy_(src))
-    record(benchmark, "copy", group, src.numel(), 8 * src.numel())
-
-
-def test_read(benchmark, device, model):
-    group, params = model
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    timed(benchmark, device, lambda: torch.sum(flat))
-    record(benchmark, "read", group, flat.numel(), 4 * flat.numel(), baseline="read")
-
-
-@pytest.mark.parametrize("backend", TIMED_BACKENDS)
-def test_block_sqnorms(benchmark, device, model, backend):
-    skip_unless_timed(backend, device)
-    group, params = model
-    grads = [p.grad for p in params]
-    timed(benchmark, device, lambda: ops.block_sqnorms(grads, 4096, backend=backend))
-    n = sum(p.numel() for p in params)
-    record(benchmark, f"block_sqnorms {backend}", group, n, 4 * n, baseline="read")
+    timed(lambda: dst.copy_(src))
+    assert torch.equal(dst, src)
+    record(benchmark, "copy", shape_set, src.numel(), 8 * src.numel())
 
 
 @pytest.mark.parametrize("variant", ["foreach", "fused"])
-def test_torch_adamw(benchmark, device, model, variant):
-    group, params = model
-    opt = torch.optim.AdamW(params, lr=1e-5, **{variant: True})
+def test_torch_adamw(benchmark, timed, device, shape_set, shape_list, variant):
+    params = params_of(shape_list, device)
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-3, **{variant: True})
     opt.step()  # create the state outside the timing
-    timed(benchmark, device, opt.step)
+    timed(opt.step)
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(params, before))
     n = sum(p.numel() for p in params)
-    record(benchmark, f"torch AdamW {variant}", group, n, 28 * n)
+    record(benchmark, f"torch AdamW {variant}", shape_set, n, 28 * n)
 
 
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("backend", TIMED_BACKENDS)
-def test_sparse_adamw(benchmark, device, model, backend, density):
+def test_sparse_adamw(benchmark, timed, device, quick, shape_set, shape_list, backend, density):
     skip_unless_timed(backend, device)
-    group, params = model
-    opt = SparseAdamW(params, lr=1e-5, density=density, block_size=4096, backend=backend)
+    params = params_of(shape_list, device)
+    options = dict(lr=1e-3, density=density, block_size=4096)
+    opt = SparseAdamW(params, backend=backend, **options)
     opt.step()
-    timed(benchmark, device, opt.step)
+    timed(opt.step)
+    if quick:  # two steps, as the reference takes them
+        reference = params_of(shape_list, device)
+        opt_ref = SparseAdamW(reference, backend="reference", **options)
+        opt_ref.step()
+        opt_ref.step()
+        assert_close([p.detach() for p in params], [p.detach() for p in reference])
     n = sum(p.numel() for p in params)
-    norm_pass = 0 if density == 1.0 else 4 * n
-    record(benchmark, f"SparseAdamW {backend} d={density:g}", group, n, norm_pass + 28 * n * density)
+    record(benchmark, f"SparseAdamW {backend} d={density:g}", shape_set, n, ideal_bytes(n, density))

@@ -6,13 +6,14 @@ tensor ``t`` owns the blocks ``block_offsets[t] .. block_offsets[t + 1] - 1``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 
 from ._checks import positive_int
 
-__all__ = ["BlockLayout", "check_tensor", "num_blocks_of"]
+__all__ = ["BlockLayout", "cached_layout", "check_tensor", "num_blocks_of"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -118,3 +119,10 @@ class BlockLayout:
     def matches(self, tensors: Sequence[torch.Tensor]) -> bool:
         """Whether ``tensors`` have exactly this layout's element counts, in order."""
         return len(tensors) == len(self) and all(t.numel() == n for t, n in zip(tensors, self.numels))
+
+
+@functools.lru_cache(maxsize=64)
+def cached_layout(numels: tuple[int, ...], block_size: int, device: torch.device | None) -> BlockLayout:
+    """The layout of tensors with these element counts, built once and shared (treat it as
+    read-only): an optimizer step over the same params builds no tensor for it."""
+    return BlockLayout.of_numels(numels, block_size, device)

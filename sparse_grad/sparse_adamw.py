@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from . import _checks, backends, library, ops
-from .layout import BlockLayout, check_tensor, num_blocks_of
+from .layout import BlockLayout, cached_layout, check_tensor, num_blocks_of
 
 __all__ = ["SparseAdamW"]
 
@@ -246,7 +246,7 @@ class SparseAdamW(Optimizer):
             grads.append(grad)
         if not params:
             return None
-        layout = BlockLayout.of_numels([p.numel() for p in params], group["block_size"], device)
+        layout = cached_layout(tuple(p.numel() for p in params), group["block_size"], device)
         return _Plan(index, group, positions, params, grads, layout, backends.resolve(group["backend"], device),
                      self._blueprint_scores_of(index, group, positions, params))
 

@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent("""
     package = triton_kernels().__name__
     norms = importlib.import_module(package + ".block_sqnorms")._block_sqnorms_kernel
     adamw = importlib.import_module(package + ".sparse_adamw")._sparse_adamw_kernel
+    select = importlib.import_module(package + ".select_blocks")._select_kernel
     TABLES = {"block_tensor_ptr": "*i32", "out_ptr": "*fp32", "hparams_ptr": "*fp64"}
     SCALARS = {"block_size", "group", "num_blocks"}
 
@@ -50,6 +51,12 @@ SCRIPT = textwrap.dedent("""
                 assert not re.search(r"div\\.(full|approx)|sqrt\\.approx", ptx), "approximate math in the update"
                 if param != f64:
                     assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
+        for chunk in (1024, 4096):
+            source = ASTSource(fn=select, constexprs={(4,): chunk}, signature={
+                "scores_ptr": "*fp32", "out_ptr": "*i64", "table_ptr": "*i64", "num_segments": "i32",
+                "CHUNK": "constexpr"})
+            compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 8})
+            assert compiled.asm["cubin"], "no cubin"
     print("ok")
 """)
 

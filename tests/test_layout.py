@@ -54,3 +54,12 @@ def test_rejects_bad_tensors():
         BlockLayout([torch.randn(3, 3).to_sparse()], 4)
     with pytest.raises(TypeError, match="list of tensors"):
         BlockLayout(torch.randn(3), 4)
+
+
+def test_cached_layout_is_built_once_per_shapes():
+    from sparse_grad.layout import cached_layout
+
+    a = cached_layout((40, 3, 17), 8, torch.device("cpu"))
+    assert a is cached_layout((40, 3, 17), 8, torch.device("cpu"))
+    assert a.block_counts == (5, 1, 3) and a.block_offsets.tolist() == [0, 5, 6, 9]
+    assert cached_layout((40, 3, 17), 16, torch.device("cpu")) is not a

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import TL_DTYPES, block_map, launch_config, compute_dtype, group_by, to_device
+from .tables import TL_DTYPES, block_map, launch_config, compute_dtype, cached_tables, group_by
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def block_sqnorms(tensors: Sequence[torch.Tensor], block_size: int) -> torch.Ten
     if bmap.num_blocks == 0:
         return out
     groups, dtypes = group_by([t.dtype for t in tensors])
-    ptrs, group_table = to_device([[t.data_ptr() for t in tensors], groups], device)
+    ptrs, group_table = cached_tables((tuple(t.data_ptr() for t in tensors), tuple(groups)), device)
     for g, dtype in enumerate(dtypes):
         launch_block_sqnorms(out, ptrs, bmap.numels, bmap.first_block, bmap.block_tensor,
                              group_table, block_size, g, dtype)

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import TL_DTYPES, block_map, launch_config, compute_dtype, float64_bits, group_by, to_device
+from .tables import TL_DTYPES, block_map, launch_config, compute_dtype, cached_rows, cached_tables, float64_bits, group_by
 
 
 @triton.jit
@@ -193,11 +193,12 @@ def sparse_adamw_step(
     device = params[0].device
     bmap = block_map(tuple(p.numel() for p in params), block_size, device)
     groups, dtypes = group_by([(p.dtype, g.dtype, m.dtype) for p, g, m in zip(params, grads, exp_avgs)])
-    *tables, group_table, hparams = to_device(
-        [[x.data_ptr() for x in xs] for xs in (params, grads, exp_avgs, exp_avg_sqs, block_steps)]
-        + [groups, float64_bits([lr, beta1, beta2, eps, weight_decay])],
-        device,
-    )
+    # Pointer tables and hyper-parameters are cached apart: a new lr each step (a scheduler)
+    # uploads 40 bytes and leaves the pointer tables where they are.
+    *tables, group_table = cached_tables(
+        tuple(tuple(x.data_ptr() for x in xs) for xs in (params, grads, exp_avgs, exp_avg_sqs, block_steps))
+        + (tuple(groups),), device)
+    hparams = cached_rows((tuple(float64_bits([lr, beta1, beta2, eps, weight_decay])),), device)
     for g, group_dtypes in enumerate(dtypes):
         launch_sparse_adamw(block_ids, hparams.view(torch.float64), tables, bmap.numels,
                             bmap.first_block, bmap.block_tensor, group_table, bmap.num_blocks,

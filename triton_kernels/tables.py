@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
@@ -45,18 +47,55 @@ def block_map(numels: tuple[int, ...], block_size: int, device: torch.device) ->
     )
 
 
-def to_device(rows: Sequence[Sequence[int]], device: torch.device) -> list[torch.Tensor]:
-    """int64 rows on ``device``, moved in one host-to-device copy (pinned, non-blocking)."""
-    lengths = [len(r) for r in rows]
+def _upload(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """int64 rows, concatenated, on ``device`` in one host-to-device copy (pinned, non-blocking)."""
     host = torch.tensor([v for r in rows for v in r], dtype=torch.int64)
     if device.type != "cpu":
         host = host.pin_memory().to(device, non_blocking=True)
-    return list(torch.split(host, lengths))
+    return host
+
+
+# Device copies of the tables of recent calls, keyed by their contents (pointer values
+# included): a step over the same tensors reuses them and copies nothing to the device. A
+# re-allocated tensor (zero_grad(set_to_none=True), new params) has another address, hence
+# another key; one re-allocated at the same address needs no new table. Least recently used
+# entries are dropped past CACHE_SIZE, so tables of tensors freed long ago do not pile up.
+CACHE_SIZE = 64
+_cache: OrderedDict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = OrderedDict()
+
+
+def _cached(rows: tuple[tuple[int, ...], ...], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    key = (device, rows)
+    entry = _cache.get(key)
+    if entry is None:
+        flat = _upload(rows, device)
+        entry = _cache[key] = (flat, list(torch.split(flat, [len(r) for r in rows])))
+        if len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    else:
+        _cache.move_to_end(key)
+    return entry
+
+
+def cached_rows(rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    """The int64 ``rows``, concatenated, on ``device`` (cached, see ``CACHE_SIZE``)."""
+    return _cached(rows, device)[0]
+
+
+def cached_tables(rows: tuple[tuple[int, ...], ...], device: torch.device) -> list[torch.Tensor]:
+    """One int64 tensor per row on ``device`` (cached, see ``CACHE_SIZE``)."""
+    return _cached(rows, device)[1]
+
+
+def clear_cache() -> None:
+    """Drop every cached device table."""
+    _cache.clear()
 
 
 def float64_bits(values: Sequence[float]) -> list[int]:
-    """fp64 values as their int64 bit patterns, to travel in an int64 table."""
-    return torch.tensor(values, dtype=torch.float64).view(torch.int64).tolist()
+    """fp64 values as their int64 bit patterns, to travel in an int64 table (with ``struct``, not a
+    tensor: a step's host work stays free of torch ops)."""
+    return list(struct.unpack(f"<{len(values)}q", struct.pack(f"<{len(values)}d", *values)))
 
 
 def group_by(keys: Sequence[Hashable]) -> tuple[list[int], list[Hashable]]:

@@ -1,11 +1,13 @@
-"""Triton backend: multi-tensor kernels from ``sparse_grad.triton_kernels``; selection on device."""
+"""Triton backend: multi-tensor kernels from ``sparse_grad.triton_kernels``, selection included
+(one launch per op for a group of one dtype; ``topk_select`` stays the reference it is tested
+against)."""
 from __future__ import annotations
 
 from . import triton_kernels
-from .topk_select import select_blocks
 
 _kernels = triton_kernels()
 block_sqnorms = _kernels.block_sqnorms
+select_blocks = _kernels.select_blocks
 sparse_adamw_step = _kernels.sparse_adamw_step
 
 __all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step"]

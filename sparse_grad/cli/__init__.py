@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analyze, blueprint
+from . import analyze, bench, blueprint
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS = (analyze, blueprint)
+COMMANDS = (analyze, blueprint, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sparse_grad",
-                                     description="sparse_grad tools: gradient analysis and blueprints.")
+                                     description="sparse_grad tools: gradient analysis, blueprints and benchmarks.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     for command in COMMANDS:
         command.add_parser(commands)

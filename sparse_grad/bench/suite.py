@@ -1,0 +1,137 @@
+"""One benchmark run: a plain copy (the bandwidth), torch AdamW foreach and fused, and a full
+``SparseAdamW.step`` per backend and density, on one shape set; ideal bytes per DESIGN §7."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .. import SparseAdamW, backends
+from .._checks import density as check_density
+from .._checks import positive_int
+from .shapes import shapes as shape_set
+from .timing import median_time
+
+__all__ = ["Result", "ideal_bytes", "make_params", "plan_cases", "run"]
+
+
+def ideal_bytes(num_params: int, density: float) -> float:
+    """Bytes a SparseAdamW step must move with fp32 params, grads and state: 4 B/param to read
+    every grad for the norm pass (skipped at density 1) + 28 B/param·density for the update
+    (read param, grad, two moments; write param, two moments)."""
+    return (0 if density == 1.0 else 4 * num_params) + 28 * num_params * density
+
+
+@dataclass
+class Result:
+    shapes: str
+    case: str  # "copy", "torch AdamW foreach", "torch AdamW fused" or "SparseAdamW <backend>"
+    backend: str | None
+    density: float | None
+    seconds: float  # median
+    ideal_bytes: float
+    gbps: float = math.nan  # ideal bytes per second
+    pct_ideal: float = math.nan  # time the ideal bytes take at copy bandwidth / time taken
+    speedup: float = math.nan  # torch AdamW fused's time / time taken
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_params(shapes: Sequence[tuple[int, ...]], device: torch.device | str, seed: int = 0) -> list[torch.nn.Parameter]:
+    """fp32 params with fp32 grads whose scale differs per tensor (a realistic selection); the
+    same values for the same ``seed``, without touching the caller's random state."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        params = []
+        for shape in shapes:
+            p = torch.nn.Parameter(torch.randn(shape, device=device) * 0.02)
+            p.grad = torch.randn(shape, device=device) * torch.rand(()).item()
+            params.append(p)
+    return params
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """Backends timed on ``device``: Triton only on CUDA (on CPU it is an interpreter)."""
+    return [b for b in backends.BACKENDS[1:] if backends.unavailable_reason(b, device) is None
+            and not (b == "triton" and device.type != "cuda")]
+
+
+def check_backends(names: Sequence[str], device: torch.device) -> list[str]:
+    """``names`` if every one can be timed on ``device``; else a ValueError that says why."""
+    for name in names:
+        backends.check_backend(name, "backends")
+        if name == "auto":
+            raise ValueError("backends: name concrete backends, not 'auto'")
+        if name == "triton" and device.type != "cuda":
+            raise ValueError("backends: triton is timed on CUDA only (on CPU it runs in Triton's interpreter)")
+        reason = backends.unavailable_reason(name, device)
+        if reason is not None:
+            raise ValueError(f"backends: {name} cannot run on {device}: {reason}")
+    return list(names)
+
+
+def plan_cases(backend_names: Sequence[str], densities: Sequence[float]) -> list[tuple[str, str | None, float | None]]:
+    """(case, backend, density) in the order they run: baselines first."""
+    cases = [("copy", None, None), ("torch AdamW foreach", None, None), ("torch AdamW fused", None, None)]
+    return cases + [(f"SparseAdamW {b}", b, d) for b in backend_names for d in densities]
+
+
+def _step_timer(case: str, backend: str | None, density: float | None, params, block_size: int):
+    """A callable that runs one step of ``case`` (its state created already)."""
+    if case == "copy":
+        src = torch.cat([p.detach().reshape(-1) for p in params])
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
+    if case.startswith("torch AdamW"):
+        opt = torch.optim.AdamW(params, lr=1e-5, **{case.split()[-1]: True})
+    else:
+        opt = SparseAdamW(params, lr=1e-5, density=density, block_size=block_size, backend=backend)
+    opt.step()  # the state, outside the timing
+    return opt.step
+
+
+def run(shapes: str, device: torch.device | str, scale: float = 1.0, densities: Sequence[float] = (1.0, 0.2, 0.05, 0.01),
+        backend_names: Sequence[str] | None = None, block_size: int = 4096, rounds: int = 7, warmup: int = 2,
+        progress: Callable[[int, int, str], None] | None = None) -> tuple[list[Result], dict]:
+    """Time every case on ``shapes`` at ``scale``; returns the results and a description of the
+    run (parameter and tensor counts). ``progress(done, total, case)`` is called before each case."""
+    device = torch.device(device)
+    densities = [check_density(d, "densities") for d in densities]
+    block_size = positive_int(block_size, "block_size")
+    rounds = positive_int(rounds, "rounds")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    names = available_backends(device) if backend_names is None else check_backends(backend_names, device)
+    params = make_params(shape_set(shapes, scale), device)
+    num_params = sum(p.numel() for p in params)
+    cases = plan_cases(names, densities)
+    results = []
+    for i, (case, backend, density) in enumerate(cases):
+        if progress is not None:
+            progress(i, len(cases), case if density is None else f"{case} d={density:g}")
+        step = _step_timer(case, backend, density, params, block_size)
+        seconds = median_time(step, device, rounds, warmup)
+        moved = 8 * num_params if case == "copy" else ideal_bytes(num_params, 1.0 if density is None else density)
+        results.append(Result(shapes, case, backend, density, seconds, moved))
+        del step
+    if progress is not None:
+        progress(len(cases), len(cases), "done")
+    _derive(results)
+    info = {"shapes": shapes, "scale": scale, "params": num_params, "tensors": len(params),
+            "block_size": block_size, "rounds": rounds, "warmup": warmup, "device": str(device)}
+    return results, info
+
+
+def _derive(results: list[Result]) -> None:
+    """Fill in GB/s, % of ideal (at the copy's bandwidth) and speed-up vs fused AdamW."""
+    copy = next(r for r in results if r.case == "copy")
+    fused = next(r for r in results if r.case == "torch AdamW fused")
+    bandwidth = copy.ideal_bytes / copy.seconds
+    for r in results:
+        r.gbps = r.ideal_bytes / r.seconds / 1e9
+        r.pct_ideal = 100 * (r.ideal_bytes / bandwidth) / r.seconds
+        r.speedup = fused.seconds / r.seconds

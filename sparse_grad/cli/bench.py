@@ -1,0 +1,98 @@
+"""``python -m sparse_grad bench``: time a SparseAdamW step against torch's AdamW in one run.
+
+Measures a plain device copy of all parameters (the bandwidth), torch AdamW foreach and fused,
+and a full SparseAdamW.step for every backend and density; prints a table with the median time,
+the achieved rate of the ideal bytes (4 B/param for the norm pass + 28 B/param·density, DESIGN
+§7), that as a % of the copy's bandwidth, and the speed-up vs torch fused AdamW; writes
+bench.csv and bench.json (with the machine, card, versions and date) and bench.png (speed-up vs
+density, one line per backend, the ideal curve drawn in) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..bench import SHAPE_SETS, run as run_suite
+from ..bench.report import machine_info, plot, table, write_csv, write_json
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("bench", help="time SparseAdamW against torch AdamW (table, CSV, JSON, plot)",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--shapes", default="llm-400m",
+                        help=f"comma-separated shape sets: {', '.join(SHAPE_SETS)} (default llm-400m)")
+    parser.add_argument("--scale", type=float,
+                        help="fraction of the ~400M-parameter sets to allocate (default 1.0 on cuda, 0.05 on cpu)")
+    parser.add_argument("--densities", default="1,0.2,0.05,0.01", help="comma-separated (default 1,0.2,0.05,0.01)")
+    parser.add_argument("--backends", help="comma-separated (default: every backend timed on the device; "
+                                           "triton on cuda only)")
+    parser.add_argument("--block-size", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=7, help="timed runs per case; the median is reported")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before them")
+    parser.add_argument("--out", type=Path, default=Path("."), help="folder for bench.csv/.json/.png")
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG (no matplotlib needed)")
+    parser.set_defaults(run=run)
+
+
+def _list(text: str, name: str, convert=str) -> list:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"{name} is empty")
+    try:
+        return [convert(item) for item in items]
+    except ValueError:
+        raise ValueError(f"{name} must be a comma-separated list of {convert.__name__}s, got {text!r}") from None
+
+
+def progress_bar(done: int, total: int, what: str, width: int = 24) -> None:
+    filled = width * done // total
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what:<40}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    shape_sets = _list(args.shapes, "--shapes")
+    for name in shape_sets:
+        if name not in SHAPE_SETS:
+            raise ValueError(f"--shapes: unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}")
+    densities = _list(args.densities, "--densities", float)
+    backend_names = None if args.backends is None else _list(args.backends, "--backends")
+    scale = args.scale if args.scale is not None else (1.0 if device.type == "cuda" else 0.05)
+    results, infos = [], []
+    for name in shape_sets:
+        rows, info = run_suite(name, device, scale, densities, backend_names, args.block_size,
+                               args.rounds, args.warmup, progress=progress_bar)
+        results += rows
+        infos.append(info)
+    command = (f"python -m sparse_grad bench --device {device} --shapes {','.join(shape_sets)} --scale {scale:g} "
+               f"--densities {','.join(f'{d:g}' for d in densities)} --block-size {args.block_size} "
+               f"--rounds {args.rounds} --warmup {args.warmup}"
+               + (f" --backends {','.join(backend_names)}" if backend_names else ""))
+    meta = {**machine_info(device), "command": command, "runs": infos}
+    print(f"{meta['cpu']} ({meta['cpu_count']} CPUs, {meta['torch_threads']} torch threads)"
+          + (f", {meta['card']}" if meta["card"] else "") + f"; torch {torch.__version__}; {meta['date']}")
+    for info in infos:
+        print(f"{info['shapes']}: {info['params']:,} params in {info['tensors']} tensors (scale {info['scale']:g}), "
+              f"block size {info['block_size']}, median of {info['rounds']} runs")
+    print(table(results))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "bench.csv", results, meta)
+    write_json(args.out / "bench.json", results, meta)
+    written = ["bench.csv", "bench.json"]
+    if not args.no_plot:
+        plot(args.out / "bench.png", results, f"SparseAdamW step on {device.type} ({', '.join(shape_sets)})")
+        written.append("bench.png")
+    print(f"wrote {', '.join(str(args.out / w) for w in written)}")
+    return 0
