@@ -70,6 +70,7 @@ def _(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size, 
 # backends call them; the dispatcher picks the kernel by the tensors' device.
 _native = torch.library.Library("sparse_grad", "FRAGMENT")
 _native.define("native_block_sqnorms(Tensor[] tensors, int block_size) -> Tensor")
+_native.define("native_select_blocks(Tensor scores, int[] segment_sizes, int[] segment_ks) -> Tensor")
 _native.define(
     "native_sparse_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] block_steps, Tensor block_ids, int block_size, "
@@ -80,6 +81,11 @@ _native.define(
 def _(tensors, block_size):
     num_blocks = sum(num_blocks_of(t.numel(), block_size) for t in tensors)
     return tensors[0].new_empty(num_blocks, dtype=torch.float32)
+
+
+@torch.library.register_fake("sparse_grad::native_select_blocks")
+def _(scores, segment_sizes, segment_ks):
+    return scores.new_empty(sum(segment_ks), dtype=torch.int64)
 
 
 @torch.library.register_fake("sparse_grad::native_sparse_adamw_step")

@@ -113,7 +113,8 @@ def select_blocks(scores: torch.Tensor, k: int | Sequence[int] | None = None, *,
         segments: ``None`` to choose over all blocks, or a :class:`BlockLayout` / list of segment
             lengths to choose within each tensor (``scope="tensor"``).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` (a one-launch radix select on
-            device), ``"cpp"`` or ``"cuda"`` (torch.topk on device).
+            device), ``"cpp"`` (a partial selection in C++) or ``"cuda"`` (torch.topk on
+            device).
 
     Returns:
         int64 tensor of global block ids, ascending, of length ``sum(k)``.

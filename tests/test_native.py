@@ -51,6 +51,8 @@ def step_state(dtypes, block_size, num_blocks_hint=5):
 def test_opcheck_native_schemas():
     tensors = [heavy_tailed(s, d) for s, d in zip([(37,), (4, 5), (1,)], [torch.float32, torch.bfloat16, torch.float64])]
     torch.library.opcheck(torch.ops.sparse_grad.native_block_sqnorms.default, (tensors, 8))
+    scores = torch.rand(30)
+    torch.library.opcheck(torch.ops.sparse_grad.native_select_blocks.default, (scores, [10, 0, 20], [3, 0, 20]))
     state = step_state([torch.float32] * 4, 8)
     ids = torch.tensor([0, 3, 7, 9])
     torch.library.opcheck(torch.ops.sparse_grad.native_sparse_adamw_step.default,
@@ -138,3 +140,29 @@ def test_out_of_range_ids_touch_nothing():
     torch.ops.sparse_grad.native_sparse_adamw_step(*state, torch.tensor([-1, n, n + 100]), 8,
                                                    1e-2, 0.9, 0.999, 1e-8, 0.01, False)
     assert_same(state, before)
+
+
+@cpp_built
+def test_native_selection_matches_the_topk_keys_at_scale():
+    """10^5 blocks with heavy ties, globally and in 300 segments: the same ids as torch.topk."""
+    from sparse_grad.backends import topk_select
+    scores = torch.randn(100_003).square()
+    scores[::5] = scores[7]
+    scores[::97] = float("nan")
+    sizes = torch.multinomial(torch.ones(300), 300, replacement=True).tolist()
+    sizes = [n * 100_003 // sum(sizes) for n in sizes]
+    sizes[-1] += 100_003 - sum(sizes)
+    for segment_sizes, ks in (([100_003], [5_001]), (sizes, [(n + 19) // 20 for n in sizes])):
+        got = torch.ops.sparse_grad.native_select_blocks(scores, segment_sizes, ks)
+        assert torch.equal(got, topk_select.select_blocks(scores, segment_sizes, ks))
+
+
+@cpp_built
+def test_native_selection_rejects_bad_input():
+    scores = torch.rand(10)
+    with pytest.raises(RuntimeError, match="segments cover 9 blocks"):
+        torch.ops.sparse_grad.native_select_blocks(scores, [4, 5], [1, 1])
+    with pytest.raises(RuntimeError, match=r"segment_ks\[1\] must be in \[0, 6\]"):
+        torch.ops.sparse_grad.native_select_blocks(scores, [4, 6], [1, 7])
+    with pytest.raises(RuntimeError, match="contiguous 1-D float32"):
+        torch.ops.sparse_grad.native_select_blocks(scores.double(), [10], [1])

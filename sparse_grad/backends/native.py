@@ -3,8 +3,9 @@
 ``"cpp"`` (csrc/cpu: vectorized loops, OpenMP across blocks) and ``"cuda"`` (csrc/cuda) are
 the same two op schemas, ``sparse_grad::native_block_sqnorms`` and
 ``sparse_grad::native_sparse_adamw_step`` (sparse_grad/library.py), implemented in C++ for the
-CPU and CUDA dispatch keys: the dispatcher picks the kernel by the tensors' device. Selection is
-``torch.topk`` on device, as for the Triton backend.
+CPU and CUDA dispatch keys: the dispatcher picks the kernel by the tensors' device. Selection
+on CPU is ``sparse_grad::native_select_blocks`` (a partial selection of unique rank keys, O(n));
+on CUDA it is ``torch.topk`` on the same keys (sparse_grad/backends/topk_select.py).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import importlib
 
 import torch
 
-from .topk_select import select_blocks
+from . import topk_select
 
 __all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step", "unavailable_reason", "cpu_isa"]
 
@@ -56,6 +57,12 @@ def cpu_isa() -> str:
 
 def block_sqnorms(tensors, block_size):
     return torch.ops.sparse_grad.native_block_sqnorms(tensors, block_size)
+
+
+def select_blocks(scores, segment_sizes, segment_ks):
+    if scores.device.type == "cpu":
+        return torch.ops.sparse_grad.native_select_blocks(scores, list(segment_sizes), list(segment_ks))
+    return topk_select.select_blocks(scores, segment_sizes, segment_ks)
 
 
 def sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size,
