@@ -10,7 +10,7 @@ import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from . import _checks, backends, library, ops
+from . import _checks, _policies, backends, library, ops
 from .layout import BlockLayout, check_tensor, num_blocks_of
 
 __all__ = ["SparseAdamW"]
@@ -56,6 +56,7 @@ def _check_hyperparameters(group: dict, where: str = "") -> None:
     _checks.flag(group["maximize"], name("maximize"))
     backends.check_backend(group["backend"], name("backend"))
     _checks.unit_interval(group["blueprint_weight"], name("blueprint_weight"))
+    _policies.check_options(group, name)
 
 
 def _split_names(params: list) -> tuple[list, list[str] | None]:
@@ -65,10 +66,42 @@ def _split_names(params: list) -> tuple[list, list[str] | None]:
     return params, None
 
 
+def _selection_key(plan: _Plan) -> tuple:
+    """What a selection depends on besides the scores: a change of any of it reselects."""
+    group = plan.group
+    return (tuple(plan.positions), group["block_size"], group["density"], group["scope"],
+            group["score"], group["min_blocks_per_tensor"])
+
+
 def _normalized(scores: torch.Tensor) -> torch.Tensor:
     """``scores`` divided by their sum, on device. NaN is left out of the sum, so a NaN block
     stays NaN and still ranks first; an all-zero vector stays zero."""
     return scores / torch.nansum(scores).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _check_saved_state(state: dict, p: torch.Tensor, group: dict, name: str) -> None:
+    """Raise unless a saved per-param state fits param ``p`` under the saved ``group``."""
+    blocks = num_blocks_of(p.numel(), group["block_size"])
+    dtype = _policies.state_dtype(group, p)
+    expected = {"exp_avg": (tuple(p.shape), dtype), "exp_avg_sq": (tuple(p.shape), dtype),
+                "error": (tuple(p.shape), dtype), "block_step": ((blocks,), torch.int32),
+                "score_ema": ((blocks,), torch.float32)}
+    for key in ("exp_avg", "exp_avg_sq", "block_step"):
+        if key not in state:
+            raise ValueError(f"state_dict does not fit {name}: its state has no {key}")
+    for key, value in state.items():
+        if key not in expected:
+            raise ValueError(f"state_dict does not fit {name}: unknown state {key!r}")
+        shape, want = expected[key]
+        if key == "block_step" and value.numel() != blocks:
+            raise ValueError(f"state_dict does not fit {name}: its block_step has "
+                             f"{value.numel()} blocks, expected {blocks}")
+        if tuple(value.shape) != shape:
+            raise ValueError(f"state_dict does not fit {name}: its {key} has shape "
+                             f"{tuple(value.shape)}, expected {shape} (the parameter's is {tuple(p.shape)})")
+        if value.dtype != want:
+            raise ValueError(f"state_dict does not fit {name}: its {key} is {value.dtype}, "
+                             f"expected {want} (state_dtype={group['state_dtype']})")
 
 
 class SparseAdamW(Optimizer):
@@ -146,6 +179,11 @@ class SparseAdamW(Optimizer):
         backend: str = "auto",
         blueprint: Any = None,
         blueprint_weight: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        score: str = "l2",
+        score_ema: float = 0.0,
+        min_blocks_per_tensor: int = 0,
+        error_feedback: bool = False,
     ):
         if amsgrad is not False:
             raise ValueError("amsgrad=True is not supported by SparseAdamW")
@@ -156,7 +194,9 @@ class SparseAdamW(Optimizer):
             blueprint_weight = 0.0 if blueprint is None else 0.5
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "maximize": maximize,
                     "density": density, "block_size": block_size, "scope": scope,
-                    "reselect_every": reselect_every, "backend": backend, "blueprint_weight": blueprint_weight}
+                    "reselect_every": reselect_every, "backend": backend, "blueprint_weight": blueprint_weight,
+                    "state_dtype": state_dtype, "score": score, "score_ema": score_ema,
+                    "min_blocks_per_tensor": min_blocks_per_tensor, "error_feedback": error_feedback}
         _check_hyperparameters(defaults)
         self._blueprint = blueprint
         self._check_blueprint_weight(defaults, "blueprint_weight")
@@ -241,6 +281,9 @@ class SparseAdamW(Optimizer):
             if state and state["block_step"].numel() != num_blocks_of(p.numel(), group["block_size"]):
                 raise ValueError(f"{where}['block_size'] is {group['block_size']}, but the state of "
                                  f"{name} was made with another block size")
+            if state and state["exp_avg"].dtype != _policies.state_dtype(group, p):
+                raise ValueError(f"{where}['state_dtype'] is {group['state_dtype']}, but the state of "
+                                 f"{name} is {state['exp_avg'].dtype}")
             positions.append(j)
             params.append(p)
             grads.append(grad)
@@ -269,58 +312,66 @@ class SparseAdamW(Optimizer):
             self._blueprint_scores[key] = scores.to(device=params[0].device, dtype=torch.float32)
         return self._blueprint_scores[key]
 
-    def _select(self, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _select(self, plan: _Plan, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The block ids this step updates, and this step's block scores if a norm pass ran."""
         group, layout = plan.group, plan.layout
-        key = (tuple(plan.positions), group["block_size"], group["density"], group["scope"])
+        key = _selection_key(plan)
         selection = self._selections.get(plan.index)
         due = (selection is None or selection.key != key
                or (group["density"] < 1.0 and selection.age >= group["reselect_every"]))
         ranks_current = due and group["density"] < 1.0 and group["blueprint_weight"] < 1.0
         scores = None
         if ranks_current or self._score_hooks:
-            scores = library.block_sqnorms(plan.grads, layout.block_size, plan.backend)
+            scores = library.block_sqnorms(grads, layout.block_size, plan.backend)
         if due:
             if group["density"] == 1.0:
                 ids = torch.arange(layout.num_blocks, dtype=torch.int64, device=layout.device)
             else:
-                segments = layout if group["scope"] == "tensor" else None
-                ids = ops.select_blocks(self._selection_scores(plan, scores), density=group["density"],
-                                        segments=segments, backend=plan.backend)
+                ids = _policies.select(self._selection_scores(plan, scores), layout, group, plan.backend)
             selection = self._selections[plan.index] = _Selection(key, ids, 0)
         selection.age += 1
         return selection.block_ids, scores
 
-    def _selection_scores(self, plan: _Plan, scores: torch.Tensor | None) -> torch.Tensor:
-        """What the selection ranks (DESIGN §3.2): this step's scores, then blended with the
-        blueprint's. Further stages on the current scores (an EMA) belong before the blend."""
-        weight = plan.group["blueprint_weight"]
+    def _selection_scores(self, plan: _Plan, sqnorms: torch.Tensor | None) -> torch.Tensor:
+        """What the selection ranks (DESIGN §3.2): this step's scores ("l2" or "rms"), their EMA
+        (``score_ema``), then the blend with the blueprint's."""
+        group, weight = plan.group, plan.group["blueprint_weight"]
+        if plan.blueprint_scores is not None and weight == 1.0:
+            return plan.blueprint_scores  # the blueprint's own ranking: its to_mask()
+        scores = _policies.scores_of(sqnorms, plan.layout, group["score"])
+        if group["score_ema"] > 0.0:
+            scores = _policies.update_ema([self.state[p] for p in plan.params], scores, plan.layout,
+                                          group["score_ema"])
         if plan.blueprint_scores is None or weight == 0.0:
             return scores  # exactly the selection without a blueprint
-        if weight == 1.0:
-            return plan.blueprint_scores  # the blueprint's own ranking: its to_mask()
         return weight * _normalized(plan.blueprint_scores) + (1.0 - weight) * _normalized(scores)
 
     def _apply(self, plan: _Plan) -> None:
         group = plan.group
-        for p in plan.params:
+        dtypes = [_policies.state_dtype(group, p) for p in plan.params]
+        for p, dtype in zip(plan.params, dtypes):
             state = self.state[p]
             if not state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["block_step"] = torch.zeros(
                     num_blocks_of(p.numel(), group["block_size"]), dtype=torch.int32, device=p.device)
         states = [self.state[p] for p in plan.params]
         beta1, beta2 = group["betas"]
-        block_ids, scores = self._select(plan)
+        grads = plan.grads
+        if group["error_feedback"]:
+            grads = _policies.add_error(grads, states, dtypes)
+        block_ids, scores = self._select(plan, grads)
         # The plan checked params and grads, and the state is the optimizer's own: call the op
         # schema directly rather than sparse_grad.ops, which would check all of it again.
         library.sparse_adamw_step(
-            plan.params, plan.grads,
+            plan.params, grads,
             [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["block_step"] for s in states], block_ids,
             group["block_size"], float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
             float(group["weight_decay"]), group["maximize"], plan.backend)
+        if group["error_feedback"]:
+            _policies.keep_error(grads, block_ids, plan.layout)
         for hook in list(self._score_hooks.values()):
             hook(self, plan.index, plan.params, scores, block_ids)
 
@@ -354,7 +405,7 @@ class SparseAdamW(Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer "
                              f"{len(self.param_groups)}")
-        block_steps = {}
+        own_dtypes = {}
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"state_dict's param group {i} has {len(saved['params'])} params, "
@@ -367,25 +418,20 @@ class SparseAdamW(Optimizer):
                     continue
                 state = saved_state[saved_id]
                 name = f"param_groups[{i}]['params'][{j}]"
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if tuple(state[key].shape) != tuple(p.shape):
-                        raise ValueError(f"state_dict does not fit {name}: its {key} has shape "
-                                         f"{tuple(state[key].shape)}, the parameter {tuple(p.shape)}")
-                expected = num_blocks_of(p.numel(), saved["block_size"])
-                if state["block_step"].numel() != expected:
-                    raise ValueError(f"state_dict does not fit {name}: its block_step has "
-                                     f"{state['block_step'].numel()} blocks, expected {expected}")
-                block_steps[p] = state["block_step"]
+                _check_saved_state(state, p, {**self.defaults, **saved}, name)
+                own_dtypes[p] = state
         selections = {}
         for i, s in state_dict.get("selections", {}).items():
             if not 0 <= int(i) < len(self.param_groups):
                 raise ValueError(f"state_dict has a selection for param group {i}, which does not exist")
             device = self.param_groups[int(i)]["params"][0].device
-            positions, block_size, density, scope = s["key"]
-            key = (tuple(positions), block_size, density, scope)
+            key = (tuple(s["key"][0]), *s["key"][1:])
             selections[int(i)] = _Selection(key, s["block_ids"].to(device), int(s["age"]))
         super().load_state_dict({"state": saved_state, "param_groups": saved_groups})
-        # Optimizer.load_state_dict casts every state tensor to the param's dtype; these are counts.
-        for p, steps in block_steps.items():
-            self.state[p]["block_step"] = steps.to(device=p.device, dtype=torch.int32)
+        # Optimizer.load_state_dict casts every state tensor to the param's dtype; the counts are
+        # int32, and state_dtype / score EMAs may be fp32 beside 16-bit params: keep their dtypes.
+        for p, state in own_dtypes.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
         self._selections = selections
