@@ -7,6 +7,7 @@ the error-feedback buffer around the update.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +24,8 @@ def check_options(group: dict, name) -> None:
     _checks.beta(group["score_ema"], name("score_ema"))
     _checks.non_negative_int(group["min_blocks_per_tensor"], name("min_blocks_per_tensor"))
     _checks.flag(group["error_feedback"], name("error_feedback"))
+    if group["max_grad_norm"] is not None:
+        _checks.positive(group["max_grad_norm"], name("max_grad_norm"))
     if group["state_dtype"] not in STATE_DTYPES:
         raise ValueError(f"{name('state_dtype')} must be None (the param's dtype) or torch.float32, "
                          f"got {group['state_dtype']!r}")
@@ -86,22 +89,70 @@ def select(scores: torch.Tensor, layout: BlockLayout, group: dict, backend: str)
     return ops.select_blocks(boosted, k, backend=backend)
 
 
-def add_error(grads: list[torch.Tensor], states: list[dict], dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+@dataclass
+class Scaling:
+    """GradScaler's ``grad_scale`` / ``found_inf`` for one device, as the kernels read them.
+
+    ``inv_scale``: fp32 ``[1]``, ``1 / grad_scale`` as GradScaler.unscale_ computes it, or None;
+    ``found_inf``: fp32 ``[1]`` or None; ``skip``: bool ``[1]`` (``found_inf != 0``) or None.
+    """
+
+    inv_scale: torch.Tensor | None = None
+    found_inf: torch.Tensor | None = None
+    skip: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+           device: torch.device) -> "Scaling":
+        inv = None if grad_scale is None else grad_scale.to(device).double().reciprocal().float().reshape(1)
+        found = None if found_inf is None else found_inf.to(device, torch.float32).reshape(1)
+        return cls(inv, found, None if found is None else found != 0)
+
+
+def check_scaling(value, name: str) -> None:
+    """GradScaler's attributes: None or a one-element floating tensor."""
+    if value is not None and (not isinstance(value, torch.Tensor) or not value.is_floating_point()
+                              or value.numel() != 1):
+        raise TypeError(f"optimizer.{name} must be None or a one-element float tensor (set by "
+                        f"torch.amp.GradScaler), got {type(value).__name__}")
+
+
+def clip_coef(sqnorms: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``min(1, max_norm / (‖g‖ + 1e-6))`` as torch.nn.utils.clip_grad_norm_ computes it, from the
+    norm pass's block sums of squares (fp32 ``[1]``, on device)."""
+    total = sqnorms.sum().sqrt()
+    return (max_norm / (total + 1e-6)).clamp(max=1.0).reshape(1)
+
+
+def add_error(grads: list[torch.Tensor], states: list[dict], dtypes: list[torch.dtype],
+              scaling: Scaling) -> list[torch.Tensor]:
     """Error feedback, before scoring: the gradient a step sees is ``grad + error`` (the state
-    dtype, so 16-bit grads lose no mass). The buffer itself becomes that sum; :func:`keep_error`
-    then clears what the update applied. Returns the buffers, to be used as the grads."""
+    dtype, so 16-bit grads lose no mass; unscaled under AMP). The buffer itself becomes that sum;
+    :func:`keep_error` then clears what the update applied. An overflowed step (``scaling.skip``)
+    leaves the buffer as it was. Returns the buffers, to be used as the grads."""
     out = []
     for g, state, dtype in zip(grads, states, dtypes):
         if "error" not in state:
             state["error"] = torch.zeros(g.shape, dtype=dtype, device=g.device)
-        out.append(state["error"].add_(g))
+        error = state["error"]
+        if scaling.inv_scale is None and scaling.skip is None:
+            error.add_(g)
+        else:
+            unscaled = g if scaling.inv_scale is None else g * scaling.inv_scale
+            summed = error + unscaled
+            error.copy_(summed if scaling.skip is None else torch.where(scaling.skip, error, summed))
+        out.append(error)
     return out
 
 
-def keep_error(errors: list[torch.Tensor], block_ids: torch.Tensor, layout: BlockLayout) -> None:
-    """Zero the buffers on the blocks just updated: their gradient was applied."""
+def keep_error(errors: list[torch.Tensor], block_ids: torch.Tensor, layout: BlockLayout,
+               skip: torch.Tensor | None = None) -> None:
+    """Zero the buffers on the blocks just updated: their gradient was applied (not on a skipped
+    step, where nothing was)."""
     applied = torch.zeros(layout.num_blocks, dtype=torch.bool, device=block_ids.device)
     applied = applied.index_fill(0, block_ids, True)
+    if skip is not None:
+        applied &= ~skip
     block_size = layout.block_size
     for t, error in enumerate(errors):
         start, end = layout.block_range(t)

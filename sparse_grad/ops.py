@@ -136,6 +136,17 @@ def _check_like(tensors: list[torch.Tensor], params: list[torch.Tensor], name: s
             raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but params[{i}] has {tuple(p.shape)}")
 
 
+def _check_device_scalar(value, name: str, device) -> None:
+    """None, or a one-element fp32 tensor on ``device`` (or on any device if there are no params)."""
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.float32 or value.numel() != 1:
+        raise TypeError(f"{name} must be None or a one-element float32 tensor, got "
+                        f"{getattr(value, 'dtype', type(value).__name__)} {tuple(getattr(value, 'shape', ()))}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but params are on {device}")
+
+
 def sparse_adamw_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -152,13 +163,17 @@ def sparse_adamw_step(
     weight_decay: float = 1e-2,
     maximize: bool = False,
     backend: str = "auto",
+    grad_coef: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     r"""AdamW, in place, on the blocks ``block_ids`` only (DESIGN §3.4).
 
-    For every selected block ``b`` of tensor ``t`` (and nothing else)::
+    Unless ``found_inf`` is nonzero (then nothing changes), for every selected block ``b`` of
+    tensor ``t`` (and nothing else)::
 
         block_steps[t][b] += 1;  s = block_steps[t][b]
-        g      = -grad if maximize else grad
+        g      = grad * grad_coef          (if given)
+        g      = -g if maximize else g
         param  = param * (1 - lr * weight_decay)
         m      = lerp(m, g, 1 - beta1)
         v      = beta2 * v + (1 - beta2) * g * g
@@ -172,6 +187,10 @@ def sparse_adamw_step(
             one device; moments share a dtype. Grads may have another floating dtype than params.
         block_steps: one int32 tensor per param with one count per block.
         block_ids: int64 ascending, unique global block ids (as from :func:`select_blocks`).
+        grad_coef: optional one-element fp32 tensor on the params' device, read by the kernel
+            (no host sync): a gradient-clipping coefficient, divided by a loss scale.
+        found_inf: optional one-element fp32 tensor on the params' device, as GradScaler's:
+            nonzero makes the call change nothing (params, moments and step counts).
     """
     params = _tensor_list(params, "params")
     grads = _tensor_list(grads, "grads")
@@ -206,10 +225,12 @@ def sparse_adamw_step(
     eps = _checks.non_negative(eps, "eps")
     weight_decay = _checks.non_negative(weight_decay, "weight_decay")
     maximize = _checks.flag(maximize, "maximize")
+    for value, name in ((grad_coef, "grad_coef"), (found_inf, "found_inf")):
+        _check_device_scalar(value, name, device)
     backend = backends.resolve(backend, device)
     if not params or block_ids.numel() == 0:
         return
     with torch.no_grad():
         library.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids,
                                   layout.block_size, lr, beta1, beta2, eps, weight_decay, maximize,
-                                  backend)
+                                  backend, grad_coef, found_inf)

@@ -162,6 +162,10 @@ class SparseAdamW(Optimizer):
     so a run resumed mid-interval continues bit for bit.
     """
 
+    # torch.amp.GradScaler.step then sets self.grad_scale / self.found_inf instead of unscaling
+    # the grads itself: the update kernel unscales them and skips an overflowed step on device.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -184,6 +188,7 @@ class SparseAdamW(Optimizer):
         score_ema: float = 0.0,
         min_blocks_per_tensor: int = 0,
         error_feedback: bool = False,
+        max_grad_norm: float | None = None,
     ):
         if amsgrad is not False:
             raise ValueError("amsgrad=True is not supported by SparseAdamW")
@@ -196,7 +201,8 @@ class SparseAdamW(Optimizer):
                     "density": density, "block_size": block_size, "scope": scope,
                     "reselect_every": reselect_every, "backend": backend, "blueprint_weight": blueprint_weight,
                     "state_dtype": state_dtype, "score": score, "score_ema": score_ema,
-                    "min_blocks_per_tensor": min_blocks_per_tensor, "error_feedback": error_feedback}
+                    "min_blocks_per_tensor": min_blocks_per_tensor, "error_feedback": error_feedback,
+                    "max_grad_norm": max_grad_norm}
         _check_hyperparameters(defaults)
         self._blueprint = blueprint
         self._check_blueprint_weight(defaults, "blueprint_weight")
@@ -312,8 +318,10 @@ class SparseAdamW(Optimizer):
             self._blueprint_scores[key] = scores.to(device=params[0].device, dtype=torch.float32)
         return self._blueprint_scores[key]
 
-    def _select(self, plan: _Plan, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The block ids this step updates, and this step's block scores if a norm pass ran."""
+    def _select(self, plan: _Plan, grads: list[torch.Tensor], inv_scale: torch.Tensor | None,
+                skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block ids this step updates, and this step's block sums of squares (of the
+        unscaled grads) if a norm pass ran: for a reselection, a score hook or clipping."""
         group, layout = plan.group, plan.layout
         key = _selection_key(plan)
         selection = self._selections.get(plan.index)
@@ -321,18 +329,23 @@ class SparseAdamW(Optimizer):
                or (group["density"] < 1.0 and selection.age >= group["reselect_every"]))
         ranks_current = due and group["density"] < 1.0 and group["blueprint_weight"] < 1.0
         scores = None
-        if ranks_current or self._score_hooks:
+        if ranks_current or self._score_hooks or group["max_grad_norm"] is not None:
             scores = library.block_sqnorms(grads, layout.block_size, plan.backend)
+            if inv_scale is not None:
+                scores = scores * inv_scale.square()
         if due:
             if group["density"] == 1.0:
                 ids = torch.arange(layout.num_blocks, dtype=torch.int64, device=layout.device)
             else:
-                ids = _policies.select(self._selection_scores(plan, scores), layout, group, plan.backend)
+                ids = _policies.select(self._selection_scores(plan, scores, skip), layout, group, plan.backend)
+                if skip is not None and selection is not None and selection.key == key:
+                    ids = torch.where(skip, selection.block_ids, ids)  # an overflowed step keeps it
             selection = self._selections[plan.index] = _Selection(key, ids, 0)
         selection.age += 1
         return selection.block_ids, scores
 
-    def _selection_scores(self, plan: _Plan, sqnorms: torch.Tensor | None) -> torch.Tensor:
+    def _selection_scores(self, plan: _Plan, sqnorms: torch.Tensor | None,
+                          skip: torch.Tensor | None = None) -> torch.Tensor:
         """What the selection ranks (DESIGN §3.2): this step's scores ("l2" or "rms"), their EMA
         (``score_ema``), then the blend with the blueprint's."""
         group, weight = plan.group, plan.group["blueprint_weight"]
@@ -341,13 +354,14 @@ class SparseAdamW(Optimizer):
         scores = _policies.scores_of(sqnorms, plan.layout, group["score"])
         if group["score_ema"] > 0.0:
             scores = _policies.update_ema([self.state[p] for p in plan.params], scores, plan.layout,
-                                          group["score_ema"])
+                                          group["score_ema"], skip)
         if plan.blueprint_scores is None or weight == 0.0:
             return scores  # exactly the selection without a blueprint
         return weight * _normalized(plan.blueprint_scores) + (1.0 - weight) * _normalized(scores)
 
-    def _apply(self, plan: _Plan) -> None:
+    def _apply(self, plan: _Plan, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
         group = plan.group
+        scaling = _policies.Scaling.of(grad_scale, found_inf, plan.layout.device)
         dtypes = [_policies.state_dtype(group, p) for p in plan.params]
         for p, dtype in zip(plan.params, dtypes):
             state = self.state[p]
@@ -358,10 +372,16 @@ class SparseAdamW(Optimizer):
                     num_blocks_of(p.numel(), group["block_size"]), dtype=torch.int32, device=p.device)
         states = [self.state[p] for p in plan.params]
         beta1, beta2 = group["betas"]
-        grads = plan.grads
+        grads, inv_scale = plan.grads, scaling.inv_scale
         if group["error_feedback"]:
-            grads = _policies.add_error(grads, states, dtypes)
-        block_ids, scores = self._select(plan, grads)
+            grads = _policies.add_error(grads, states, dtypes, scaling)
+            inv_scale = None  # the buffers hold unscaled gradients
+        block_ids, scores = self._select(plan, grads, inv_scale, scaling.skip)
+        # Clipping and unscaling: one device scalar the update kernel multiplies the grads by.
+        grad_coef = inv_scale
+        if group["max_grad_norm"] is not None:
+            grad_coef = _policies.clip_coef(scores, group["max_grad_norm"])
+            grad_coef = grad_coef if inv_scale is None else grad_coef * inv_scale
         # The plan checked params and grads, and the state is the optimizer's own: call the op
         # schema directly rather than sparse_grad.ops, which would check all of it again.
         library.sparse_adamw_step(
@@ -369,9 +389,9 @@ class SparseAdamW(Optimizer):
             [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["block_step"] for s in states], block_ids,
             group["block_size"], float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-            float(group["weight_decay"]), group["maximize"], plan.backend)
+            float(group["weight_decay"]), group["maximize"], plan.backend, grad_coef, scaling.found_inf)
         if group["error_feedback"]:
-            _policies.keep_error(grads, block_ids, plan.layout)
+            _policies.keep_error(grads, block_ids, plan.layout, scaling.skip)
         for hook in list(self._score_hooks.values()):
             hook(self, plan.index, plan.params, scores, block_ids)
 
@@ -386,10 +406,14 @@ class SparseAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Set by torch.amp.GradScaler.step (see _step_supports_amp_scaling), else absent.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        _policies.check_scaling(grad_scale, "grad_scale")
+        _policies.check_scaling(found_inf, "found_inf")
         plans = [self._plan(i, group) for i, group in enumerate(self.param_groups)]
         for plan in plans:
             if plan is not None:
-                self._apply(plan)
+                self._apply(plan, grad_scale, found_inf)
         return loss
 
     def state_dict(self) -> dict[str, Any]:

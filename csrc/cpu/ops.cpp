@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -103,7 +104,7 @@ at::Tensor block_sqnorms(at::TensorList tensors, std::int64_t block_size) {
 
 // Scalars in fp64, as torch.optim.AdamW computes them on the host.
 AdamWScalars adamw_scalars(std::int32_t step, double lr, double beta1, double beta2, double eps,
-                           double weight_decay) {
+                           double weight_decay, float grad_coef) {
   return AdamWScalars{
       -lr / (1.0 - std::pow(beta1, step)),
       std::sqrt(1.0 - std::pow(beta2, step)),
@@ -112,14 +113,24 @@ AdamWScalars adamw_scalars(std::int32_t step, double lr, double beta1, double be
       beta2,
       1.0 - beta2,
       1.0 - beta1,
+      grad_coef,
   };
+}
+
+// An optional one-element fp32 CPU tensor of the update (grad_coef, found_inf).
+const float* optional_scalar(const std::optional<at::Tensor>& t, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->numel() == 1,
+              name, " must be a one-element float32 CPU tensor");
+  return t->const_data_ptr<float>();
 }
 
 void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList block_steps,
                        const at::Tensor& block_ids, std::int64_t block_size, double lr,
                        double beta1, double beta2, double eps, double weight_decay,
-                       bool maximize) {
+                       bool maximize, const std::optional<at::Tensor>& grad_coef,
+                       const std::optional<at::Tensor>& found_inf) {
   const std::size_t num_tensors = params.size();
   check_list(params, "params", num_tensors);
   check_list(grads, "grads", num_tensors);
@@ -129,6 +140,8 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
   TORCH_CHECK(block_ids.device().is_cpu() && block_ids.scalar_type() == at::kLong &&
               block_ids.dim() == 1 && block_ids.is_contiguous(),
               "block_ids must be a contiguous 1-D int64 CPU tensor");
+  const float* coef = optional_scalar(grad_coef, "grad_coef");
+  const float* inf = optional_scalar(found_inf, "found_inf");
   const Blocks blocks(params, block_size);
   std::vector<AdamWBlockFn> update(num_tensors);
   for (std::size_t t = 0; t < num_tensors; ++t) {
@@ -146,6 +159,9 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
     TORCH_CHECK(update[t] != nullptr, "exp_avgs[", t, "] is ", exp_avgs[t].scalar_type(),
                 "; the state dtype must be the param dtype or float32");
   }
+  // An overflowed AMP step changes nothing, step counts included (read here: CPU memory, no sync).
+  if (inf != nullptr && *inf != 0.0f) return;
+  const float coef_value = coef != nullptr ? *coef : 1.0f;
   const std::vector<Operand> param = operands(params), grad = operands(grads),
                             exp_avg = operands(exp_avgs), exp_avg_sq = operands(exp_avg_sqs);
   std::vector<std::int32_t*> steps;
@@ -162,7 +178,7 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
       const std::int32_t step = ++steps[t][block - blocks.first[t]];
       if (step != scalars_step) {
         scalars_step = step;
-        scalars = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay);
+        scalars = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay, coef_value);
       }
       const std::int64_t start = blocks.start(t, block);
       update[t](param[t].at(start), grad[t].at(start), exp_avg[t].at(start), exp_avg_sq[t].at(start),

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <list>
 #include <mutex>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -186,11 +187,22 @@ at::Tensor native_block_sqnorms(at::TensorList tensors, int64_t block_size) {
   return out;
 }
 
+// An optional one-element fp32 tensor on `device` (grad_coef, found_inf), read by the kernel.
+const float* optional_scalar(const std::optional<at::Tensor>& t, const char* name,
+                             const at::Device& device) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device() == device && t->scalar_type() == at::kFloat && t->numel() == 1, name,
+              " must be a one-element float32 tensor on ", device);
+  return t->const_data_ptr<float>();
+}
+
 void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
                               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                               at::TensorList block_steps, const at::Tensor& block_ids,
                               int64_t block_size, double lr, double beta1, double beta2,
-                              double eps, double weight_decay, bool maximize) {
+                              double eps, double weight_decay, bool maximize,
+                              const std::optional<at::Tensor>& grad_coef,
+                              const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
   const size_t T = params.size();
   const at::Device device = block_ids.device();
@@ -202,6 +214,8 @@ void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
   check_list(exp_avgs, "exp_avgs", T, device);
   check_list(exp_avg_sqs, "exp_avg_sqs", T, device);
   check_list(block_steps, "block_steps", T, device);
+  const float* coef = optional_scalar(grad_coef, "grad_coef", device);
+  const float* inf = optional_scalar(found_inf, "found_inf", device);
   if (T == 0) return;
 
   std::vector<int64_t> numels(T);
@@ -257,7 +271,7 @@ void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
                               d + 7 * width};
   const k::BlockMap map{d + 5 * width, d + 6 * width, block_tensor.const_data_ptr<int32_t>(),
                         layout.num_blocks(), block_size};
-  const k::AdamwHyper hyper{lr, beta1, beta2, eps, weight_decay, maximize};
+  const k::AdamwHyper hyper{lr, beta1, beta2, eps, weight_decay, maximize, coef, inf};
   for (const auto& triple : distinct) {
     C10_CUDA_CHECK(k::launch_sparse_adamw(tables, map, block_ids.const_data_ptr<int64_t>(),
                                           block_ids.numel(), triple[0], triple[1], triple[2],

@@ -56,6 +56,9 @@ struct AdamwHyper {
   double eps;
   double weight_decay;
   bool maximize;
+  // Optional device scalars (nullptr: absent), read by the kernel so the host never syncs:
+  const float* grad_coef;  // grads are multiplied by it (clip coefficient / loss scale)
+  const float* found_inf;  // nonzero: the launch changes nothing, step counts included
 };
 
 // AdamW on the blocks block_ids[0 .. num_ids) (global ids, device int64) whose tensor has the

@@ -57,6 +57,7 @@ struct Scalars {
   C lerp_coeff;
   bool lerp_small_weight;
   bool maximize;
+  C grad_coef;  // 1 when absent: g * 1 is exact
 };
 
 template <typename C>
@@ -72,6 +73,7 @@ __device__ Scalars<C> block_scalars(const AdamwHyper& h, int32_t step) {
   s.lerp_small_weight = fabs(weight) < C(0.5);
   s.lerp_coeff = s.lerp_small_weight ? weight : sub_rn(weight, C(1));
   s.maximize = h.maximize;
+  s.grad_coef = h.grad_coef != nullptr ? static_cast<C>(*h.grad_coef) : C(1);
   return s;
 }
 
@@ -83,6 +85,7 @@ __device__ __forceinline__ void update_element(P& param, G grad, S& exp_avg, S& 
   C g = static_cast<C>(widen(grad));
   C m = static_cast<C>(widen(exp_avg));
   C v = static_cast<C>(widen(exp_avg_sq));
+  g = mul_rn(g, s.grad_coef);
   if (s.maximize) g = -g;
   p = mul_rn(p, s.decay);
   m = fma_rn(s.lerp_coeff, sub_rn(g, m), s.lerp_small_weight ? m : g);
@@ -141,6 +144,8 @@ sparse_adamw_kernel(AdamwTables tables, BlockMap map, const int64_t* block_ids, 
                     int64_t combo, AdamwHyper hyper) {
   using C = Compute<P>;
   constexpr int N = VecWidth<P, G, S>::value;
+  // An overflowed AMP step: every CTA leaves before touching anything (a uniform branch).
+  if (hyper.found_inf != nullptr && *hyper.found_inf != 0.0f) return;
   for (int64_t i = blockIdx.x; i < num_ids; i += gridDim.x) {
     // Every thread of the CTA takes the same branches here: b and t are the CTA's.
     const int64_t b = block_ids[i];

@@ -65,19 +65,26 @@ def sparse_adamw_step(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    grad_coef: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """AdamW on the selected blocks only, in place; every other element is left untouched.
 
-    For each selected block ``b`` of tensor ``t``: ``block_steps[t][b] += 1`` and, with
-    ``s = block_steps[t][b]`` and the block's elements::
+    ``found_inf`` (a one-element tensor, GradScaler's): nonzero means the call changes nothing.
+    Otherwise, for each selected block ``b`` of tensor ``t``: ``block_steps[t][b] += 1`` and, with
+    ``s = block_steps[t][b]``, ``c = grad_coef`` (a one-element fp32 tensor: clip coefficient
+    over loss scale; 1 if None) and the block's elements::
 
-        g = -grad if maximize else grad
+        g = grad * c                   (in the compute dtype)
+        g = -g if maximize else g
         param   *= 1 - lr * weight_decay
         exp_avg  = lerp(exp_avg, g, 1 - beta1)
         exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * g * g
         denom    = sqrt(exp_avg_sq) / sqrt(1 - beta2**s) + eps
         param   += -(lr / (1 - beta1**s)) * exp_avg / denom
     """
+    if found_inf is not None and found_inf.item() != 0:  # the oracle reads it; kernels do not sync
+        return
     counts = [num_blocks_of(p.numel(), block_size) for p in params]
     offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
     # Where each tensor's ids start in the (ascending) id list.
@@ -105,6 +112,8 @@ def sparse_adamw_step(
         p_flat, m_flat, v_flat = p.view(-1), m.view(-1), v.view(-1)
         param = p_flat[elems].to(dtype)
         grad = g.reshape(-1)[elems].to(dtype)
+        if grad_coef is not None:
+            grad = grad * grad_coef.to(dtype)
         exp_avg = m_flat[elems].to(dtype)
         exp_avg_sq = v_flat[elems].to(dtype)
         if maximize:
