@@ -55,15 +55,16 @@ def sparse_adamw_step(
     backend: str,
     grad_coef: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    compact: bool = False,
 ) -> None:
     backends.get(backend).sparse_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids,
-        block_size, lr, beta1, beta2, eps, weight_decay, maximize, grad_coef, found_inf)
+        block_size, lr, beta1, beta2, eps, weight_decay, maximize, grad_coef, found_inf, compact)
 
 
 @sparse_adamw_step.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size, lr, beta1,
-      beta2, eps, weight_decay, maximize, backend, grad_coef=None, found_inf=None):
+      beta2, eps, weight_decay, maximize, backend, grad_coef=None, found_inf=None, compact=False):
     return None
 
 
@@ -76,7 +77,7 @@ _native.define(
     "native_sparse_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] block_steps, Tensor block_ids, int block_size, "
     "float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize, "
-    "Tensor? grad_coef=None, Tensor? found_inf=None) -> ()")
+    "Tensor? grad_coef=None, Tensor? found_inf=None, bool compact=False) -> ()")
 
 
 @torch.library.register_fake("sparse_grad::native_block_sqnorms")
@@ -87,5 +88,5 @@ def _(tensors, block_size):
 
 @torch.library.register_fake("sparse_grad::native_sparse_adamw_step")
 def _(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size, lr, beta1,
-      beta2, eps, weight_decay, maximize, grad_coef=None, found_inf=None):
+      beta2, eps, weight_decay, maximize, grad_coef=None, found_inf=None, compact=False):
     return None

@@ -42,9 +42,10 @@ SCRIPT = textwrap.dedent("""
                                                 CHUNK=2048, NUM_CHUNKS=2))
         for param, grad, state in [(f32, f32, f32), (f32, bf16, f32), (bf16, bf16, bf16),
                                    (bf16, bf16, f32), (f16, f16, f16), (f64, f64, f64)]:
-            for maximize, fused in ((False, False), (True, True)):  # fused: clip coef, found_inf
+            for maximize, fused in ((False, False), (True, True)):  # fused: clip coef, found_inf, compact
                 compiled = compile_for(adamw, capability, dict(
-                    MAXIMIZE=maximize, HAS_GRAD_COEF=fused, HAS_FOUND_INF=fused, PARAM_DTYPE=param, GRAD_DTYPE=grad, STATE_DTYPE=state,
+                    MAXIMIZE=maximize, HAS_GRAD_COEF=fused, HAS_FOUND_INF=fused, COMPACT=fused,
+                    PARAM_DTYPE=param, GRAD_DTYPE=grad, STATE_DTYPE=state,
                     COMPUTE_DTYPE=f64 if param == f64 else f32, CHUNK=1024, NUM_CHUNKS=4))
                 ptx = compiled.asm["ptx"]
                 assert compiled.asm["cubin"], "no cubin"

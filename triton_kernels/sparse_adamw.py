@@ -81,6 +81,7 @@ def _sparse_adamw_kernel(
     MAXIMIZE: tl.constexpr,
     HAS_GRAD_COEF: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    COMPACT: tl.constexpr,  # state is one slab: row pid of [num_ids, block_size], count pid
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
@@ -88,7 +89,8 @@ def _sparse_adamw_kernel(
     CHUNK: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,  # cdiv(block_size, CHUNK)
 ):
-    block = tl.load(block_ids_ptr + tl.program_id(0).to(tl.int64))
+    pid = tl.program_id(0).to(tl.int64)
+    block = tl.load(block_ids_ptr + pid)
     valid = (block >= 0) & (block < num_blocks)  # an out-of-range id updates nothing
     block = tl.where(valid, block, 0)
     t = tl.load(block_tensor_ptr + block)
@@ -97,7 +99,10 @@ def _sparse_adamw_kernel(
         active = active & (tl.load(found_inf_ptr) == 0.0)
     local = block - tl.load(first_block_ptr + t)
 
-    step_ptr = tl.load(step_ptrs_ptr + t).to(tl.pointer_type(tl.int32)) + local
+    if COMPACT:
+        step_ptr = tl.load(step_ptrs_ptr).to(tl.pointer_type(tl.int32)) + pid
+    else:
+        step_ptr = tl.load(step_ptrs_ptr + t).to(tl.pointer_type(tl.int32)) + local
     step = tl.load(step_ptr, mask=active, other=0) + 1
     tl.store(step_ptr, step, mask=active)
 
@@ -121,9 +126,13 @@ def _sparse_adamw_kernel(
 
     param_ptr = tl.load(param_ptrs_ptr + t).to(tl.pointer_type(PARAM_DTYPE))
     grad_ptr = tl.load(grad_ptrs_ptr + t).to(tl.pointer_type(GRAD_DTYPE))
-    exp_avg_ptr = tl.load(exp_avg_ptrs_ptr + t).to(tl.pointer_type(STATE_DTYPE))
-    exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs_ptr + t).to(tl.pointer_type(STATE_DTYPE))
     start = local * block_size
+    if COMPACT:  # shifted so that the element offsets below land in row pid of the slabs
+        exp_avg_ptr = tl.load(exp_avg_ptrs_ptr).to(tl.pointer_type(STATE_DTYPE)) + (pid * block_size - start)
+        exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs_ptr).to(tl.pointer_type(STATE_DTYPE)) + (pid * block_size - start)
+    else:
+        exp_avg_ptr = tl.load(exp_avg_ptrs_ptr + t).to(tl.pointer_type(STATE_DTYPE))
+        exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs_ptr + t).to(tl.pointer_type(STATE_DTYPE))
     end = tl.minimum(start + block_size, tl.load(numels_ptr + t))
     end = tl.where(active, end, start)  # invalid id, or another launch's block: touch nothing
     for chunk in range(NUM_CHUNKS):
@@ -165,6 +174,7 @@ def launch_sparse_adamw(
     num_warps: int | None = None,
     grad_coef: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    compact: bool = False,
 ) -> None:
     """Launch one program per id in ``block_ids``.
 
@@ -182,6 +192,7 @@ def launch_sparse_adamw(
         MAXIMIZE=maximize,
         HAS_GRAD_COEF=grad_coef is not None,
         HAS_FOUND_INF=found_inf is not None,
+        COMPACT=compact,
         PARAM_DTYPE=TL_DTYPES[param_dtype],
         GRAD_DTYPE=TL_DTYPES[grad_dtype],
         STATE_DTYPE=TL_DTYPES[state_dtype],
@@ -206,13 +217,15 @@ def sparse_adamw_step(
     maximize: bool,
     grad_coef: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    compact: bool = False,
 ) -> None:
     """In-place AdamW on the blocks ``block_ids`` (global ids over ``params``); see the reference."""
     if block_ids.numel() == 0 or not params:
         return
     device = params[0].device
     bmap = block_map(tuple(p.numel() for p in params), block_size, device)
-    groups, dtypes = group_by([(p.dtype, g.dtype, m.dtype) for p, g, m in zip(params, grads, exp_avgs)])
+    states = exp_avgs * len(params) if compact else exp_avgs  # a compact state's one slab serves all
+    groups, dtypes = group_by([(p.dtype, g.dtype, m.dtype) for p, g, m in zip(params, grads, states)])
     *tables, group_table, hparams = to_device(
         [[x.data_ptr() for x in xs] for xs in (params, grads, exp_avgs, exp_avg_sqs, block_steps)]
         + [groups, float64_bits([lr, beta1, beta2, eps, weight_decay])],
@@ -221,4 +234,5 @@ def sparse_adamw_step(
     for g, group_dtypes in enumerate(dtypes):
         launch_sparse_adamw(block_ids, hparams.view(torch.float64), tables, bmap.numels,
                             bmap.first_block, bmap.block_tensor, group_table, bmap.num_blocks,
-                            block_size, g, group_dtypes, maximize, grad_coef=grad_coef, found_inf=found_inf)
+                            block_size, g, group_dtypes, maximize, grad_coef=grad_coef, found_inf=found_inf,
+                            compact=compact)

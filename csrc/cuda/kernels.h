@@ -59,6 +59,9 @@ struct AdamwHyper {
   // Optional device scalars (nullptr: absent), read by the kernel so the host never syncs:
   const float* grad_coef;  // grads are multiplied by it (clip coefficient / loss scale)
   const float* found_inf;  // nonzero: the launch changes nothing, step counts included
+  // Compact state: the moment tables hold one slab [num_ids, block_size] (entry 0) and the step
+  // table one count per id; row i is the state of block_ids[i].
+  bool compact;
 };
 
 // AdamW on the blocks block_ids[0 .. num_ids) (global ids, device int64) whose tensor has the

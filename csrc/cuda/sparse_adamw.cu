@@ -154,7 +154,9 @@ sparse_adamw_kernel(AdamwTables tables, BlockMap map, const int64_t* block_ids, 
     if (tables.dtype_combos[t] != combo) continue;  // another launch's dtype triple
     const int64_t local = b - map.first_block[t];
 
-    int32_t* step_ptr = as_ptr<int32_t>(tables.block_steps[t]) + local;
+    // Where the block's state lives: its own place in per-param state, or slab row i.
+    int32_t* step_ptr = hyper.compact ? as_ptr<int32_t>(tables.block_steps[0]) + i
+                                      : as_ptr<int32_t>(tables.block_steps[t]) + local;
     assume_global(step_ptr);
     const int32_t step = *step_ptr + 1;
     __syncthreads();  // every thread has read the old count before thread 0 replaces it
@@ -163,9 +165,11 @@ sparse_adamw_kernel(AdamwTables tables, BlockMap map, const int64_t* block_ids, 
     const Scalars<C> s = block_scalars<C>(hyper, step);
     const int64_t start = local * map.block_size;
     const int64_t len = min(map.block_size, map.numels[t] - start);
+    const int64_t state_t = hyper.compact ? 0 : t;
+    const int64_t state_start = hyper.compact ? i * map.block_size : start;
     update_block<N>(as_ptr<P>(tables.params[t]) + start, as_ptr<const G>(tables.grads[t]) + start,
-                    as_ptr<S>(tables.exp_avgs[t]) + start,
-                    as_ptr<S>(tables.exp_avg_sqs[t]) + start, len, s);
+                    as_ptr<S>(tables.exp_avgs[state_t]) + state_start,
+                    as_ptr<S>(tables.exp_avg_sqs[state_t]) + state_start, len, s);
   }
 }
 

@@ -59,7 +59,8 @@ def block_sqnorms(tensors, block_size):
 
 
 def sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size,
-                      lr, beta1, beta2, eps, weight_decay, maximize, grad_coef=None, found_inf=None):
+                      lr, beta1, beta2, eps, weight_decay, maximize, grad_coef=None, found_inf=None,
+                      compact=False):
     torch.ops.sparse_grad.native_sparse_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size,
-        lr, beta1, beta2, eps, weight_decay, maximize, grad_coef, found_inf)
+        lr, beta1, beta2, eps, weight_decay, maximize, grad_coef, found_inf, compact)
