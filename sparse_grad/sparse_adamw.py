@@ -10,12 +10,13 @@ import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from . import _checks, _policies, backends, library, ops
+from . import _checks, _compact, _policies, backends, library, ops
 from .layout import BlockLayout, check_tensor, num_blocks_of
 
 __all__ = ["SparseAdamW"]
 
 SCOPES = ("global", "tensor")
+STATE_LAYOUTS = ("dense", "compact")
 
 
 @dataclass
@@ -57,6 +58,7 @@ def _check_hyperparameters(group: dict, where: str = "") -> None:
     backends.check_backend(group["backend"], name("backend"))
     _checks.unit_interval(group["blueprint_weight"], name("blueprint_weight"))
     _policies.check_options(group, name)
+    _checks.choice(group["state_layout"], STATE_LAYOUTS, name("state_layout"))
 
 
 def _split_names(params: list) -> tuple[list, list[str] | None]:
@@ -86,9 +88,12 @@ def _check_saved_state(state: dict, p: torch.Tensor, group: dict, name: str) -> 
     expected = {"exp_avg": (tuple(p.shape), dtype), "exp_avg_sq": (tuple(p.shape), dtype),
                 "error": (tuple(p.shape), dtype), "block_step": ((blocks,), torch.int32),
                 "score_ema": ((blocks,), torch.float32)}
-    for key in ("exp_avg", "exp_avg_sq", "block_step"):
+    required = ("exp_avg", "exp_avg_sq", "block_step") if group["state_layout"] == "dense" else ()
+    for key in required:
         if key not in state:
             raise ValueError(f"state_dict does not fit {name}: its state has no {key}")
+    if group["state_layout"] == "compact":  # moments live in the group's slabs
+        expected = {key: expected[key] for key in ("error", "score_ema")}
     for key, value in state.items():
         if key not in expected:
             raise ValueError(f"state_dict does not fit {name}: unknown state {key!r}")
@@ -189,6 +194,7 @@ class SparseAdamW(Optimizer):
         min_blocks_per_tensor: int = 0,
         error_feedback: bool = False,
         max_grad_norm: float | None = None,
+        state_layout: str = "dense",
     ):
         if amsgrad is not False:
             raise ValueError("amsgrad=True is not supported by SparseAdamW")
@@ -202,11 +208,12 @@ class SparseAdamW(Optimizer):
                     "reselect_every": reselect_every, "backend": backend, "blueprint_weight": blueprint_weight,
                     "state_dtype": state_dtype, "score": score, "score_ema": score_ema,
                     "min_blocks_per_tensor": min_blocks_per_tensor, "error_feedback": error_feedback,
-                    "max_grad_norm": max_grad_norm}
+                    "max_grad_norm": max_grad_norm, "state_layout": state_layout}
         _check_hyperparameters(defaults)
         self._blueprint = blueprint
         self._check_blueprint_weight(defaults, "blueprint_weight")
         self._selections: dict[int, _Selection] = {}
+        self._compact: dict[int, dict[str, torch.Tensor]] = {}  # per group index (see _compact)
         self._blueprint_scores: dict[tuple, torch.Tensor] = {}
         self._score_hooks: OrderedDict[int, Callable] = OrderedDict()
         super().__init__(params, defaults)
@@ -214,6 +221,7 @@ class SparseAdamW(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_selections", {})
+        self.__dict__.setdefault("_compact", {})
         self.__dict__.setdefault("_blueprint", None)
         self.__dict__.setdefault("_blueprint_scores", {})
         self.__dict__.setdefault("_score_hooks", OrderedDict())
@@ -283,11 +291,13 @@ class SparseAdamW(Optimizer):
                 raise TypeError(f"{name}.grad is sparse; SparseAdamW needs dense gradients")
             grad = p.grad.contiguous()
             check_tensor(grad, f"{name}.grad", device)
-            state = self.state.get(p)
-            if state and state["block_step"].numel() != num_blocks_of(p.numel(), group["block_size"]):
+            state = self.state.get(p, {})
+            if "block_step" in state and group["state_layout"] == "compact":
+                raise ValueError(f"{where}['state_layout'] is 'compact', but {name} has dense state")
+            if "block_step" in state and state["block_step"].numel() != num_blocks_of(p.numel(), group["block_size"]):
                 raise ValueError(f"{where}['block_size'] is {group['block_size']}, but the state of "
                                  f"{name} was made with another block size")
-            if state and state["exp_avg"].dtype != _policies.state_dtype(group, p):
+            if "exp_avg" in state and state["exp_avg"].dtype != _policies.state_dtype(group, p):
                 raise ValueError(f"{where}['state_dtype'] is {group['state_dtype']}, but the state of "
                                  f"{name} is {state['exp_avg'].dtype}")
             positions.append(j)
@@ -295,9 +305,47 @@ class SparseAdamW(Optimizer):
             grads.append(grad)
         if not params:
             return None
+        self._check_compact(index, group, where)
         layout = BlockLayout.of_numels([p.numel() for p in params], group["block_size"], device)
         return _Plan(index, group, positions, params, grads, layout, backends.resolve(group["backend"], device),
                      self._blueprint_scores_of(index, group, positions, params))
+
+    def _check_compact(self, index: int, group: dict, where: str) -> None:
+        """Raise unless the group's compact state (if any) fits its layout option, block size and
+        state dtype."""
+        state = self._compact.get(index)
+        if group["state_layout"] == "dense":
+            if state is not None:
+                raise ValueError(f"{where}['state_layout'] is 'dense', but the group has compact state")
+            return
+        dtypes = {_policies.state_dtype(group, p) for p in group["params"]}
+        if len(dtypes) > 1:
+            raise ValueError(f"{where}['state_layout'] is 'compact', which keeps one state dtype per group, "
+                             f"but its params have several ({sorted(map(str, dtypes))}): set state_dtype")
+        if state is not None:
+            blocks = sum(num_blocks_of(p.numel(), group["block_size"]) for p in group["params"])
+            if state["exp_avg"].shape[1] != group["block_size"] or state["slot_of_block"].numel() != blocks:
+                raise ValueError(f"{where}['block_size'] is {group['block_size']}, but the group's compact "
+                                 "state was made with another block size")
+            if state["exp_avg"].dtype not in dtypes:
+                raise ValueError(f"{where}['state_dtype'] is {group['state_dtype']}, but the group's compact "
+                                 f"state is {state['exp_avg'].dtype}")
+
+    def _compact_state(self, plan: _Plan, block_ids: torch.Tensor, reselected: bool) -> dict:
+        """The group's compact state, its slots reassigned to a new selection."""
+        group = plan.group
+        state = self._compact.get(plan.index)
+        if state is None:
+            numels = [p.numel() for p in group["params"]]
+            state = _compact.create(sum(num_blocks_of(n, group["block_size"]) for n in numels),
+                                    group["block_size"], _policies.state_dtype(group, plan.params[0]),
+                                    plan.layout.device)
+            reselected = True
+        if reselected:
+            ids = _compact.group_ids(block_ids, tuple(p.numel() for p in group["params"]),
+                                     tuple(plan.positions), group["block_size"])
+            state = self._compact[plan.index] = _compact.reassign(state, ids)
+        return state
 
     def _blueprint_scores_of(self, index: int, group: dict, positions: list[int],
                              params: list[torch.Tensor]) -> torch.Tensor | None:
@@ -319,9 +367,10 @@ class SparseAdamW(Optimizer):
         return self._blueprint_scores[key]
 
     def _select(self, plan: _Plan, grads: list[torch.Tensor], inv_scale: torch.Tensor | None,
-                skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The block ids this step updates, and this step's block sums of squares (of the
-        unscaled grads) if a norm pass ran: for a reselection, a score hook or clipping."""
+                skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """The block ids this step updates, this step's block sums of squares (of the unscaled
+        grads) if a norm pass ran (for a reselection, a score hook or clipping), and whether the
+        blocks were reselected."""
         group, layout = plan.group, plan.layout
         key = _selection_key(plan)
         selection = self._selections.get(plan.index)
@@ -342,7 +391,7 @@ class SparseAdamW(Optimizer):
                     ids = torch.where(skip, selection.block_ids, ids)  # an overflowed step keeps it
             selection = self._selections[plan.index] = _Selection(key, ids, 0)
         selection.age += 1
-        return selection.block_ids, scores
+        return selection.block_ids, scores, due
 
     def _selection_scores(self, plan: _Plan, sqnorms: torch.Tensor | None,
                           skip: torch.Tensor | None = None) -> torch.Tensor:
@@ -363,9 +412,10 @@ class SparseAdamW(Optimizer):
         group = plan.group
         scaling = _policies.Scaling.of(grad_scale, found_inf, plan.layout.device)
         dtypes = [_policies.state_dtype(group, p) for p in plan.params]
+        compact = group["state_layout"] == "compact"
         for p, dtype in zip(plan.params, dtypes):
             state = self.state[p]
-            if not state:
+            if not compact and "block_step" not in state:
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["block_step"] = torch.zeros(
@@ -376,7 +426,7 @@ class SparseAdamW(Optimizer):
         if group["error_feedback"]:
             grads = _policies.add_error(grads, states, dtypes, scaling)
             inv_scale = None  # the buffers hold unscaled gradients
-        block_ids, scores = self._select(plan, grads, inv_scale, scaling.skip)
+        block_ids, scores, reselected = self._select(plan, grads, inv_scale, scaling.skip)
         # Clipping and unscaling: one device scalar the update kernel multiplies the grads by.
         grad_coef = inv_scale
         if group["max_grad_norm"] is not None:
@@ -384,12 +434,17 @@ class SparseAdamW(Optimizer):
             grad_coef = grad_coef if inv_scale is None else grad_coef * inv_scale
         # The plan checked params and grads, and the state is the optimizer's own: call the op
         # schema directly rather than sparse_grad.ops, which would check all of it again.
+        if compact:
+            slabs = self._compact_state(plan, block_ids, reselected)
+            moments = [slabs["exp_avg"]], [slabs["exp_avg_sq"]], [slabs["block_step"]]
+        else:
+            moments = ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                       [s["block_step"] for s in states])
         library.sparse_adamw_step(
-            plan.params, grads,
-            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["block_step"] for s in states], block_ids,
+            plan.params, grads, *moments, block_ids,
             group["block_size"], float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-            float(group["weight_decay"]), group["maximize"], plan.backend, grad_coef, scaling.found_inf)
+            float(group["weight_decay"]), group["maximize"], plan.backend, grad_coef, scaling.found_inf,
+            compact)
         if group["error_feedback"]:
             _policies.keep_error(grads, block_ids, plan.layout, scaling.skip)
         for hook in list(self._score_hooks.values()):
@@ -421,6 +476,7 @@ class SparseAdamW(Optimizer):
         state_dict["selections"] = {
             i: {"key": s.key, "block_ids": s.block_ids, "age": s.age} for i, s in self._selections.items()
         }
+        state_dict["compact"] = {i: dict(c) for i, c in self._compact.items()}
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -429,7 +485,7 @@ class SparseAdamW(Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer "
                              f"{len(self.param_groups)}")
-        own_dtypes = {}
+        own_dtypes, compact = {}, {}
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"state_dict's param group {i} has {len(saved['params'])} params, "
@@ -444,6 +500,8 @@ class SparseAdamW(Optimizer):
                 name = f"param_groups[{i}]['params'][{j}]"
                 _check_saved_state(state, p, {**self.defaults, **saved}, name)
                 own_dtypes[p] = state
+            if i in state_dict.get("compact", {}):
+                compact[i] = self._loaded_compact(state_dict["compact"][i], {**self.defaults, **saved}, group, i)
         selections = {}
         for i, s in state_dict.get("selections", {}).items():
             if not 0 <= int(i) < len(self.param_groups):
@@ -459,3 +517,15 @@ class SparseAdamW(Optimizer):
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
         self._selections = selections
+        self._compact = compact
+
+    def _loaded_compact(self, state: dict, saved_group: dict, group: dict, index: int) -> dict:
+        """A saved group's compact state, checked against this group's params and on their device."""
+        name = f"state_dict['compact'][{index}]"
+        if saved_group["state_layout"] != "compact":
+            raise ValueError(f"{name} is given, but the saved group's state_layout is {saved_group['state_layout']!r}")
+        params = group["params"]
+        blocks = sum(num_blocks_of(p.numel(), saved_group["block_size"]) for p in params)
+        dtype = _policies.state_dtype(saved_group, params[0])
+        _compact.check_saved(state, blocks, saved_group["block_size"], dtype, name)
+        return {key: value.to(device=params[0].device, copy=True) for key, value in state.items()}

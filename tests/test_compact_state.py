@@ -54,3 +54,133 @@ def test_compact_step_with_found_inf_changes_nothing(case):
     library.sparse_adamw_step(params, grads, [slabs[0]], [slabs[1]], [slabs[2]], ids, 8, *HYPER.values(),
                               backend, None, torch.ones(1, device=device), True)
     assert_same((params, slabs), before)
+
+
+# --- SparseAdamW(state_layout="compact") -------------------------------------------------------
+
+from sparse_grad import SparseAdamW  # noqa: E402
+from test_sparse_adamw import clone_params, make_params, run  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype, state_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32)])
+def test_compact_equals_dense_while_the_selection_stays(case, dtype, state_dtype):
+    device, backend = case
+    params = make_params(device, dtype)
+    other = clone_params(params)
+    kwargs = dict(lr=1e-2, density=0.3, block_size=8, reselect_every=100, state_dtype=state_dtype, backend=backend)
+    dense, compact = SparseAdamW(params, **kwargs), SparseAdamW(other, state_layout="compact", **kwargs)
+    grads = [[heavy_tailed(p.shape, dtype, device) for p in params] for _ in range(6)]
+    run(dense, params, grads)
+    run(compact, other, grads)
+    assert_same([p.detach() for p in other], [p.detach() for p in params])
+    slabs = compact._compact[0]
+    layout = ops.BlockLayout(params, 8)
+    ids = slabs["block_of_slot"].cpu()
+    want = to_slabs([dense.state[p]["exp_avg"] for p in params], [dense.state[p]["exp_avg_sq"] for p in params],
+                    [dense.state[p]["block_step"] for p in params], ids, 8)
+    assert_same((slabs["exp_avg"].cpu(), slabs["exp_avg_sq"].cpu(), slabs["block_step"].cpu()),
+                tuple(t.cpu() for t in want))
+    assert ids.numel() == ops.num_selected(0.3, layout.num_blocks)
+    assert all("exp_avg" not in compact.state[p] for p in other)
+
+
+def test_entering_blocks_start_from_zero_and_leaving_blocks_free_their_slot(case):
+    """Compact = dense whose unselected blocks are reset to zero moments and step 0 after each step."""
+    device, backend = case
+    params = make_params(device)
+    other = clone_params(params)
+    kwargs = dict(lr=1e-2, density=0.2, block_size=8, backend=backend)
+    dense, compact = SparseAdamW(params, **kwargs), SparseAdamW(other, state_layout="compact", **kwargs)
+    layout = ops.BlockLayout(params, 8)
+    for _ in range(5):
+        grads = [heavy_tailed(p.shape, device=device) for p in params]
+        run(compact, other, [grads])
+        run(dense, params, [grads])
+        chosen = dense._selections[0].block_ids.cpu()
+        keep = torch.zeros(layout.num_blocks, dtype=torch.bool).index_fill(0, chosen, True)
+        for t, p in enumerate(params):
+            start, end = layout.block_range(t)
+            block_keep = keep[start:end].to(device)
+            st = dense.state[p]
+            st["block_step"].mul_(block_keep)
+            elems = block_keep.repeat_interleave(8)[:p.numel()].view_as(p)
+            st["exp_avg"].mul_(elems)
+            st["exp_avg_sq"].mul_(elems)
+        assert_same([p.detach() for p in other], [p.detach() for p in params])
+        slabs = compact._compact[0]
+        assert torch.equal(slabs["block_of_slot"].cpu(), chosen)
+        slot = slabs["slot_of_block"].cpu()
+        assert torch.equal(slot[chosen], torch.arange(chosen.numel(), dtype=torch.int32))
+        assert int((slot >= 0).sum()) == chosen.numel()
+
+
+def test_compact_state_bytes_scale_with_density():
+    """Optimizer-state bytes per parameter <= 8 * density + 0.1 on a real model (fp32)."""
+    torch.manual_seed(0)
+    model = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True), 2)
+    params = list(model.parameters())
+    numel = sum(p.numel() for p in params)
+    x = torch.randn(4, 16, 256)
+    measured = {}
+    for layout, density in (("compact", 0.05), ("compact", 0.01), ("dense", 0.05)):
+        opt = SparseAdamW(model.parameters(), lr=1e-4, density=density, block_size=1024, state_layout=layout)
+        for _ in range(2):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        state = opt.state_dict()
+        tensors = [t for s in state["state"].values() for t in s.values()]
+        tensors += [t for c in state["compact"].values() for t in c.values()]
+        measured[layout, density] = sum(t.numel() * t.element_size() for t in tensors) / numel
+    assert measured["compact", 0.05] <= 8 * 0.05 + 0.1
+    assert measured["compact", 0.01] <= 8 * 0.01 + 0.1
+    assert measured["dense", 0.05] >= 8  # for scale: two fp32 moments per parameter
+    print(f"state bytes/param on {numel} params: {measured}")
+
+
+def test_a_param_without_grad_keeps_no_slot(case):
+    device, backend = case
+    params = make_params(device)
+    opt = SparseAdamW(params, lr=1e-2, density=0.5, block_size=8, state_layout="compact", backend=backend)
+    full = ops.BlockLayout(params, 8)
+    grads = [heavy_tailed(p.shape, device=device) for p in params]
+    grads[1] = None
+    run(opt, params, [grads])
+    slabs = opt._compact[0]
+    slot = slabs["slot_of_block"].cpu()
+    start, end = full.block_range(1)
+    assert (slot[start:end] == -1).all()  # ids count over all params: params[1]'s blocks are skipped
+    ids = slabs["block_of_slot"].cpu()
+    assert torch.equal(slot[ids], torch.arange(ids.numel(), dtype=torch.int32))
+    assert not ((ids >= start) & (ids < end)).any()
+
+
+def test_bad_state_layout_input_changes_nothing():
+    params = make_params("cpu")
+    with pytest.raises(ValueError, match="state_layout must be one of"):
+        SparseAdamW(params, state_layout="sparse")
+    mixed = [torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))]
+    opt = SparseAdamW(mixed, state_layout="compact", block_size=4)
+    before = snapshot([p.detach() for p in mixed])
+    with pytest.raises(ValueError, match=r"keeps one state dtype per group, but its params have several"):
+        run(opt, mixed, [[torch.randn(8), torch.randn(8, dtype=torch.bfloat16)]])
+    assert_same([p.detach() for p in mixed], before)
+    assert not opt._compact and not opt.state
+    opt = SparseAdamW(params, density=0.5, block_size=8, state_layout="compact")
+    run(opt, params, [[heavy_tailed(p.shape) for p in params]])
+    for p in params:
+        p.grad = heavy_tailed(p.shape)
+    before = snapshot(([p.detach() for p in params], opt.state_dict()))
+    for key, value, message in [("state_layout", "dense", r"\['state_layout'\] is 'dense', but the group has compact"),
+                                ("block_size", 4, r"\['block_size'\] is 4, but the group's compact state")]:
+        old = opt.param_groups[0][key]
+        opt.param_groups[0][key] = value
+        with pytest.raises(ValueError, match=message):
+            opt.step()
+        opt.param_groups[0][key] = old
+        assert_same(([p.detach() for p in params], opt.state_dict()), before)
+    bad = snapshot(opt.state_dict())
+    bad["compact"][0]["exp_avg"] = bad["compact"][0]["exp_avg"][:, :4]
+    with pytest.raises(ValueError, match=r"state_dict\['compact'\]\[0\]\['exp_avg'\] does not fit"):
+        opt.load_state_dict(bad)
+    assert_same(([p.detach() for p in params], opt.state_dict()), before)

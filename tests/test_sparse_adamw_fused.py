@@ -139,7 +139,8 @@ def test_grad_scaler_matches_adamw(case, max_grad_norm):
 
 
 @pytest.mark.parametrize("options", [dict(score_ema=0.5, reselect_every=1),
-                                     dict(error_feedback=True, max_grad_norm=0.5, score_ema=0.9)])
+                                     dict(error_feedback=True, max_grad_norm=0.5, score_ema=0.9),
+                                     dict(state_layout="compact", score_ema=0.5, max_grad_norm=0.5)])
 def test_an_overflowed_step_changes_nothing(case, options):
     device, backend = case
     model = amp_model(device)

@@ -1,5 +1,5 @@
 """SparseAdamW's state and selection options: state_dtype, score, score_ema,
-min_blocks_per_tensor, error_feedback (DESIGN §3–§4)."""
+min_blocks_per_tensor, error_feedback (DESIGN §3–§4); state_dict round trips with every option."""
 import io
 
 import pytest
@@ -172,6 +172,9 @@ OPTIONS = [
     dict(score="rms", score_ema=0.5, min_blocks_per_tensor=1, reselect_every=2),
     dict(error_feedback=True, scope="tensor"),
     dict(state_dtype=torch.float32, score_ema=0.9, error_feedback=True, min_blocks_per_tensor=3),
+    dict(max_grad_norm=0.5, score_ema=0.5),
+    dict(state_layout="compact", score_ema=0.5, error_feedback=True, reselect_every=2),
+    dict(state_layout="compact", state_dtype=torch.float32, max_grad_norm=1.0, scope="tensor"),
 ]
 
 
