@@ -74,9 +74,16 @@ def reassign(state: dict, ids: torch.Tensor) -> dict:
             return torch.where(mask, rows, torch.zeros((), dtype=slab.dtype, device=slab.device))
     slot_of_block = torch.full_like(state["slot_of_block"], -1)
     slot_of_block[ids] = torch.arange(k, dtype=torch.int32, device=ids.device)
-    return {"slot_of_block": slot_of_block, "block_of_slot": ids.clone(),
-            "exp_avg": gather(state["exp_avg"]), "exp_avg_sq": gather(state["exp_avg_sq"]),
-            "block_step": gather(state["block_step"])}
+    new = {"slot_of_block": slot_of_block, "block_of_slot": ids.clone(),
+           "exp_avg": gather(state["exp_avg"]), "exp_avg_sq": gather(state["exp_avg_sq"]),
+           "block_step": gather(state["block_step"])}
+    if state["block_of_slot"].numel() != k:
+        return new
+    # Same capacity: write into the existing tensors, so that a step captured in a CUDA graph
+    # leaves its state where the next replay reads it.
+    for key, value in new.items():
+        state[key].copy_(value)
+    return state
 
 
 def check_saved(state: dict, num_blocks: int, block_size: int, dtype: torch.dtype, name: str) -> None:

@@ -61,11 +61,13 @@ def update_ema(states: list[dict], scores: torch.Tensor, layout: BlockLayout, be
         start, end = layout.block_range(t)
         current = scores[start:end]
         old = state.get("score_ema")
-        new = current.clone() if old is None else old * beta + current * (1.0 - beta)
-        if skip is not None and old is not None:
-            new = torch.where(skip, old, new)
-        state["score_ema"] = new
-        parts.append(new)
+        if old is None:
+            state["score_ema"] = old = current.clone()
+        else:
+            new = old * beta + current * (1.0 - beta)
+            # In place: a step captured in a CUDA graph must leave its results in the same tensors.
+            old.copy_(new if skip is None else torch.where(skip, old, new))
+        parts.append(old)
     return torch.cat(parts)
 
 
