@@ -56,15 +56,16 @@ def sparse_adamw_step(
     grad_coef: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     compact: bool = False,
+    hyper: torch.Tensor | None = None,
 ) -> None:
     backends.get(backend).sparse_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids,
-        block_size, lr, beta1, beta2, eps, weight_decay, maximize, grad_coef, found_inf, compact)
+        block_size, lr, beta1, beta2, eps, weight_decay, maximize, grad_coef, found_inf, compact, hyper)
 
 
 @sparse_adamw_step.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size, lr, beta1,
-      beta2, eps, weight_decay, maximize, backend, grad_coef=None, found_inf=None, compact=False):
+      beta2, eps, weight_decay, maximize, backend, grad_coef=None, found_inf=None, compact=False, hyper=None):
     return None
 
 
@@ -77,7 +78,7 @@ _native.define(
     "native_sparse_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] block_steps, Tensor block_ids, int block_size, "
     "float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize, "
-    "Tensor? grad_coef=None, Tensor? found_inf=None, bool compact=False) -> ()")
+    "Tensor? grad_coef=None, Tensor? found_inf=None, bool compact=False, Tensor? hyper=None) -> ()")
 
 
 @torch.library.register_fake("sparse_grad::native_block_sqnorms")
@@ -88,5 +89,5 @@ def _(tensors, block_size):
 
 @torch.library.register_fake("sparse_grad::native_sparse_adamw_step")
 def _(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size, lr, beta1,
-      beta2, eps, weight_decay, maximize, grad_coef=None, found_inf=None, compact=False):
+      beta2, eps, weight_decay, maximize, grad_coef=None, found_inf=None, compact=False, hyper=None):
     return None

@@ -46,10 +46,16 @@ def _check_hyperparameters(group: dict, where: str = "") -> None:
     def name(key):
         return f"{where}[{key!r}]" if where else key
 
-    _checks.non_negative(group["lr"], name("lr"))
-    _checks.betas(group["betas"], name("betas"))
+    if torch.compiler.is_compiling():
+        return  # checked when the group was added; a compiled step trusts it (no graph breaks)
+    _checks.tensor_or(_checks.non_negative, group["lr"], name("lr"))
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"{name('betas')} must be a pair (beta1, beta2), got {betas!r}")
+    _checks.tensor_or(_checks.beta, betas[0], f"{name('betas')}[0]")
+    _checks.tensor_or(_checks.beta, betas[1], f"{name('betas')}[1]")
     _checks.non_negative(group["eps"], name("eps"))
-    _checks.non_negative(group["weight_decay"], name("weight_decay"))
+    _checks.tensor_or(_checks.non_negative, group["weight_decay"], name("weight_decay"))
     _checks.density(group["density"], name("density"))
     _checks.positive_int(group["block_size"], name("block_size"))
     _checks.choice(group["scope"], SCOPES, name("scope"))
@@ -66,6 +72,18 @@ def _split_names(params: list) -> tuple[list, list[str] | None]:
     if params and all(isinstance(p, tuple) and len(p) == 2 for p in params):
         return [p for _, p in params], [name for name, _ in params]
     return params, None
+
+
+def _hyperparameters(group: dict, device: torch.device) -> tuple[list[float], torch.Tensor | None]:
+    """(lr, beta1, beta2, eps, weight_decay) for the update op: as floats, or, if any is a tensor,
+    as one fp64 device tensor built on device (reading a tensor lr on the host would sync, and a
+    float that changes would recompile a compiled step)."""
+    beta1, beta2 = group["betas"]
+    values = [group["lr"], beta1, beta2, group["eps"], group["weight_decay"]]
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return [float(v) for v in values], None
+    hyper = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+    return [0.0] * 5, hyper  # the op ignores the floats when given the tensor
 
 
 def _selection_key(plan: _Plan) -> tuple:
@@ -271,6 +289,9 @@ class SparseAdamW(Optimizer):
             check_tensor(p, f"{where}['params'][{j}]", device)
         if self._blueprint is not None and group["blueprint_weight"] > 0.0 and tensors:
             self._blueprint.block_scores(tensors, names, group["block_size"])  # raises on a mismatch
+        if device is not None:  # load the backend now (an import), not inside a compiled step
+            backends.unavailable_reason(backends.resolve("auto", device) if group["backend"] == "auto"
+                                        else group["backend"], device)
         super().add_param_group({**param_group, "params": params})
 
     def _plan(self, index: int, group: dict) -> _Plan | None:
@@ -421,7 +442,6 @@ class SparseAdamW(Optimizer):
                 state["block_step"] = torch.zeros(
                     num_blocks_of(p.numel(), group["block_size"]), dtype=torch.int32, device=p.device)
         states = [self.state[p] for p in plan.params]
-        beta1, beta2 = group["betas"]
         grads, inv_scale = plan.grads, scaling.inv_scale
         if group["error_feedback"]:
             grads = _policies.add_error(grads, states, dtypes, scaling)
@@ -440,11 +460,10 @@ class SparseAdamW(Optimizer):
         else:
             moments = ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                        [s["block_step"] for s in states])
+        floats, hyper = _hyperparameters(group, plan.layout.device)
         library.sparse_adamw_step(
-            plan.params, grads, *moments, block_ids,
-            group["block_size"], float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-            float(group["weight_decay"]), group["maximize"], plan.backend, grad_coef, scaling.found_inf,
-            compact)
+            plan.params, grads, *moments, block_ids, group["block_size"], *floats, group["maximize"],
+            plan.backend, grad_coef, scaling.found_inf, compact, hyper)
         if group["error_feedback"]:
             _policies.keep_error(grads, block_ids, plan.layout, scaling.skip)
         for hook in list(self._score_hooks.values()):

@@ -218,6 +218,7 @@ def sparse_adamw_step(
     grad_coef: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     compact: bool = False,
+    hyper: torch.Tensor | None = None,
 ) -> None:
     """In-place AdamW on the blocks ``block_ids`` (global ids over ``params``); see the reference."""
     if block_ids.numel() == 0 or not params:
@@ -231,6 +232,8 @@ def sparse_adamw_step(
         + [groups, float64_bits([lr, beta1, beta2, eps, weight_decay])],
         device,
     )
+    if hyper is not None:  # tensor hyper-parameters: the kernel reads the same fp64 table on device
+        hparams = hyper.view(torch.int64)
     for g, group_dtypes in enumerate(dtypes):
         launch_sparse_adamw(block_ids, hparams.view(torch.float64), tables, bmap.numels,
                             bmap.first_block, bmap.block_tensor, group_table, bmap.num_blocks,

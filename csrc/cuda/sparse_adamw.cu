@@ -61,7 +61,14 @@ struct Scalars {
 };
 
 template <typename C>
-__device__ Scalars<C> block_scalars(const AdamwHyper& h, int32_t step) {
+__device__ Scalars<C> block_scalars(AdamwHyper h, int32_t step) {
+  if (h.values != nullptr) {
+    h.lr = h.values[0];
+    h.beta1 = h.values[1];
+    h.beta2 = h.values[2];
+    h.eps = h.values[3];
+    h.weight_decay = h.values[4];
+  }
   Scalars<C> s;
   s.neg_step_size = static_cast<C>(__ddiv_rn(-h.lr, __dsub_rn(1.0, pow_int(h.beta1, step))));
   s.bias_correction2_sqrt = static_cast<C>(__dsqrt_rn(__dsub_rn(1.0, pow_int(h.beta2, step))));

@@ -68,12 +68,15 @@ def sparse_adamw_step(
     grad_coef: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     compact: bool = False,
+    hyper: torch.Tensor | None = None,
 ) -> None:
     """AdamW on the selected blocks only, in place; every other element is left untouched.
 
     ``compact=True``: the moments are one slab each, ``exp_avgs[0]`` and ``exp_avg_sqs[0]`` of
     ``[len(block_ids), block_size]`` elements, and the counts ``block_steps[0]`` one per id; row
     ``i`` is the state of block ``block_ids[i]`` (a partial block uses the front of its row).
+    ``hyper``: an fp64 tensor ``[lr, beta1, beta2, eps, weight_decay]`` on the params' device
+    that replaces the five floats (tensor hyper-parameters, read on device by the kernels).
 
     ``found_inf`` (a one-element tensor, GradScaler's): nonzero means the call changes nothing.
     Otherwise, for each selected block ``b`` of tensor ``t``: ``block_steps[t][b] += 1`` and, with
@@ -90,6 +93,8 @@ def sparse_adamw_step(
     """
     if found_inf is not None and found_inf.item() != 0:  # the oracle reads it; kernels do not sync
         return
+    if hyper is not None:
+        lr, beta1, beta2, eps, weight_decay = hyper.tolist()
     if compact:
         _compact_step(params, grads, exp_avgs[0], exp_avg_sqs[0], block_steps[0], block_ids, block_size,
                       lr, beta1, beta2, eps, weight_decay, maximize, grad_coef)
