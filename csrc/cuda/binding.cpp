@@ -291,11 +291,11 @@ void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
                               d + 7 * width};
   const k::BlockMap map{d + 5 * width, d + 6 * width, block_tensor.const_data_ptr<int32_t>(),
                         layout.num_blocks(), block_size};
-  const k::AdamwHyper hyper{lr, beta1, beta2, eps, weight_decay, maximize, coef, inf, compact, values};
+  const k::AdamwHyper scalars{lr, beta1, beta2, eps, weight_decay, maximize, coef, inf, compact, values};
   for (const auto& triple : distinct) {
     C10_CUDA_CHECK(k::launch_sparse_adamw(tables, map, block_ids.const_data_ptr<int64_t>(),
                                           block_ids.numel(), triple[0], triple[1], triple[2],
-                                          hyper, stream.stream()));
+                                          scalars, stream.stream()));
   }
 }
 
