@@ -10,7 +10,7 @@ import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from . import _checks, _compact, _policies, backends, library, ops
+from . import _checks, _compact, _policies, backends, library
 from .layout import BlockLayout, check_tensor, num_blocks_of
 
 __all__ = ["SparseAdamW"]

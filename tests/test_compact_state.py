@@ -59,7 +59,7 @@ def test_compact_step_with_found_inf_changes_nothing(case):
 # --- SparseAdamW(state_layout="compact") -------------------------------------------------------
 
 from sparse_grad import SparseAdamW  # noqa: E402
-from test_sparse_adamw import clone_params, make_params, run  # noqa: E402
+from test_sparse_adamw import bad_group_values_change_nothing, clone_params, make_params, run  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype, state_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32)])
@@ -170,15 +170,10 @@ def test_bad_state_layout_input_changes_nothing():
     run(opt, params, [[heavy_tailed(p.shape) for p in params]])
     for p in params:
         p.grad = heavy_tailed(p.shape)
+    bad_group_values_change_nothing(opt, params, [
+        ("state_layout", "dense", ValueError, r"\['state_layout'\] is 'dense', but the group has compact"),
+        ("block_size", 4, ValueError, r"\['block_size'\] is 4, but the group's compact state")])
     before = snapshot(([p.detach() for p in params], opt.state_dict()))
-    for key, value, message in [("state_layout", "dense", r"\['state_layout'\] is 'dense', but the group has compact"),
-                                ("block_size", 4, r"\['block_size'\] is 4, but the group's compact state")]:
-        old = opt.param_groups[0][key]
-        opt.param_groups[0][key] = value
-        with pytest.raises(ValueError, match=message):
-            opt.step()
-        opt.param_groups[0][key] = old
-        assert_same(([p.detach() for p in params], opt.state_dict()), before)
     bad = snapshot(opt.state_dict())
     bad["compact"][0]["exp_avg"] = bad["compact"][0]["exp_avg"][:, :4]
     with pytest.raises(ValueError, match=r"state_dict\['compact'\]\[0\]\['exp_avg'\] does not fit"):

@@ -3,9 +3,9 @@ grad_scale / found_inf (DESIGN §3.4)."""
 import pytest
 import torch
 
-from sparse_grad import SparseAdamW, library, ops
+from sparse_grad import SparseAdamW, ops
 from _utils import TOLERANCES, assert_same, heavy_tailed, snapshot
-from test_sparse_adamw import clone_params, make_params, run
+from test_sparse_adamw import clone_params, count_norm_passes, make_params, run
 from test_sparse_adamw_step import HYPER, make_state, num_blocks, random_ids
 
 SHAPES = [(37,), (5, 13), (16,)]
@@ -83,9 +83,7 @@ def test_max_grad_norm_matches_clip_grad_norm_and_adamw(case, max_grad_norm):
 
 def test_clipping_reuses_the_norm_pass_and_leaves_grads(case, monkeypatch):
     device, backend = case
-    calls = []
-    real = library.block_sqnorms
-    monkeypatch.setattr(library, "block_sqnorms", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calls = count_norm_passes(monkeypatch)
     params = make_params(device)
     opt = SparseAdamW(params, density=0.2, block_size=8, reselect_every=2, max_grad_norm=1.0, backend=backend)
     grads = [[heavy_tailed(p.shape, device=device) for p in params] for _ in range(4)]

@@ -1,13 +1,13 @@
 """SparseAdamW's state and selection options: state_dtype, score, score_ema,
 min_blocks_per_tensor, error_feedback (DESIGN §3–§4); state_dict round trips with every option."""
-import io
 
 import pytest
 import torch
 
 from sparse_grad import SparseAdamW, library, ops
 from _utils import TOLERANCES, assert_same, heavy_tailed, snapshot
-from test_sparse_adamw import SHAPES, changed_blocks, clone_params, exact_grads, make_params, run
+from test_sparse_adamw import (SHAPES, bad_group_values_change_nothing, changed_blocks, clone_params, exact_grads,
+                               make_params, resume_midway, run)
 
 
 def set_grads(params, grads):
@@ -186,17 +186,8 @@ def test_state_dict_round_trip_with_options(case, dtype, options):
     kwargs = dict(lr=1e-2, density=0.3, block_size=8, backend=backend, **options)
     grads = [[heavy_tailed(p.shape, dtype, device) for p in params] for _ in range(6)]
     opt = SparseAdamW(params, **kwargs)
-    run(opt, params, grads[:3])
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)
-    run(opt, params, grads[3:])
-
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = [torch.nn.Parameter(p.clone()) for p in saved["params"]]
-    opt2 = SparseAdamW(resumed, backend=backend)  # every option comes from the state dict
-    opt2.load_state_dict(saved["opt"])
-    run(opt2, resumed, grads[3:])
+    # every option comes from the state dict
+    resumed, opt2 = resume_midway(opt, params, grads, 3, lambda ps: SparseAdamW(ps, backend=backend))
     assert_same([p.detach() for p in resumed], [p.detach() for p in params])
     assert_same([opt2.state[p] for p in resumed], [opt.state[p] for p in params])
 
@@ -225,19 +216,12 @@ def test_bad_options_at_step_change_nothing():
     opt = SparseAdamW(params, density=0.5, block_size=8, score_ema=0.5, error_feedback=True)
     run(opt, params, [[heavy_tailed(p.shape, torch.bfloat16) for p in params]])
     set_grads(params, [heavy_tailed(p.shape, torch.bfloat16) for p in params])
-    before = snapshot(([p.detach() for p in params], opt.state_dict()))
-    for key, value, error, message in [
+    bad_group_values_change_nothing(opt, params, [
         ("state_dtype", torch.float32, ValueError,
          r"param_groups\[0\]\['state_dtype'\] is torch.float32, but the state of .*\['params'\]\[0\] is torch.bfloat16"),
         ("score_ema", 2.0, ValueError, "score_ema"),
         ("min_blocks_per_tensor", None, TypeError, "min_blocks_per_tensor"),
-    ]:
-        old = opt.param_groups[0][key]
-        opt.param_groups[0][key] = value
-        with pytest.raises(error, match=message):
-            opt.step()
-        opt.param_groups[0][key] = old
-        assert_same(([p.detach() for p in params], opt.state_dict()), before)
+    ])
 
 
 def test_load_state_dict_checks_option_state():
