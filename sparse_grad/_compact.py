@@ -7,6 +7,7 @@ A group's compact state is a slot table and moment slabs::
     exp_avg        [capacity, block_size]                     row i: moments of block_of_slot[i]
     exp_avg_sq     [capacity, block_size]
     block_step     int32 [capacity]                           per-slot step counts
+    param_numels   int64 [params of the group]                what the state was made for
 
 Block ids here count over *all* of the group's params (so they survive a param losing its grad);
 the update kernel takes ids over the params that take part, row ``i`` for id ``i``. The capacity is
@@ -23,7 +24,7 @@ import torch
 
 from .layout import num_blocks_of
 
-KEYS = ("slot_of_block", "block_of_slot", "exp_avg", "exp_avg_sq", "block_step")
+KEYS = ("slot_of_block", "block_of_slot", "exp_avg", "exp_avg_sq", "block_step", "param_numels")
 
 
 @functools.lru_cache(maxsize=32)
@@ -48,9 +49,11 @@ def group_ids(block_ids: torch.Tensor, numels: tuple[int, ...], positions: tuple
     return block_ids if shift is None else block_ids + shift[block_ids]
 
 
-def create(num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """An empty compact state (capacity 0) for a group of ``num_blocks`` blocks."""
-    return {"slot_of_block": torch.full((num_blocks,), -1, dtype=torch.int32, device=device),
+def create(numels: list[int], block_size: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """An empty compact state (capacity 0) for a group of params with these element counts."""
+    num_blocks = sum(num_blocks_of(n, block_size) for n in numels)
+    return {"param_numels": torch.tensor(numels, dtype=torch.int64, device=device),
+            "slot_of_block": torch.full((num_blocks,), -1, dtype=torch.int32, device=device),
             "block_of_slot": torch.empty(0, dtype=torch.int64, device=device),
             "exp_avg": torch.empty(0, block_size, dtype=dtype, device=device),
             "exp_avg_sq": torch.empty(0, block_size, dtype=dtype, device=device),
@@ -74,7 +77,7 @@ def reassign(state: dict, ids: torch.Tensor) -> dict:
             return torch.where(mask, rows, torch.zeros((), dtype=slab.dtype, device=slab.device))
     slot_of_block = torch.full_like(state["slot_of_block"], -1)
     slot_of_block[ids] = torch.arange(k, dtype=torch.int32, device=ids.device)
-    new = {"slot_of_block": slot_of_block, "block_of_slot": ids.clone(),
+    new = {"param_numels": state["param_numels"], "slot_of_block": slot_of_block, "block_of_slot": ids.clone(),
            "exp_avg": gather(state["exp_avg"]), "exp_avg_sq": gather(state["exp_avg_sq"]),
            "block_step": gather(state["block_step"])}
     if state["block_of_slot"].numel() != k:
@@ -82,14 +85,28 @@ def reassign(state: dict, ids: torch.Tensor) -> dict:
     # Same capacity: write into the existing tensors, so that a step captured in a CUDA graph
     # leaves its state where the next replay reads it.
     for key, value in new.items():
-        state[key].copy_(value)
+        if value is not state[key]:
+            state[key].copy_(value)
     return state
 
 
-def check_saved(state: dict, num_blocks: int, block_size: int, dtype: torch.dtype, name: str) -> None:
-    """Raise unless a saved compact state fits a group of ``num_blocks`` blocks."""
+def check_saved(state: dict, numels: list[int], block_size: int, dtype: torch.dtype, name: str,
+                param_name) -> None:
+    """Raise unless a saved compact state fits params with these element counts; a param that
+    does not fit is named by ``param_name(j)``."""
     if not isinstance(state, dict) or set(state) != set(KEYS):
         raise ValueError(f"{name} must hold {KEYS}")
+    saved = state["param_numels"]
+    if not isinstance(saved, torch.Tensor) or saved.dim() != 1:
+        raise ValueError(f"{name}['param_numels'] must be a 1-D tensor")
+    saved = saved.tolist()  # a load is not a step: reading a few counts back is fine
+    for j, (n, m) in enumerate(zip(saved, numels)):
+        if n != m:
+            raise ValueError(f"state_dict does not fit {param_name(j)}: its compact state was made for "
+                             f"{n} elements, the parameter has {m}")
+    if len(saved) != len(numels):
+        raise ValueError(f"{name} was made for {len(saved)} params, the group has {len(numels)}")
+    num_blocks = sum(num_blocks_of(n, block_size) for n in numels)
     capacity = state["block_of_slot"].numel()
     expected = {"slot_of_block": ((num_blocks,), torch.int32), "block_of_slot": ((capacity,), torch.int64),
                 "exp_avg": ((capacity, block_size), dtype), "exp_avg_sq": ((capacity, block_size), dtype),

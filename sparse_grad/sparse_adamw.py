@@ -10,7 +10,7 @@ import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from . import _checks, _compact, _policies, backends, library
+from . import _checkpoint, _checks, _compact, _policies, backends, library
 from .layout import BlockLayout, check_tensor, num_blocks_of
 
 __all__ = ["SparseAdamW"]
@@ -97,34 +97,6 @@ def _normalized(scores: torch.Tensor) -> torch.Tensor:
     """``scores`` divided by their sum, on device. NaN is left out of the sum, so a NaN block
     stays NaN and still ranks first; an all-zero vector stays zero."""
     return scores / torch.nansum(scores).clamp_min(torch.finfo(torch.float32).tiny)
-
-
-def _check_saved_state(state: dict, p: torch.Tensor, group: dict, name: str) -> None:
-    """Raise unless a saved per-param state fits param ``p`` under the saved ``group``."""
-    blocks = num_blocks_of(p.numel(), group["block_size"])
-    dtype = _policies.state_dtype(group, p)
-    expected = {"exp_avg": (tuple(p.shape), dtype), "exp_avg_sq": (tuple(p.shape), dtype),
-                "error": (tuple(p.shape), dtype), "block_step": ((blocks,), torch.int32),
-                "score_ema": ((blocks,), torch.float32)}
-    required = ("exp_avg", "exp_avg_sq", "block_step") if group["state_layout"] == "dense" else ()
-    for key in required:
-        if key not in state:
-            raise ValueError(f"state_dict does not fit {name}: its state has no {key}")
-    if group["state_layout"] == "compact":  # moments live in the group's slabs
-        expected = {key: expected[key] for key in ("error", "score_ema")}
-    for key, value in state.items():
-        if key not in expected:
-            raise ValueError(f"state_dict does not fit {name}: unknown state {key!r}")
-        shape, want = expected[key]
-        if key == "block_step" and value.numel() != blocks:
-            raise ValueError(f"state_dict does not fit {name}: its block_step has "
-                             f"{value.numel()} blocks, expected {blocks}")
-        if tuple(value.shape) != shape:
-            raise ValueError(f"state_dict does not fit {name}: its {key} has shape "
-                             f"{tuple(value.shape)}, expected {shape} (the parameter's is {tuple(p.shape)})")
-        if value.dtype != want:
-            raise ValueError(f"state_dict does not fit {name}: its {key} is {value.dtype}, "
-                             f"expected {want} (state_dtype={group['state_dtype']})")
 
 
 class SparseAdamW(Optimizer):
@@ -358,8 +330,7 @@ class SparseAdamW(Optimizer):
         state = self._compact.get(plan.index)
         if state is None:
             numels = [p.numel() for p in group["params"]]
-            state = _compact.create(sum(num_blocks_of(n, group["block_size"]) for n in numels),
-                                    group["block_size"], _policies.state_dtype(group, plan.params[0]),
+            state = _compact.create(numels, group["block_size"], _policies.state_dtype(group, plan.params[0]),
                                     plan.layout.device)
             reselected = True
         if reselected:
@@ -517,10 +488,11 @@ class SparseAdamW(Optimizer):
                     continue
                 state = saved_state[saved_id]
                 name = f"param_groups[{i}]['params'][{j}]"
-                _check_saved_state(state, p, {**self.defaults, **saved}, name)
+                _checkpoint.check_param_state(state, p, {**self.defaults, **saved}, name)
                 own_dtypes[p] = state
             if i in state_dict.get("compact", {}):
-                compact[i] = self._loaded_compact(state_dict["compact"][i], {**self.defaults, **saved}, group, i)
+                compact[i] = _checkpoint.loaded_compact(state_dict["compact"][i], {**self.defaults, **saved},
+                                                        group["params"], i)
         selections = {}
         for i, s in state_dict.get("selections", {}).items():
             if not 0 <= int(i) < len(self.param_groups):
@@ -537,14 +509,3 @@ class SparseAdamW(Optimizer):
                     self.state[p][key] = value.to(device=p.device, copy=True)
         self._selections = selections
         self._compact = compact
-
-    def _loaded_compact(self, state: dict, saved_group: dict, group: dict, index: int) -> dict:
-        """A saved group's compact state, checked against this group's params and on their device."""
-        name = f"state_dict['compact'][{index}]"
-        if saved_group["state_layout"] != "compact":
-            raise ValueError(f"{name} is given, but the saved group's state_layout is {saved_group['state_layout']!r}")
-        params = group["params"]
-        blocks = sum(num_blocks_of(p.numel(), saved_group["block_size"]) for p in params)
-        dtype = _policies.state_dtype(saved_group, params[0])
-        _compact.check_saved(state, blocks, saved_group["block_size"], dtype, name)
-        return {key: value.to(device=params[0].device, copy=True) for key, value in state.items()}

@@ -179,3 +179,17 @@ def test_bad_state_layout_input_changes_nothing():
     with pytest.raises(ValueError, match=r"state_dict\['compact'\]\[0\]\['exp_avg'\] does not fit"):
         opt.load_state_dict(bad)
     assert_same(([p.detach() for p in params], opt.state_dict()), before)
+
+
+def test_compact_state_of_another_model_names_the_first_mismatching_param():
+    params = make_params("cpu")
+    opt = SparseAdamW(params, density=0.5, block_size=8, state_layout="compact")
+    run(opt, params, [[heavy_tailed(p.shape) for p in params]])
+    other = make_params("cpu", shapes=[(37,), (5, 13), (2,), (3, 4, 5), (200,), (16,)])
+    other_opt = SparseAdamW(other, density=0.5, block_size=8, state_layout="compact")
+    run(other_opt, other, [[heavy_tailed(p.shape) for p in other]])
+    before = snapshot(opt.state_dict())
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\]: its compact state was made for "
+                                         r"2 elements, the parameter has 1"):
+        opt.load_state_dict(other_opt.state_dict())
+    assert_same(opt.state_dict(), before)
