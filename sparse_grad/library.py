@@ -69,6 +69,17 @@ def _(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size, 
     return None
 
 
+def hyper_table(values: list, device: torch.device) -> tuple[list[float], torch.Tensor | None]:
+    """The ``lr, beta1, beta2, eps, weight_decay`` arguments of :func:`sparse_adamw_step`: floats
+    and no table, or, if any value is a tensor, placeholder floats and the fp64 device table
+    ``hyper`` built on device (reading a tensor on the host would sync; a float that changes would
+    recompile a compiled caller)."""
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return [float(v) for v in values], None
+    hyper = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+    return [0.0] * len(values), hyper  # the op ignores the floats when given the table
+
+
 # Native kernels (csrc/): one schema per kernel, defined here and implemented in C++ for the CPU
 # dispatch key (csrc/cpu) and the CUDA key (csrc/cuda/binding.cpp). The "cpp" and "cuda"
 # backends call them; the dispatcher picks the kernel by the tensors' device.

@@ -74,18 +74,6 @@ def _split_names(params: list) -> tuple[list, list[str] | None]:
     return params, None
 
 
-def _hyperparameters(group: dict, device: torch.device) -> tuple[list[float], torch.Tensor | None]:
-    """(lr, beta1, beta2, eps, weight_decay) for the update op: as floats, or, if any is a tensor,
-    as one fp64 device tensor built on device (reading a tensor lr on the host would sync, and a
-    float that changes would recompile a compiled step)."""
-    beta1, beta2 = group["betas"]
-    values = [group["lr"], beta1, beta2, group["eps"], group["weight_decay"]]
-    if not any(isinstance(v, torch.Tensor) for v in values):
-        return [float(v) for v in values], None
-    hyper = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
-    return [0.0] * 5, hyper  # the op ignores the floats when given the tensor
-
-
 def _selection_key(plan: _Plan) -> tuple:
     """What a selection depends on besides the scores: a change of any of it reselects."""
     group = plan.group
@@ -431,7 +419,9 @@ class SparseAdamW(Optimizer):
         else:
             moments = ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                        [s["block_step"] for s in states])
-        floats, hyper = _hyperparameters(group, plan.layout.device)
+        beta1, beta2 = group["betas"]
+        floats, hyper = library.hyper_table([group["lr"], beta1, beta2, group["eps"], group["weight_decay"]],
+                                            plan.layout.device)
         library.sparse_adamw_step(
             plan.params, grads, *moments, block_ids, group["block_size"], *floats, group["maximize"],
             plan.backend, grad_coef, scaling.found_inf, compact, hyper)

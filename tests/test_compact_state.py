@@ -37,8 +37,8 @@ def test_compact_step_equals_dense_step(case, param_dtype, state_dtype):
     m, v, s = to_slabs(exp_avgs, exp_avg_sqs, steps, ids, 8)
     compact_params = [p.clone() for p in params]
     coef = torch.full((1,), 0.75, device=device)
-    library.sparse_adamw_step(compact_params, grads, [m], [v], [s], ids, 8, 1e-2, 0.9, 0.99, 1e-8, 0.1, False,
-                              backend, coef, None, True)
+    ops.sparse_adamw_step(compact_params, grads, [m], [v], [s], ids, block_size=8, backend=backend,
+                          grad_coef=coef, lr=1e-2, beta2=0.99, weight_decay=0.1, compact=True)
     ops.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, ids, block_size=8, backend=backend,
                           grad_coef=coef, lr=1e-2, beta2=0.99, weight_decay=0.1)
     assert_same(compact_params, params)
@@ -193,3 +193,21 @@ def test_compact_state_of_another_model_names_the_first_mismatching_param():
                                          r"2 elements, the parameter has 1"):
         opt.load_state_dict(other_opt.state_dict())
     assert_same(opt.state_dict(), before)
+
+
+def test_bad_slabs_change_nothing():
+    params, grads, exp_avgs, exp_avg_sqs, steps = make_state(SHAPES, 8, torch.float32, torch.float32, "cpu")
+    ids = torch.tensor([0, 3, 6])
+    m, v, s = to_slabs(exp_avgs, exp_avg_sqs, steps, ids, 8)
+    before = snapshot((params, m, v, s))
+    for slabs, error, message in [
+        (([m, m], [v], [s]), ValueError, "with compact=True, exp_avgs must hold exactly one tensor, got 2"),
+        (([m[:2]], [v], [s]), ValueError, r"exp_avgs\[0\] must hold block_size elements per block id \(3 x 8\)"),
+        (([m], [v.double()], [s]), TypeError, r"exp_avg_sqs\[0\] is torch.float64 but exp_avgs\[0\] is torch.float32"),
+        (([m.half()], [v.half()], [s]), TypeError, r"exp_avgs\[0\] is torch.float16; params\[0\] is torch.float32"),
+        (([m], [v], [s[:2]]), ValueError, r"block_steps\[0\] must be a contiguous 1-D tensor of 3 counts"),
+        (([m], [v], [s.long()]), TypeError, r"block_steps\[0\] must be an int32 tensor"),
+    ]:
+        with pytest.raises(error, match=message):
+            ops.sparse_adamw_step(params, grads, *slabs, ids, block_size=8, compact=True)
+        assert_same((params, m, v, s), before)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from sparse_grad import SparseAdamW
+from sparse_grad import SparseAdamW, ops
 from _utils import assert_same, heavy_tailed
 from test_sparse_adamw import clone_params, make_params, run
 
@@ -71,3 +71,22 @@ def test_compiled_step_does_not_recompile_over_scheduler_steps(case, options):
 def test_bad_tensor_hyperparameters(kwargs, error, message):
     with pytest.raises(error, match=message):
         SparseAdamW(make_params("cpu"), **kwargs)
+
+
+def test_op_takes_tensor_hyperparameters(case):
+    """ops.sparse_adamw_step with tensor lr/betas/weight_decay: the bits of the same floats."""
+    from test_sparse_adamw_step import make_state, num_blocks, random_ids
+    device, backend = case
+    shapes = [(37,), (5, 13), (16,)]
+    state = list(make_state(shapes, 8, torch.float32, torch.float32, device))
+    twin = [[t.clone() for t in ts] for ts in state]
+    ids = random_ids(num_blocks(shapes, 8), 7, device)
+    ops.sparse_adamw_step(*state, ids, block_size=8, backend=backend, lr=3e-2, beta1=0.8, beta2=0.99,
+                          weight_decay=0.1)
+    ops.sparse_adamw_step(*twin, ids, block_size=8, backend=backend, lr=torch.tensor(3e-2, **F64),
+                          beta1=torch.tensor(0.8, device=device, **F64), beta2=0.99,
+                          weight_decay=torch.tensor(0.1, **F64))
+    assert_same(twin, state)
+    with pytest.raises(ValueError, match=r"beta1 must be in \[0, 1\)"):
+        ops.sparse_adamw_step(*twin, ids, block_size=8, backend=backend, beta1=torch.tensor(1.0))
+    assert_same(twin, state)
