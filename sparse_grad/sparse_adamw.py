@@ -94,14 +94,19 @@ class SparseAdamW(Optimizer):
     (DESIGN §2). Per group, ``step()`` does::
 
         params with a grad → blocks numbered globally (params whose grad is None take no part)
+        g = grad (+ error buffer, with error_feedback)
         if a reselection is due (every reselect_every steps, or the set of params with a grad,
-        the block size, density or scope changed):
-            scores = sum of squares of the grad over each block          (one pass, on device)
+        the block size, density, scope, score or min_blocks_per_tensor changed):
+            scores = sum of squares of g over each block (score="rms": / block elements)
+            scores = β · ema + (1 − β) · scores                     (score_ema = β > 0)
             scores = α · blueprint/Σ + (1 − α) · scores/Σ      (only with a blueprint, α > 0)
             ids    = the ceil(density · n) highest-scoring blocks, ties to the lower id;
-                     scope="tensor": ceil(density · blocks of t) blocks of every tensor t
-            (density 1.0: all blocks, no pass over the grads unless a score hook wants them)
-        for every selected block b, with per-block step count s_b += 1:
+                     scope="tensor": ceil(density · blocks of t) blocks of every tensor t;
+                     each tensor gets at least min(min_blocks_per_tensor, its blocks)
+            (density 1.0: all blocks, no pass over the grads unless a score hook or
+            max_grad_norm wants them)
+        c = min(1, max_grad_norm / (‖g‖ + 1e-6)) / loss scale  (a device scalar the kernel reads)
+        for every selected block b, with per-block step count s_b += 1, g_b ← c · g_b:
             θ_b ← θ_b · (1 − lr·λ)
             m_b ← β₁ m_b + (1 − β₁) g_b
             v_b ← β₂ v_b + (1 − β₂) g_b²
@@ -140,9 +145,26 @@ class SparseAdamW(Optimizer):
             mask, equal to ``blueprint.to_mask``) and needs no norm pass. A new α takes effect
             at the next reselection.
 
-    State per parameter: ``exp_avg``, ``exp_avg_sq`` (like the parameter) and ``block_step``
-    (int32, one count per block). ``state_dict()`` also holds each group's current selection,
-    so a run resumed mid-interval continues bit for bit.
+        state_dtype: ``None`` (the param's dtype) or ``torch.float32`` (fp32 moments and error
+            buffer beside bf16/fp16 params; no master copy of the params).
+        score: ``"l2"`` (block sum of squares) or ``"rms"`` (mean square per element).
+        score_ema: β in [0, 1): rank an EMA of the scores, updated at each reselection (0: off).
+        min_blocks_per_tensor: every tensor keeps at least this many of its top blocks.
+        error_feedback: keep the gradient of unselected blocks and add it to the next step's.
+        max_grad_norm: clip the group's gradient like ``torch.nn.utils.clip_grad_norm_``, with
+            the norm from the same norm pass and the coefficient applied inside the update kernel.
+        state_layout: ``"dense"`` (moments like the params) or ``"compact"`` (moments only for
+            the selected blocks, see :mod:`sparse_grad._compact`).
+
+    ``lr``, ``betas`` and ``weight_decay`` may be one-element tensors (read on device: a
+    scheduler changing them neither syncs nor recompiles ``torch.compile(opt.step)``).
+    Under ``torch.amp.GradScaler`` the kernels unscale the grads and an overflowed step changes
+    nothing (``_step_supports_amp_scaling``).
+
+    State per parameter (dense): ``exp_avg``, ``exp_avg_sq`` (like the parameter, in the state
+    dtype) and ``block_step`` (int32, one count per block); with the options, ``score_ema``
+    (fp32 per block) and ``error``. ``state_dict()`` also holds each group's current selection
+    and compact state, so a run resumed mid-interval continues bit for bit.
     """
 
     # torch.amp.GradScaler.step then sets self.grad_scale / self.found_inf instead of unscaling
