@@ -76,8 +76,13 @@ def hyper_table(values: list, device: torch.device) -> tuple[list[float], torch.
     recompile a compiled caller)."""
     if not any(isinstance(v, torch.Tensor) for v in values):
         return [float(v) for v in values], None
-    hyper = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
-    return [0.0] * len(values), hyper  # the op ignores the floats when given the table
+    # The float entries travel in one pinned, non-blocking copy: a plain host-to-device copy
+    # waits for the device (torch.cuda.set_sync_debug_mode flags it).
+    host = torch.tensor([0.0 if isinstance(v, torch.Tensor) else float(v) for v in values], dtype=torch.float64)
+    table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    parts = [v.to(device=device, dtype=torch.float64, non_blocking=True).reshape(())
+             if isinstance(v, torch.Tensor) else table[i] for i, v in enumerate(values)]
+    return [0.0] * len(values), torch.stack(parts)  # the op ignores the floats when given the table
 
 
 # Native kernels (csrc/): one schema per kernel, defined here and implemented in C++ for the CPU

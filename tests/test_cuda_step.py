@@ -16,7 +16,14 @@ OPTIONS = [
     dict(score="rms", score_ema=0.9, min_blocks_per_tensor=1, scope="tensor"),
     dict(error_feedback=True, max_grad_norm=1.0),
     dict(state_layout="compact", state_dtype=torch.float32, max_grad_norm=1.0),
+    dict(tensor_lr=True, betas=(0.9, 0.99)),  # lr: a CUDA tensor (made in the test)
 ]
+
+
+def optimizer_kwargs(options):
+    options = dict(options)
+    lr = torch.tensor(1e-2, device="cuda") if options.pop("tensor_lr", False) else 1e-2
+    return dict(lr=lr, density=0.05, block_size=256, **options)
 
 
 def model_params(dtype=torch.float32):
@@ -37,7 +44,7 @@ def set_grads(params, grads):
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(o) or "plain")
 def test_step_makes_no_host_sync(backend, options):
     params = model_params()
-    opt = SparseAdamW(params, lr=1e-2, density=0.05, block_size=256, backend=backend, **options)
+    opt = SparseAdamW(params, backend=backend, **optimizer_kwargs(options))
     for _ in range(2):  # first steps allocate state and cache tables
         set_grads(params, [heavy_tailed(p.shape, device="cuda") for p in params])
         opt.step()
@@ -56,8 +63,8 @@ def test_step_makes_no_host_sync(backend, options):
 def test_step_captured_in_a_cuda_graph_matches_eager(backend, options):
     grads = [[heavy_tailed(p.shape, device="cuda") for p in model_params()] for _ in range(13)]
     eager_params, graph_params = model_params(), model_params()
-    kwargs = dict(lr=1e-2, density=0.05, block_size=256, backend=backend, **options)
-    eager, graphed = SparseAdamW(eager_params, **kwargs), SparseAdamW(graph_params, **kwargs)
+    eager = SparseAdamW(eager_params, backend=backend, **optimizer_kwargs(options))
+    graphed = SparseAdamW(graph_params, backend=backend, **optimizer_kwargs(options))
     for step_grads in grads:
         set_grads(eager_params, step_grads)
         eager.step()
