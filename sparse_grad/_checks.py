@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
+
 
 def _real(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -11,6 +13,21 @@ def _real(value, name: str) -> float:
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def tensor_or(check, value, name: str):
+    """``check(value, name)`` for a number; for a tensor hyper-parameter (an lr a scheduler changes
+    in place), a one-element floating tensor whose value is checked where reading it costs no
+    device sync (CPU tensors). Returns ``value`` as given."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point() or value.numel() != 1 or value.is_complex():
+            raise TypeError(f"{name} must be a real number or a one-element floating tensor, got "
+                            f"a {value.dtype} tensor of shape {tuple(value.shape)}")
+        if value.device.type == "cpu":
+            check(value.item(), name)
+        return value
+    check(value, name)
     return value
 
 
@@ -58,6 +75,21 @@ def positive_int(value, name: str) -> int:
         raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
+def positive(value, name: str) -> float:
+    value = _real(value, name)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def non_negative_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value}")
     return int(value)
 
 

@@ -53,16 +53,36 @@ def sparse_adamw_step(
     weight_decay: float,
     maximize: bool,
     backend: str,
+    grad_coef: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    compact: bool = False,
+    hyper: torch.Tensor | None = None,
 ) -> None:
     backends.get(backend).sparse_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids,
-        block_size, lr, beta1, beta2, eps, weight_decay, maximize)
+        block_size, lr, beta1, beta2, eps, weight_decay, maximize, grad_coef, found_inf, compact, hyper)
 
 
 @sparse_adamw_step.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size, lr, beta1,
-      beta2, eps, weight_decay, maximize, backend):
+      beta2, eps, weight_decay, maximize, backend, grad_coef=None, found_inf=None, compact=False, hyper=None):
     return None
+
+
+def hyper_table(values: list, device: torch.device) -> tuple[list[float], torch.Tensor | None]:
+    """The ``lr, beta1, beta2, eps, weight_decay`` arguments of :func:`sparse_adamw_step`: floats
+    and no table, or, if any value is a tensor, placeholder floats and the fp64 device table
+    ``hyper`` built on device (reading a tensor on the host would sync; a float that changes would
+    recompile a compiled caller)."""
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return [float(v) for v in values], None
+    # The float entries travel in one pinned, non-blocking copy: a plain host-to-device copy
+    # waits for the device (torch.cuda.set_sync_debug_mode flags it).
+    host = torch.tensor([0.0 if isinstance(v, torch.Tensor) else float(v) for v in values], dtype=torch.float64)
+    table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    parts = [v.to(device=device, dtype=torch.float64, non_blocking=True).reshape(())
+             if isinstance(v, torch.Tensor) else table[i] for i, v in enumerate(values)]
+    return [0.0] * len(values), torch.stack(parts)  # the op ignores the floats when given the table
 
 
 # Native kernels (csrc/): one schema per kernel, defined here and implemented in C++ for the CPU
@@ -74,7 +94,8 @@ _native.define("native_select_blocks(Tensor scores, int[] segment_sizes, int[] s
 _native.define(
     "native_sparse_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] block_steps, Tensor block_ids, int block_size, "
-    "float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()")
+    "float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize, "
+    "Tensor? grad_coef=None, Tensor? found_inf=None, bool compact=False, Tensor? hyper=None) -> ()")
 
 
 @torch.library.register_fake("sparse_grad::native_block_sqnorms")
@@ -90,5 +111,5 @@ def _(scores, segment_sizes, segment_ks):
 
 @torch.library.register_fake("sparse_grad::native_sparse_adamw_step")
 def _(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size, lr, beta1,
-      beta2, eps, weight_decay, maximize):
+      beta2, eps, weight_decay, maximize, grad_coef=None, found_inf=None, compact=False, hyper=None):
     return None

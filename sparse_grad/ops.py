@@ -137,6 +137,17 @@ def _check_like(tensors: list[torch.Tensor], params: list[torch.Tensor], name: s
             raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but params[{i}] has {tuple(p.shape)}")
 
 
+def _check_device_scalar(value, name: str, device) -> None:
+    """None, or a one-element fp32 tensor on ``device`` (or on any device if there are no params)."""
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.float32 or value.numel() != 1:
+        raise TypeError(f"{name} must be None or a one-element float32 tensor, got "
+                        f"{getattr(value, 'dtype', type(value).__name__)} {tuple(getattr(value, 'shape', ()))}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but params are on {device}")
+
+
 def sparse_adamw_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -146,20 +157,25 @@ def sparse_adamw_step(
     block_ids: torch.Tensor,
     *,
     block_size: int = 4096,
-    lr: float = 1e-3,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
+    lr: float | torch.Tensor = 1e-3,
+    beta1: float | torch.Tensor = 0.9,
+    beta2: float | torch.Tensor = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-2,
+    weight_decay: float | torch.Tensor = 1e-2,
     maximize: bool = False,
     backend: str = "auto",
+    grad_coef: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    compact: bool = False,
 ) -> None:
     r"""AdamW, in place, on the blocks ``block_ids`` only (DESIGN §3.4).
 
-    For every selected block ``b`` of tensor ``t`` (and nothing else)::
+    Unless ``found_inf`` is nonzero (then nothing changes), for every selected block ``b`` of
+    tensor ``t`` (and nothing else)::
 
         block_steps[t][b] += 1;  s = block_steps[t][b]
-        g      = -grad if maximize else grad
+        g      = grad * grad_coef          (if given)
+        g      = -g if maximize else g
         param  = param * (1 - lr * weight_decay)
         m      = lerp(m, g, 1 - beta1)
         v      = beta2 * v + (1 - beta2) * g * g
@@ -173,6 +189,16 @@ def sparse_adamw_step(
             one device; moments share a dtype. Grads may have another floating dtype than params.
         block_steps: one int32 tensor per param with one count per block.
         block_ids: int64 ascending, unique global block ids (as from :func:`select_blocks`).
+        lr, beta1, beta2, weight_decay: numbers, or one-element floating tensors (read by the
+            kernel on device: no host sync, and a compiled caller does not recompile when they
+            change).
+        compact: the moments are one slab each, ``exp_avgs == [m]``, ``exp_avg_sqs == [v]`` of
+            shape ``[len(block_ids), block_size]``, and ``block_steps == [s]`` int32
+            ``[len(block_ids)]``: row ``i`` is the state of block ``block_ids[i]``.
+        grad_coef: optional one-element fp32 tensor on the params' device, read by the kernel
+            (no host sync): a gradient-clipping coefficient, divided by a loss scale.
+        found_inf: optional one-element fp32 tensor on the params' device, as GradScaler's:
+            nonzero makes the call change nothing (params, moments and step counts).
     """
     params = _tensor_list(params, "params")
     grads = _tensor_list(grads, "grads")
@@ -182,6 +208,36 @@ def sparse_adamw_step(
     layout = BlockLayout(params, block_size, name="params")
     device = layout.device
     _check_like(grads, params, "grads", device)
+    if not isinstance(block_ids, torch.Tensor) or block_ids.dtype != torch.int64 or block_ids.dim() != 1:
+        raise TypeError("block_ids must be a 1-D int64 tensor")
+    if params and block_ids.device != device:
+        raise ValueError(f"block_ids is on {block_ids.device} but params are on {device}")
+    if block_ids.numel() > layout.num_blocks:
+        raise ValueError(f"block_ids has {block_ids.numel()} ids but params have only {layout.num_blocks} blocks")
+    compact = _checks.flag(compact, "compact")
+    if compact:
+        _check_slabs(exp_avgs, exp_avg_sqs, block_steps, params, block_ids.numel(), layout.block_size, device)
+    else:
+        _check_moments(exp_avgs, exp_avg_sqs, block_steps, params, layout, device)
+    for check, value, name in ((_checks.non_negative, lr, "lr"), (_checks.beta, beta1, "beta1"),
+                               (_checks.beta, beta2, "beta2"), (_checks.non_negative, weight_decay, "weight_decay")):
+        _checks.tensor_or(check, value, name)
+    eps = _checks.non_negative(eps, "eps")
+    maximize = _checks.flag(maximize, "maximize")
+    for value, name in ((grad_coef, "grad_coef"), (found_inf, "found_inf")):
+        _check_device_scalar(value, name, device)
+    backend = backends.resolve(backend, device)
+    if not params or block_ids.numel() == 0:
+        return
+    floats, hyper = library.hyper_table([lr, beta1, beta2, eps, weight_decay], device)
+    with torch.no_grad():
+        library.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids,
+                                  layout.block_size, *floats, maximize, backend, grad_coef, found_inf,
+                                  compact, hyper)
+
+
+def _check_moments(exp_avgs, exp_avg_sqs, block_steps, params, layout: BlockLayout, device) -> None:
+    """Dense state: moments like the params, one int32 count per block of each param."""
     _check_like(exp_avgs, params, "exp_avgs", device)
     _check_like(exp_avg_sqs, params, "exp_avg_sqs", device)
     for i, (m, v) in enumerate(zip(exp_avgs, exp_avg_sqs)):
@@ -195,22 +251,27 @@ def sparse_adamw_step(
         if steps.dim() != 1 or steps.numel() != n or not steps.is_contiguous() or steps.device != device:
             raise ValueError(f"block_steps[{i}] must be a contiguous 1-D tensor of {n} counts on "
                              f"{device}, got shape {tuple(steps.shape)} on {steps.device}")
-    if not isinstance(block_ids, torch.Tensor) or block_ids.dtype != torch.int64 or block_ids.dim() != 1:
-        raise TypeError("block_ids must be a 1-D int64 tensor")
-    if params and block_ids.device != device:
-        raise ValueError(f"block_ids is on {block_ids.device} but params are on {device}")
-    if block_ids.numel() > layout.num_blocks:
-        raise ValueError(f"block_ids has {block_ids.numel()} ids but params have only {layout.num_blocks} blocks")
-    lr = _checks.non_negative(lr, "lr")
-    beta1 = _checks.beta(beta1, "beta1")
-    beta2 = _checks.beta(beta2, "beta2")
-    eps = _checks.non_negative(eps, "eps")
-    weight_decay = _checks.non_negative(weight_decay, "weight_decay")
-    maximize = _checks.flag(maximize, "maximize")
-    backend = backends.resolve(backend, device)
-    if not params or block_ids.numel() == 0:
-        return
-    with torch.no_grad():
-        library.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids,
-                                  layout.block_size, lr, beta1, beta2, eps, weight_decay, maximize,
-                                  backend)
+
+
+def _check_slabs(exp_avgs, exp_avg_sqs, block_steps, params, num_ids: int, block_size: int, device) -> None:
+    """Compact state: one moment slab each, [num_ids, block_size], and one int32 count per id."""
+    for lst, name in ((exp_avgs, "exp_avgs"), (exp_avg_sqs, "exp_avg_sqs"), (block_steps, "block_steps")):
+        if len(lst) != 1:
+            raise ValueError(f"with compact=True, {name} must hold exactly one tensor, got {len(lst)}")
+    (m,), (v,), (steps,) = exp_avgs, exp_avg_sqs, block_steps
+    for slab, name in ((m, "exp_avgs[0]"), (v, "exp_avg_sqs[0]")):
+        check_tensor(slab, name, device)
+        if slab.numel() != num_ids * block_size:
+            raise ValueError(f"{name} must hold block_size elements per block id ({num_ids} x {block_size}), "
+                             f"got shape {tuple(slab.shape)}")
+    if m.dtype != v.dtype:
+        raise TypeError(f"exp_avg_sqs[0] is {v.dtype} but exp_avgs[0] is {m.dtype}")
+    for i, p in enumerate(params):
+        if m.dtype not in (p.dtype, torch.float32):
+            raise TypeError(f"exp_avgs[0] is {m.dtype}; params[{i}] is {p.dtype}: the state dtype must be "
+                            "the param dtype or float32")
+    if not isinstance(steps, torch.Tensor) or steps.dtype != torch.int32:
+        raise TypeError("block_steps[0] must be an int32 tensor")
+    if steps.dim() != 1 or steps.numel() != num_ids or not steps.is_contiguous() or steps.device != device:
+        raise ValueError(f"block_steps[0] must be a contiguous 1-D tensor of {num_ids} counts on {device}, "
+                         f"got shape {tuple(steps.shape)} on {steps.device}")

@@ -10,12 +10,13 @@ import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from . import _checks, backends, library, ops
+from . import _checkpoint, _checks, _compact, _policies, backends, library
 from .layout import BlockLayout, cached_layout, check_tensor, num_blocks_of
 
 __all__ = ["SparseAdamW"]
 
 SCOPES = ("global", "tensor")
+STATE_LAYOUTS = ("dense", "compact")
 
 
 @dataclass
@@ -45,10 +46,16 @@ def _check_hyperparameters(group: dict, where: str = "") -> None:
     def name(key):
         return f"{where}[{key!r}]" if where else key
 
-    _checks.non_negative(group["lr"], name("lr"))
-    _checks.betas(group["betas"], name("betas"))
+    if torch.compiler.is_compiling():
+        return  # checked when the group was added; a compiled step trusts it (no graph breaks)
+    _checks.tensor_or(_checks.non_negative, group["lr"], name("lr"))
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"{name('betas')} must be a pair (beta1, beta2), got {betas!r}")
+    _checks.tensor_or(_checks.beta, betas[0], f"{name('betas')}[0]")
+    _checks.tensor_or(_checks.beta, betas[1], f"{name('betas')}[1]")
     _checks.non_negative(group["eps"], name("eps"))
-    _checks.non_negative(group["weight_decay"], name("weight_decay"))
+    _checks.tensor_or(_checks.non_negative, group["weight_decay"], name("weight_decay"))
     _checks.density(group["density"], name("density"))
     _checks.positive_int(group["block_size"], name("block_size"))
     _checks.choice(group["scope"], SCOPES, name("scope"))
@@ -56,6 +63,8 @@ def _check_hyperparameters(group: dict, where: str = "") -> None:
     _checks.flag(group["maximize"], name("maximize"))
     backends.check_backend(group["backend"], name("backend"))
     _checks.unit_interval(group["blueprint_weight"], name("blueprint_weight"))
+    _policies.check_options(group, name)
+    _checks.choice(group["state_layout"], STATE_LAYOUTS, name("state_layout"))
 
 
 def _split_names(params: list) -> tuple[list, list[str] | None]:
@@ -63,6 +72,13 @@ def _split_names(params: list) -> tuple[list, list[str] | None]:
     if params and all(isinstance(p, tuple) and len(p) == 2 for p in params):
         return [p for _, p in params], [name for name, _ in params]
     return params, None
+
+
+def _selection_key(plan: _Plan) -> tuple:
+    """What a selection depends on besides the scores: a change of any of it reselects."""
+    group = plan.group
+    return (tuple(plan.positions), group["block_size"], group["density"], group["scope"],
+            group["score"], group["min_blocks_per_tensor"])
 
 
 def _normalized(scores: torch.Tensor) -> torch.Tensor:
@@ -78,14 +94,19 @@ class SparseAdamW(Optimizer):
     (DESIGN §2). Per group, ``step()`` does::
 
         params with a grad → blocks numbered globally (params whose grad is None take no part)
+        g = grad (+ error buffer, with error_feedback)
         if a reselection is due (every reselect_every steps, or the set of params with a grad,
-        the block size, density or scope changed):
-            scores = sum of squares of the grad over each block          (one pass, on device)
+        the block size, density, scope, score or min_blocks_per_tensor changed):
+            scores = sum of squares of g over each block (score="rms": / block elements)
+            scores = β · ema + (1 − β) · scores                     (score_ema = β > 0)
             scores = α · blueprint/Σ + (1 − α) · scores/Σ      (only with a blueprint, α > 0)
             ids    = the ceil(density · n) highest-scoring blocks, ties to the lower id;
-                     scope="tensor": ceil(density · blocks of t) blocks of every tensor t
-            (density 1.0: all blocks, no pass over the grads unless a score hook wants them)
-        for every selected block b, with per-block step count s_b += 1:
+                     scope="tensor": ceil(density · blocks of t) blocks of every tensor t;
+                     each tensor gets at least min(min_blocks_per_tensor, its blocks)
+            (density 1.0: all blocks, no pass over the grads unless a score hook or
+            max_grad_norm wants them)
+        c = min(1, max_grad_norm / (‖g‖ + 1e-6)) / loss scale  (a device scalar the kernel reads)
+        for every selected block b, with per-block step count s_b += 1, g_b ← c · g_b:
             θ_b ← θ_b · (1 − lr·λ)
             m_b ← β₁ m_b + (1 − β₁) g_b
             v_b ← β₂ v_b + (1 − β₂) g_b²
@@ -124,10 +145,31 @@ class SparseAdamW(Optimizer):
             mask, equal to ``blueprint.to_mask``) and needs no norm pass. A new α takes effect
             at the next reselection.
 
-    State per parameter: ``exp_avg``, ``exp_avg_sq`` (like the parameter) and ``block_step``
-    (int32, one count per block). ``state_dict()`` also holds each group's current selection,
-    so a run resumed mid-interval continues bit for bit.
+        state_dtype: ``None`` (the param's dtype) or ``torch.float32`` (fp32 moments and error
+            buffer beside bf16/fp16 params; no master copy of the params).
+        score: ``"l2"`` (block sum of squares) or ``"rms"`` (mean square per element).
+        score_ema: β in [0, 1): rank an EMA of the scores, updated at each reselection (0: off).
+        min_blocks_per_tensor: every tensor keeps at least this many of its top blocks.
+        error_feedback: keep the gradient of unselected blocks and add it to the next step's.
+        max_grad_norm: clip the group's gradient like ``torch.nn.utils.clip_grad_norm_``, with
+            the norm from the same norm pass and the coefficient applied inside the update kernel.
+        state_layout: ``"dense"`` (moments like the params) or ``"compact"`` (moments only for
+            the selected blocks, see :mod:`sparse_grad._compact`).
+
+    ``lr``, ``betas`` and ``weight_decay`` may be one-element tensors (read on device: a
+    scheduler changing them neither syncs nor recompiles ``torch.compile(opt.step)``).
+    Under ``torch.amp.GradScaler`` the kernels unscale the grads and an overflowed step changes
+    nothing (``_step_supports_amp_scaling``).
+
+    State per parameter (dense): ``exp_avg``, ``exp_avg_sq`` (like the parameter, in the state
+    dtype) and ``block_step`` (int32, one count per block); with the options, ``score_ema``
+    (fp32 per block) and ``error``. ``state_dict()`` also holds each group's current selection
+    and compact state, so a run resumed mid-interval continues bit for bit.
     """
+
+    # torch.amp.GradScaler.step then sets self.grad_scale / self.found_inf instead of unscaling
+    # the grads itself: the update kernel unscales them and skips an overflowed step on device.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -146,6 +188,13 @@ class SparseAdamW(Optimizer):
         backend: str = "auto",
         blueprint: Any = None,
         blueprint_weight: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        score: str = "l2",
+        score_ema: float = 0.0,
+        min_blocks_per_tensor: int = 0,
+        error_feedback: bool = False,
+        max_grad_norm: float | None = None,
+        state_layout: str = "dense",
     ):
         if amsgrad is not False:
             raise ValueError("amsgrad=True is not supported by SparseAdamW")
@@ -156,11 +205,15 @@ class SparseAdamW(Optimizer):
             blueprint_weight = 0.0 if blueprint is None else 0.5
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "maximize": maximize,
                     "density": density, "block_size": block_size, "scope": scope,
-                    "reselect_every": reselect_every, "backend": backend, "blueprint_weight": blueprint_weight}
+                    "reselect_every": reselect_every, "backend": backend, "blueprint_weight": blueprint_weight,
+                    "state_dtype": state_dtype, "score": score, "score_ema": score_ema,
+                    "min_blocks_per_tensor": min_blocks_per_tensor, "error_feedback": error_feedback,
+                    "max_grad_norm": max_grad_norm, "state_layout": state_layout}
         _check_hyperparameters(defaults)
         self._blueprint = blueprint
         self._check_blueprint_weight(defaults, "blueprint_weight")
         self._selections: dict[int, _Selection] = {}
+        self._compact: dict[int, dict[str, torch.Tensor]] = {}  # per group index (see _compact)
         self._blueprint_scores: dict[tuple, torch.Tensor] = {}
         self._score_hooks: OrderedDict[int, Callable] = OrderedDict()
         super().__init__(params, defaults)
@@ -168,6 +221,7 @@ class SparseAdamW(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_selections", {})
+        self.__dict__.setdefault("_compact", {})
         self.__dict__.setdefault("_blueprint", None)
         self.__dict__.setdefault("_blueprint_scores", {})
         self.__dict__.setdefault("_score_hooks", OrderedDict())
@@ -217,6 +271,9 @@ class SparseAdamW(Optimizer):
             check_tensor(p, f"{where}['params'][{j}]", device)
         if self._blueprint is not None and group["blueprint_weight"] > 0.0 and tensors:
             self._blueprint.block_scores(tensors, names, group["block_size"])  # raises on a mismatch
+        if device is not None:  # load the backend now (an import), not inside a compiled step
+            backends.unavailable_reason(backends.resolve("auto", device) if group["backend"] == "auto"
+                                        else group["backend"], device)
         super().add_param_group({**param_group, "params": params})
 
     def _plan(self, index: int, group: dict) -> _Plan | None:
@@ -237,18 +294,60 @@ class SparseAdamW(Optimizer):
                 raise TypeError(f"{name}.grad is sparse; SparseAdamW needs dense gradients")
             grad = p.grad.contiguous()
             check_tensor(grad, f"{name}.grad", device)
-            state = self.state.get(p)
-            if state and state["block_step"].numel() != num_blocks_of(p.numel(), group["block_size"]):
+            state = self.state.get(p, {})
+            if "block_step" in state and group["state_layout"] == "compact":
+                raise ValueError(f"{where}['state_layout'] is 'compact', but {name} has dense state")
+            if "block_step" in state and state["block_step"].numel() != num_blocks_of(p.numel(), group["block_size"]):
                 raise ValueError(f"{where}['block_size'] is {group['block_size']}, but the state of "
                                  f"{name} was made with another block size")
+            if "exp_avg" in state and state["exp_avg"].dtype != _policies.state_dtype(group, p):
+                raise ValueError(f"{where}['state_dtype'] is {group['state_dtype']}, but the state of "
+                                 f"{name} is {state['exp_avg'].dtype}")
             positions.append(j)
             params.append(p)
             grads.append(grad)
         if not params:
             return None
+        self._check_compact(index, group, where)
         layout = cached_layout(tuple(p.numel() for p in params), group["block_size"], device)
         return _Plan(index, group, positions, params, grads, layout, backends.resolve(group["backend"], device),
                      self._blueprint_scores_of(index, group, positions, params))
+
+    def _check_compact(self, index: int, group: dict, where: str) -> None:
+        """Raise unless the group's compact state (if any) fits its layout option, block size and
+        state dtype."""
+        state = self._compact.get(index)
+        if group["state_layout"] == "dense":
+            if state is not None:
+                raise ValueError(f"{where}['state_layout'] is 'dense', but the group has compact state")
+            return
+        dtypes = {_policies.state_dtype(group, p) for p in group["params"]}
+        if len(dtypes) > 1:
+            raise ValueError(f"{where}['state_layout'] is 'compact', which keeps one state dtype per group, "
+                             f"but its params have several ({sorted(map(str, dtypes))}): set state_dtype")
+        if state is not None:
+            blocks = sum(num_blocks_of(p.numel(), group["block_size"]) for p in group["params"])
+            if state["exp_avg"].shape[1] != group["block_size"] or state["slot_of_block"].numel() != blocks:
+                raise ValueError(f"{where}['block_size'] is {group['block_size']}, but the group's compact "
+                                 "state was made with another block size")
+            if state["exp_avg"].dtype not in dtypes:
+                raise ValueError(f"{where}['state_dtype'] is {group['state_dtype']}, but the group's compact "
+                                 f"state is {state['exp_avg'].dtype}")
+
+    def _compact_state(self, plan: _Plan, block_ids: torch.Tensor, reselected: bool) -> dict:
+        """The group's compact state, its slots reassigned to a new selection."""
+        group = plan.group
+        state = self._compact.get(plan.index)
+        if state is None:
+            numels = [p.numel() for p in group["params"]]
+            state = _compact.create(numels, group["block_size"], _policies.state_dtype(group, plan.params[0]),
+                                    plan.layout.device)
+            reselected = True
+        if reselected:
+            ids = _compact.group_ids(block_ids, tuple(p.numel() for p in group["params"]),
+                                     tuple(plan.positions), group["block_size"])
+            state = self._compact[plan.index] = _compact.reassign(state, ids)
+        return state
 
     def _blueprint_scores_of(self, index: int, group: dict, positions: list[int],
                              params: list[torch.Tensor]) -> torch.Tensor | None:
@@ -269,58 +368,87 @@ class SparseAdamW(Optimizer):
             self._blueprint_scores[key] = scores.to(device=params[0].device, dtype=torch.float32)
         return self._blueprint_scores[key]
 
-    def _select(self, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The block ids this step updates, and this step's block scores if a norm pass ran."""
+    def _select(self, plan: _Plan, grads: list[torch.Tensor], inv_scale: torch.Tensor | None,
+                skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """The block ids this step updates, this step's block sums of squares (of the unscaled
+        grads) if a norm pass ran (for a reselection, a score hook or clipping), and whether the
+        blocks were reselected."""
         group, layout = plan.group, plan.layout
-        key = (tuple(plan.positions), group["block_size"], group["density"], group["scope"])
+        key = _selection_key(plan)
         selection = self._selections.get(plan.index)
         due = (selection is None or selection.key != key
                or (group["density"] < 1.0 and selection.age >= group["reselect_every"]))
         ranks_current = due and group["density"] < 1.0 and group["blueprint_weight"] < 1.0
         scores = None
-        if ranks_current or self._score_hooks:
-            scores = library.block_sqnorms(plan.grads, layout.block_size, plan.backend)
+        if ranks_current or self._score_hooks or group["max_grad_norm"] is not None:
+            scores = library.block_sqnorms(grads, layout.block_size, plan.backend)
+            if inv_scale is not None:
+                scores = scores * inv_scale.square()
         if due:
             if group["density"] == 1.0:
                 ids = torch.arange(layout.num_blocks, dtype=torch.int64, device=layout.device)
             else:
-                segments = layout if group["scope"] == "tensor" else None
-                ids = ops.select_blocks(self._selection_scores(plan, scores), density=group["density"],
-                                        segments=segments, backend=plan.backend)
+                ids = _policies.select(self._selection_scores(plan, scores, skip), layout, group, plan.backend)
+                if skip is not None and selection is not None and selection.key == key:
+                    ids = torch.where(skip, selection.block_ids, ids)  # an overflowed step keeps it
             selection = self._selections[plan.index] = _Selection(key, ids, 0)
         selection.age += 1
-        return selection.block_ids, scores
+        return selection.block_ids, scores, due
 
-    def _selection_scores(self, plan: _Plan, scores: torch.Tensor | None) -> torch.Tensor:
-        """What the selection ranks (DESIGN §3.2): this step's scores, then blended with the
-        blueprint's. Further stages on the current scores (an EMA) belong before the blend."""
-        weight = plan.group["blueprint_weight"]
+    def _selection_scores(self, plan: _Plan, sqnorms: torch.Tensor | None,
+                          skip: torch.Tensor | None = None) -> torch.Tensor:
+        """What the selection ranks (DESIGN §3.2): this step's scores ("l2" or "rms"), their EMA
+        (``score_ema``), then the blend with the blueprint's."""
+        group, weight = plan.group, plan.group["blueprint_weight"]
+        if plan.blueprint_scores is not None and weight == 1.0:
+            return plan.blueprint_scores  # the blueprint's own ranking: its to_mask()
+        scores = _policies.scores_of(sqnorms, plan.layout, group["score"])
+        if group["score_ema"] > 0.0:
+            scores = _policies.update_ema([self.state[p] for p in plan.params], scores, plan.layout,
+                                          group["score_ema"], skip)
         if plan.blueprint_scores is None or weight == 0.0:
             return scores  # exactly the selection without a blueprint
-        if weight == 1.0:
-            return plan.blueprint_scores  # the blueprint's own ranking: its to_mask()
         return weight * _normalized(plan.blueprint_scores) + (1.0 - weight) * _normalized(scores)
 
-    def _apply(self, plan: _Plan) -> None:
+    def _apply(self, plan: _Plan, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
         group = plan.group
-        for p in plan.params:
+        scaling = _policies.Scaling.of(grad_scale, found_inf, plan.layout.device)
+        dtypes = [_policies.state_dtype(group, p) for p in plan.params]
+        compact = group["state_layout"] == "compact"
+        for p, dtype in zip(plan.params, dtypes):
             state = self.state[p]
-            if not state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if not compact and "block_step" not in state:
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["block_step"] = torch.zeros(
                     num_blocks_of(p.numel(), group["block_size"]), dtype=torch.int32, device=p.device)
         states = [self.state[p] for p in plan.params]
-        beta1, beta2 = group["betas"]
-        block_ids, scores = self._select(plan)
+        grads, inv_scale = plan.grads, scaling.inv_scale
+        if group["error_feedback"]:
+            grads = _policies.add_error(grads, states, dtypes, scaling)
+            inv_scale = None  # the buffers hold unscaled gradients
+        block_ids, scores, reselected = self._select(plan, grads, inv_scale, scaling.skip)
+        # Clipping and unscaling: one device scalar the update kernel multiplies the grads by.
+        grad_coef = inv_scale
+        if group["max_grad_norm"] is not None:
+            grad_coef = _policies.clip_coef(scores, group["max_grad_norm"])
+            grad_coef = grad_coef if inv_scale is None else grad_coef * inv_scale
         # The plan checked params and grads, and the state is the optimizer's own: call the op
         # schema directly rather than sparse_grad.ops, which would check all of it again.
+        if compact:
+            slabs = self._compact_state(plan, block_ids, reselected)
+            moments = [slabs["exp_avg"]], [slabs["exp_avg_sq"]], [slabs["block_step"]]
+        else:
+            moments = ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                       [s["block_step"] for s in states])
+        beta1, beta2 = group["betas"]
+        floats, hyper = library.hyper_table([group["lr"], beta1, beta2, group["eps"], group["weight_decay"]],
+                                            plan.layout.device)
         library.sparse_adamw_step(
-            plan.params, plan.grads,
-            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["block_step"] for s in states], block_ids,
-            group["block_size"], float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-            float(group["weight_decay"]), group["maximize"], plan.backend)
+            plan.params, grads, *moments, block_ids, group["block_size"], *floats, group["maximize"],
+            plan.backend, grad_coef, scaling.found_inf, compact, hyper)
+        if group["error_feedback"]:
+            _policies.keep_error(grads, block_ids, plan.layout, scaling.skip)
         for hook in list(self._score_hooks.values()):
             hook(self, plan.index, plan.params, scores, block_ids)
 
@@ -335,10 +463,14 @@ class SparseAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Set by torch.amp.GradScaler.step (see _step_supports_amp_scaling), else absent.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        _policies.check_scaling(grad_scale, "grad_scale")
+        _policies.check_scaling(found_inf, "found_inf")
         plans = [self._plan(i, group) for i, group in enumerate(self.param_groups)]
         for plan in plans:
             if plan is not None:
-                self._apply(plan)
+                self._apply(plan, grad_scale, found_inf)
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -346,6 +478,7 @@ class SparseAdamW(Optimizer):
         state_dict["selections"] = {
             i: {"key": s.key, "block_ids": s.block_ids, "age": s.age} for i, s in self._selections.items()
         }
+        state_dict["compact"] = {i: dict(c) for i, c in self._compact.items()}
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -354,7 +487,7 @@ class SparseAdamW(Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer "
                              f"{len(self.param_groups)}")
-        block_steps = {}
+        own_dtypes, compact = {}, {}
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"state_dict's param group {i} has {len(saved['params'])} params, "
@@ -367,25 +500,24 @@ class SparseAdamW(Optimizer):
                     continue
                 state = saved_state[saved_id]
                 name = f"param_groups[{i}]['params'][{j}]"
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if tuple(state[key].shape) != tuple(p.shape):
-                        raise ValueError(f"state_dict does not fit {name}: its {key} has shape "
-                                         f"{tuple(state[key].shape)}, the parameter {tuple(p.shape)}")
-                expected = num_blocks_of(p.numel(), saved["block_size"])
-                if state["block_step"].numel() != expected:
-                    raise ValueError(f"state_dict does not fit {name}: its block_step has "
-                                     f"{state['block_step'].numel()} blocks, expected {expected}")
-                block_steps[p] = state["block_step"]
+                _checkpoint.check_param_state(state, p, {**self.defaults, **saved}, name)
+                own_dtypes[p] = state
+            if i in state_dict.get("compact", {}):
+                compact[i] = _checkpoint.loaded_compact(state_dict["compact"][i], {**self.defaults, **saved},
+                                                        group["params"], i)
         selections = {}
         for i, s in state_dict.get("selections", {}).items():
             if not 0 <= int(i) < len(self.param_groups):
                 raise ValueError(f"state_dict has a selection for param group {i}, which does not exist")
             device = self.param_groups[int(i)]["params"][0].device
-            positions, block_size, density, scope = s["key"]
-            key = (tuple(positions), block_size, density, scope)
+            key = (tuple(s["key"][0]), *s["key"][1:])
             selections[int(i)] = _Selection(key, s["block_ids"].to(device), int(s["age"]))
         super().load_state_dict({"state": saved_state, "param_groups": saved_groups})
-        # Optimizer.load_state_dict casts every state tensor to the param's dtype; these are counts.
-        for p, steps in block_steps.items():
-            self.state[p]["block_step"] = steps.to(device=p.device, dtype=torch.int32)
+        # Optimizer.load_state_dict casts every state tensor to the param's dtype; the counts are
+        # int32, and state_dtype / score EMAs may be fp32 beside 16-bit params: keep their dtypes.
+        for p, state in own_dtypes.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
         self._selections = selections
+        self._compact = compact

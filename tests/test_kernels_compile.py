@@ -4,7 +4,6 @@ The CPU tests run the kernels in Triton's interpreter, which accepts some progra
 rejects; this builds the cubins the GPU would run and checks the PTX for correctly rounded
 division and square root (Triton's default fp32 `/` and `sqrt` are approximate).
 """
-import re
 import textwrap
 
 import pytest
@@ -24,7 +23,8 @@ SCRIPT = textwrap.dedent("""
     norms = importlib.import_module(package + ".block_sqnorms")._block_sqnorms_kernel
     adamw = importlib.import_module(package + ".sparse_adamw")._sparse_adamw_kernel
     select = importlib.import_module(package + ".select_blocks")._select_kernel
-    TABLES = {"block_tensor_ptr": "*i32", "out_ptr": "*fp32", "hparams_ptr": "*fp64"}
+    TABLES = {"block_tensor_ptr": "*i32", "out_ptr": "*fp32", "hparams_ptr": "*fp64",
+              "grad_coef_ptr": "*fp32", "found_inf_ptr": "*fp32"}
     SCALARS = {"block_size", "group", "num_blocks"}
 
     def compile_for(kernel, capability, constexprs):
@@ -41,10 +41,11 @@ SCRIPT = textwrap.dedent("""
             compile_for(norms, capability, dict(DTYPE=dtype, ACC_DTYPE=f64 if dtype == f64 else f32,
                                                 CHUNK=2048, NUM_CHUNKS=2))
         for param, grad, state in [(f32, f32, f32), (f32, bf16, f32), (bf16, bf16, bf16),
-                                   (f16, f16, f16), (f64, f64, f64)]:
-            for maximize in (False, True):
+                                   (bf16, bf16, f32), (f16, f16, f16), (f64, f64, f64)]:
+            for maximize, fused in ((False, False), (True, True)):  # fused: clip coef, found_inf, compact
                 compiled = compile_for(adamw, capability, dict(
-                    MAXIMIZE=maximize, PARAM_DTYPE=param, GRAD_DTYPE=grad, STATE_DTYPE=state,
+                    MAXIMIZE=maximize, HAS_GRAD_COEF=fused, HAS_FOUND_INF=fused, COMPACT=fused,
+                    PARAM_DTYPE=param, GRAD_DTYPE=grad, STATE_DTYPE=state,
                     COMPUTE_DTYPE=f64 if param == f64 else f32, CHUNK=1024, NUM_CHUNKS=4))
                 ptx = compiled.asm["ptx"]
                 assert compiled.asm["cubin"], "no cubin"

@@ -23,6 +23,15 @@ def test_opcheck(case):
     torch.library.opcheck(torch.ops.sparse_grad.select_blocks.default, (scores, [30], [7], backend))
     torch.library.opcheck(torch.ops.sparse_grad.select_blocks.default, (scores, [10, 20], [3, 2], backend))
     torch.library.opcheck(torch.ops.sparse_grad.sparse_adamw_step.default, step_args(device, backend))
+    # the optional device scalars, the fp64 hyper-parameter table and compact state
+    fused = (torch.full((1,), 0.5, device=device), torch.zeros(1, device=device), False,
+             torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.01], dtype=torch.float64, device=device))
+    torch.library.opcheck(torch.ops.sparse_grad.sparse_adamw_step.default, (*step_args(device, backend), *fused))
+    params, grads, *_, ids = step_args(device, backend)[:6]
+    slabs = ([torch.zeros(4, 8, device=device)], [torch.zeros(4, 8, device=device)],
+             [torch.zeros(4, dtype=torch.int32, device=device)])
+    compact = (params, grads, *slabs, ids, *step_args(device, backend)[6:], None, None, True)
+    torch.library.opcheck(torch.ops.sparse_grad.sparse_adamw_step.default, compact)
 
 
 def test_compiled_step_matches_eager():

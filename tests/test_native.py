@@ -31,6 +31,7 @@ def test_unavailable_backends_say_why(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu: .*runs on cuda tensors"):
         ops.block_sqnorms([torch.randn(4)], 4, backend="cuda")
     monkeypatch.setattr(native, "_load_error", lambda: "the extension sparse_grad._C is not available (x)")
+    monkeypatch.setattr(native, "_REASONS", {})  # the answer is cached per backend
     with pytest.raises(RuntimeError, match="backend='cpp' cannot run on cpu: the extension sparse_grad._C is not"):
         ops.block_sqnorms([torch.randn(4)], 4, backend="cpp")
     assert backends.resolve("auto", CPU) == "reference"
@@ -57,6 +58,17 @@ def test_opcheck_native_schemas():
     ids = torch.tensor([0, 3, 7, 9])
     torch.library.opcheck(torch.ops.sparse_grad.native_sparse_adamw_step.default,
                           (*state, ids, 8, 1e-2, 0.9, 0.999, 1e-8, 0.01, False))
+    extras = (torch.full((1,), 0.5), torch.zeros(1), False, torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.01], dtype=torch.float64))
+    torch.library.opcheck(torch.ops.sparse_grad.native_sparse_adamw_step.default,
+                          (*step_state([torch.float32] * 4, 8), ids, 8, 0.0, 0.0, 0.0, 0.0, 0.0, False, *extras))
+
+
+def test_public_and_native_update_schemas_agree():
+    """The native schema is the public op's, less the backend name (sparse_grad/library.py)."""
+    public = torch.ops.sparse_grad.sparse_adamw_step.default._schema.arguments
+    native_args = torch.ops.sparse_grad.native_sparse_adamw_step.default._schema.arguments
+    strip = lambda args: [(a.name, str(a.type)) for a in args if a.name != "backend"]  # noqa: E731
+    assert strip(public) == strip(native_args)
 
 
 RUN_SCRIPT = """

@@ -4,7 +4,6 @@ torch, so that a CUDA compile error fails CI on a machine without a GPU)."""
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -68,6 +68,44 @@ def test_density_one_matches_torch_adamw_with_options_and_scheduler(case):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
+def count_norm_passes(monkeypatch) -> list:
+    """Record every call of the norm pass op (one entry per call)."""
+    calls = []
+    real = library.block_sqnorms
+    monkeypatch.setattr(library, "block_sqnorms", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    return calls
+
+
+def resume_midway(opt, params, grads, split, make_optimizer):
+    """Run ``grads[:split]``, save params and state dict through torch.save/torch.load, run the
+    rest; then build ``make_optimizer(resumed params)``, load the saved state and run the rest
+    again. Returns the resumed params and optimizer, to compare with ``params`` and ``opt``."""
+    run(opt, params, grads[:split])
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)
+    run(opt, params, grads[split:])
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = [torch.nn.Parameter(p.clone()) for p in saved["params"]]
+    resumed_opt = make_optimizer(resumed)
+    resumed_opt.load_state_dict(saved["opt"])
+    run(resumed_opt, resumed, grads[split:])
+    return resumed, resumed_opt
+
+
+def bad_group_values_change_nothing(opt, params, cases) -> None:
+    """For each ``(key, value, error, message)``: set group 0's ``key`` to ``value``; step() must
+    raise and leave params and state dict as they were."""
+    before = snapshot(([p.detach() for p in params], opt.state_dict()))
+    for key, value, error, message in cases:
+        old = opt.param_groups[0][key]
+        opt.param_groups[0][key] = value
+        with pytest.raises(error, match=message):
+            opt.step()
+        opt.param_groups[0][key] = old
+        assert_same(([p.detach() for p in params], opt.state_dict()), before)
+
+
 def expected_selection(grads, block_size, density, scope):
     layout = ops.BlockLayout(grads, block_size)
     scores = ops.block_sqnorms([g.cpu() for g in grads], block_size, backend="reference")
@@ -163,9 +201,7 @@ def test_param_groups_own_density_and_block_size(case):
 
 def test_reselect_every_reuses_blocks_and_skips_the_norm_pass(case, monkeypatch):
     device, backend = case
-    calls = []
-    real = library.block_sqnorms
-    monkeypatch.setattr(library, "block_sqnorms", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calls = count_norm_passes(monkeypatch)
     params = make_params(device)
     opt = SparseAdamW(params, density=0.2, block_size=8, reselect_every=3, backend=backend)
     chosen = []
@@ -194,19 +230,10 @@ def test_state_dict_round_trip_continues_bit_exactly(case, scope, reselect_every
     kwargs = dict(lr=1e-2, density=0.3, block_size=8, scope=scope, reselect_every=reselect_every, backend=backend)
     grads = [[heavy_tailed(p.shape, device=device) for p in params] for _ in range(8)]
     opt = SparseAdamW(params, **kwargs)
-    run(opt, params, grads[:4])
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)
-    run(opt, params, grads[4:])
-
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = [torch.nn.Parameter(p.clone()) for p in saved["params"]]
-    opt2 = SparseAdamW(resumed, **{**kwargs, "density": 0.9, "lr": 5.0})  # the state dict wins
-    opt2.load_state_dict(saved["opt"])
+    resumed, opt2 = resume_midway(opt, params, grads, 4,  # the state dict's density and lr win:
+                                  lambda ps: SparseAdamW(ps, **{**kwargs, "density": 0.9, "lr": 5.0}))
     assert opt2.param_groups[0]["density"] == 0.3 and opt2.param_groups[0]["lr"] == 1e-2
     assert all(opt2.state[p]["block_step"].dtype == torch.int32 for p in resumed)
-    run(opt2, resumed, grads[4:])
     assert_same([p.detach() for p in resumed], [p.detach() for p in params])
     assert_same([opt2.state[p] for p in resumed], [opt.state[p] for p in params])
 

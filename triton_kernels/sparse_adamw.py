@@ -64,6 +64,8 @@ def _round_to(x, DTYPE: tl.constexpr):
 def _sparse_adamw_kernel(
     block_ids_ptr,  # int64 [num_selected]: global ids of the blocks to update
     hparams_ptr,  # fp64 [5]: lr, beta1, beta2, eps, weight_decay
+    grad_coef_ptr,  # fp32 [1]: grads are multiplied by it (read only if HAS_GRAD_COEF)
+    found_inf_ptr,  # fp32 [1]: nonzero -> update nothing (read only if HAS_FOUND_INF)
     param_ptrs_ptr,  # int64 [T] base addresses ...
     grad_ptrs_ptr,
     exp_avg_ptrs_ptr,
@@ -77,6 +79,9 @@ def _sparse_adamw_kernel(
     block_size,
     group,
     MAXIMIZE: tl.constexpr,
+    HAS_GRAD_COEF: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    COMPACT: tl.constexpr,  # state is one slab: row pid of [num_ids, block_size], count pid
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
@@ -84,14 +89,20 @@ def _sparse_adamw_kernel(
     CHUNK: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,  # cdiv(block_size, CHUNK)
 ):
-    block = tl.load(block_ids_ptr + tl.program_id(0).to(tl.int64))
+    pid = tl.program_id(0).to(tl.int64)
+    block = tl.load(block_ids_ptr + pid)
     valid = (block >= 0) & (block < num_blocks)  # an out-of-range id updates nothing
     block = tl.where(valid, block, 0)
     t = tl.load(block_tensor_ptr + block)
     active = valid & (tl.load(groups_ptr + t) == group)
+    if HAS_FOUND_INF:  # an overflowed AMP step: not even the step count moves
+        active = active & (tl.load(found_inf_ptr) == 0.0)
     local = block - tl.load(first_block_ptr + t)
 
-    step_ptr = tl.load(step_ptrs_ptr + t).to(tl.pointer_type(tl.int32)) + local
+    if COMPACT:
+        step_ptr = tl.load(step_ptrs_ptr).to(tl.pointer_type(tl.int32)) + pid
+    else:
+        step_ptr = tl.load(step_ptrs_ptr + t).to(tl.pointer_type(tl.int32)) + local
     step = tl.load(step_ptr, mask=active, other=0) + 1
     tl.store(step_ptr, step, mask=active)
 
@@ -110,12 +121,18 @@ def _sparse_adamw_kernel(
     weight = (1.0 - beta1).to(COMPUTE_DTYPE)
     small_weight = weight < 0.5
     lerp_coeff = tl.where(small_weight, weight, weight - 1.0)
+    if HAS_GRAD_COEF:
+        grad_coef = tl.load(grad_coef_ptr).to(COMPUTE_DTYPE)
 
     param_ptr = tl.load(param_ptrs_ptr + t).to(tl.pointer_type(PARAM_DTYPE))
     grad_ptr = tl.load(grad_ptrs_ptr + t).to(tl.pointer_type(GRAD_DTYPE))
-    exp_avg_ptr = tl.load(exp_avg_ptrs_ptr + t).to(tl.pointer_type(STATE_DTYPE))
-    exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs_ptr + t).to(tl.pointer_type(STATE_DTYPE))
     start = local * block_size
+    if COMPACT:  # shifted so that the element offsets below land in row pid of the slabs
+        exp_avg_ptr = tl.load(exp_avg_ptrs_ptr).to(tl.pointer_type(STATE_DTYPE)) + (pid * block_size - start)
+        exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs_ptr).to(tl.pointer_type(STATE_DTYPE)) + (pid * block_size - start)
+    else:
+        exp_avg_ptr = tl.load(exp_avg_ptrs_ptr + t).to(tl.pointer_type(STATE_DTYPE))
+        exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs_ptr + t).to(tl.pointer_type(STATE_DTYPE))
     end = tl.minimum(start + block_size, tl.load(numels_ptr + t))
     end = tl.where(active, end, start)  # invalid id, or another launch's block: touch nothing
     for chunk in range(NUM_CHUNKS):
@@ -125,6 +142,8 @@ def _sparse_adamw_kernel(
         grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        if HAS_GRAD_COEF:
+            grad = grad * grad_coef
         if MAXIMIZE:
             grad = -grad
         param = param * decay
@@ -153,17 +172,27 @@ def launch_sparse_adamw(
     maximize: bool,
     chunk: int | None = None,
     num_warps: int | None = None,
+    grad_coef: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    compact: bool = False,
 ) -> None:
     """Launch one program per id in ``block_ids``.
 
     ``tables`` holds the int64 pointer tables of params, grads, exp_avgs, exp_avg_sqs and
-    block_steps; ``dtypes`` the (param, grad, state) dtypes of group ``group``.
+    block_steps; ``dtypes`` the (param, grad, state) dtypes of group ``group``. ``grad_coef`` and
+    ``found_inf`` are optional one-element fp32 tensors, read on device.
     """
     param_dtype, grad_dtype, state_dtype = dtypes
     _sparse_adamw_kernel[(block_ids.numel(),)](
-        block_ids, hparams, *tables, numels, first_block, block_tensor, groups,
+        block_ids, hparams,
+        hparams if grad_coef is None else grad_coef,  # any pointer: the kernel does not read it
+        hparams if found_inf is None else found_inf,
+        *tables, numels, first_block, block_tensor, groups,
         num_blocks, block_size, group,
         MAXIMIZE=maximize,
+        HAS_GRAD_COEF=grad_coef is not None,
+        HAS_FOUND_INF=found_inf is not None,
+        COMPACT=compact,
         PARAM_DTYPE=TL_DTYPES[param_dtype],
         GRAD_DTYPE=TL_DTYPES[grad_dtype],
         STATE_DTYPE=TL_DTYPES[state_dtype],
@@ -186,20 +215,29 @@ def sparse_adamw_step(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    grad_coef: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    compact: bool = False,
+    hyper: torch.Tensor | None = None,
 ) -> None:
     """In-place AdamW on the blocks ``block_ids`` (global ids over ``params``); see the reference."""
     if block_ids.numel() == 0 or not params:
         return
     device = params[0].device
     bmap = block_map(tuple(p.numel() for p in params), block_size, device)
-    groups, dtypes = group_by([(p.dtype, g.dtype, m.dtype) for p, g, m in zip(params, grads, exp_avgs)])
+    states = exp_avgs * len(params) if compact else exp_avgs  # a compact state's one slab serves all
+    groups, dtypes = group_by([(p.dtype, g.dtype, m.dtype) for p, g, m in zip(params, grads, states)])
     # Pointer tables and hyper-parameters are cached apart: a new lr each step (a scheduler)
     # uploads 40 bytes and leaves the pointer tables where they are.
     *tables, group_table = cached_tables(
         tuple(tuple(x.data_ptr() for x in xs) for xs in (params, grads, exp_avgs, exp_avg_sqs, block_steps))
         + (tuple(groups),), device)
-    hparams = cached_rows((tuple(float64_bits([lr, beta1, beta2, eps, weight_decay])),), device)
+    if hyper is not None:  # tensor hyper-parameters: the kernel reads the same fp64 table on device
+        hparams = hyper.view(torch.int64)
+    else:
+        hparams = cached_rows((tuple(float64_bits([lr, beta1, beta2, eps, weight_decay])),), device)
     for g, group_dtypes in enumerate(dtypes):
         launch_sparse_adamw(block_ids, hparams.view(torch.float64), tables, bmap.numels,
                             bmap.first_block, bmap.block_tensor, group_table, bmap.num_blocks,
-                            block_size, g, group_dtypes, maximize)
+                            block_size, g, group_dtypes, maximize, grad_coef=grad_coef, found_inf=found_inf,
+                            compact=compact)

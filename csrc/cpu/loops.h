@@ -18,6 +18,7 @@ struct AdamWScalars {
   double beta2;
   double one_minus_beta2;
   double lerp_weight;            // 1 - beta1
+  float grad_coef;               // grads are multiplied by it (clip coefficient / loss scale; 1)
 };
 
 // Sum of squares of x[0, n), accumulated in fp32 (fp64 for fp64 data), returned as fp32.

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -107,7 +108,7 @@ at::Tensor block_sqnorms(at::TensorList tensors, std::int64_t block_size) {
 
 // Scalars in fp64, as torch.optim.AdamW computes them on the host.
 AdamWScalars adamw_scalars(std::int32_t step, double lr, double beta1, double beta2, double eps,
-                           double weight_decay) {
+                           double weight_decay, float grad_coef) {
   return AdamWScalars{
       -lr / (1.0 - std::pow(beta1, step)),
       std::sqrt(1.0 - std::pow(beta2, step)),
@@ -116,46 +117,91 @@ AdamWScalars adamw_scalars(std::int32_t step, double lr, double beta1, double be
       beta2,
       1.0 - beta2,
       1.0 - beta1,
+      grad_coef,
   };
+}
+
+// An optional one-element fp32 CPU tensor of the update (grad_coef, found_inf).
+const float* optional_scalar(const std::optional<at::Tensor>& t, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->numel() == 1,
+              name, " must be a one-element float32 CPU tensor");
+  return t->const_data_ptr<float>();
+}
+
+// Checks the moments and step counts of tensor t and returns its update loop. Dense state: one
+// tensor per param (like it, one count per block). Compact state (compact=true): one slab
+// [num_ids, block_size] of moments and one count per id, row i belonging to block_ids[i].
+AdamWBlockFn checked_update(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::TensorList block_steps,
+                            const Blocks& blocks, std::size_t t, bool compact, bool maximize) {
+  TORCH_CHECK(grads[t].numel() == params[t].numel(), "grads[", t, "] has ", grads[t].numel(),
+              " elements, params[", t, "] ", params[t].numel());
+  const std::size_t s = compact ? 0 : t;
+  if (!compact) {
+    for (const at::Tensor* other : {&exp_avgs[t], &exp_avg_sqs[t]}) {
+      TORCH_CHECK(other->numel() == params[t].numel(), "tensor ", t, " of exp_avgs/exp_avg_sqs has ",
+                  other->numel(), " elements, params[", t, "] ", params[t].numel());
+    }
+    TORCH_CHECK(block_steps[t].scalar_type() == at::kInt &&
+                block_steps[t].numel() == blocks.first[t + 1] - blocks.first[t],
+                "block_steps[", t, "] must be int32 with one count per block of params[", t, "]");
+  }
+  TORCH_CHECK(exp_avgs[s].scalar_type() == exp_avg_sqs[s].scalar_type(),
+              "exp_avgs[", s, "] and exp_avg_sqs[", s, "] have different dtypes");
+  AdamWBlockFn update = loops().adamw_block(dtype_code(params[t], "params", t), dtype_code(grads[t], "grads", t),
+                                            dtype_code(exp_avgs[s], "exp_avgs", s), maximize);
+  TORCH_CHECK(update != nullptr, "exp_avgs[", s, "] is ", exp_avgs[s].scalar_type(),
+              "; the state dtype must be the param dtype or float32");
+  return update;
 }
 
 void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList block_steps,
                        const at::Tensor& block_ids, std::int64_t block_size, double lr,
                        double beta1, double beta2, double eps, double weight_decay,
-                       bool maximize) {
+                       bool maximize, const std::optional<at::Tensor>& grad_coef,
+                       const std::optional<at::Tensor>& found_inf, bool compact,
+                       const std::optional<at::Tensor>& hyper) {
   const std::size_t num_tensors = params.size();
+  const std::size_t num_states = compact ? 1 : num_tensors;
   check_list(params, "params", num_tensors);
   check_list(grads, "grads", num_tensors);
-  check_list(exp_avgs, "exp_avgs", num_tensors);
-  check_list(exp_avg_sqs, "exp_avg_sqs", num_tensors);
-  check_list(block_steps, "block_steps", num_tensors);
+  check_list(exp_avgs, "exp_avgs", num_states);
+  check_list(exp_avg_sqs, "exp_avg_sqs", num_states);
+  check_list(block_steps, "block_steps", num_states);
   TORCH_CHECK(block_ids.device().is_cpu() && block_ids.scalar_type() == at::kLong &&
               block_ids.dim() == 1 && block_ids.is_contiguous(),
               "block_ids must be a contiguous 1-D int64 CPU tensor");
+  const std::int64_t num_ids = block_ids.numel();
+  if (compact) {
+    TORCH_CHECK(exp_avgs[0].numel() == num_ids * block_size && exp_avg_sqs[0].numel() == num_ids * block_size,
+                "compact exp_avgs[0] and exp_avg_sqs[0] must hold block_size elements per block id");
+    TORCH_CHECK(block_steps[0].scalar_type() == at::kInt && block_steps[0].numel() == num_ids,
+                "compact block_steps[0] must be int32 with one count per block id");
+  }
+  const float* coef = optional_scalar(grad_coef, "grad_coef");
+  const float* inf = optional_scalar(found_inf, "found_inf");
+  if (hyper.has_value()) {  // tensor hyper-parameters replace the floats (CPU memory: no sync)
+    TORCH_CHECK(hyper->device().is_cpu() && hyper->scalar_type() == at::kDouble && hyper->numel() == 5 &&
+                hyper->is_contiguous(), "hyper must be a contiguous float64 CPU tensor of 5 values");
+    const double* h = hyper->const_data_ptr<double>();
+    lr = h[0], beta1 = h[1], beta2 = h[2], eps = h[3], weight_decay = h[4];
+  }
   const Blocks blocks(params, block_size);
   std::vector<AdamWBlockFn> update(num_tensors);
   for (std::size_t t = 0; t < num_tensors; ++t) {
-    for (const at::Tensor* other : {&grads[t], &exp_avgs[t], &exp_avg_sqs[t]}) {
-      TORCH_CHECK(other->numel() == params[t].numel(), "tensor ", t, " of grads/exp_avgs/exp_avg_sqs has ",
-                  other->numel(), " elements, params[", t, "] ", params[t].numel());
-    }
-    TORCH_CHECK(exp_avgs[t].scalar_type() == exp_avg_sqs[t].scalar_type(),
-                "exp_avgs[", t, "] and exp_avg_sqs[", t, "] have different dtypes");
-    TORCH_CHECK(block_steps[t].scalar_type() == at::kInt &&
-                block_steps[t].numel() == blocks.first[t + 1] - blocks.first[t],
-                "block_steps[", t, "] must be int32 with one count per block of params[", t, "]");
-    update[t] = loops().adamw_block(dtype_code(params[t], "params", t), dtype_code(grads[t], "grads", t),
-                                    dtype_code(exp_avgs[t], "exp_avgs", t), maximize);
-    TORCH_CHECK(update[t] != nullptr, "exp_avgs[", t, "] is ", exp_avgs[t].scalar_type(),
-                "; the state dtype must be the param dtype or float32");
+    update[t] = checked_update(params, grads, exp_avgs, exp_avg_sqs, block_steps, blocks, t, compact, maximize);
   }
+  // An overflowed AMP step changes nothing, step counts included (read here: CPU memory, no sync).
+  if (inf != nullptr && *inf != 0.0f) return;
+  const float coef_value = coef != nullptr ? *coef : 1.0f;
   const std::vector<Operand> param = operands(params), grad = operands(grads),
                             exp_avg = operands(exp_avgs), exp_avg_sq = operands(exp_avg_sqs);
   std::vector<std::int32_t*> steps;
   for (const at::Tensor& s : block_steps) steps.push_back(s.data_ptr<std::int32_t>());
   const std::int64_t* ids = block_ids.data_ptr<std::int64_t>();
-  at::parallel_for(0, block_ids.numel(), blocks.grain(), [&](std::int64_t begin, std::int64_t end) {
+  at::parallel_for(0, num_ids, blocks.grain(), [&](std::int64_t begin, std::int64_t end) {
     // Blocks mostly share a step count: compute the scalars (two pow) once per count seen.
     std::int32_t scalars_step = 0;
     AdamWScalars scalars{};
@@ -163,14 +209,17 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
       const std::int64_t block = ids[i];
       if (block < 0 || block >= blocks.count()) continue;  // out of range: updates nothing
       const std::size_t t = blocks.tensor_of(block);
-      const std::int32_t step = ++steps[t][block - blocks.first[t]];
+      const std::int64_t start = blocks.start(t, block);
+      // Where this block's state lives: its own place in per-param state, or slab row i.
+      const std::size_t s = compact ? 0 : t;
+      const std::int64_t state_start = compact ? i * block_size : start;
+      const std::int32_t step = ++steps[s][compact ? i : block - blocks.first[t]];
       if (step != scalars_step) {
         scalars_step = step;
-        scalars = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay);
+        scalars = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay, coef_value);
       }
-      const std::int64_t start = blocks.start(t, block);
-      update[t](param[t].at(start), grad[t].at(start), exp_avg[t].at(start), exp_avg_sq[t].at(start),
-                blocks.length(t, block), scalars);
+      update[t](param[t].at(start), grad[t].at(start), exp_avg[s].at(state_start),
+                exp_avg_sq[s].at(state_start), blocks.length(t, block), scalars);
     }
   });
 }

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <list>
 #include <mutex>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -186,22 +187,49 @@ at::Tensor native_block_sqnorms(at::TensorList tensors, int64_t block_size) {
   return out;
 }
 
+// An optional one-element fp32 tensor on `device` (grad_coef, found_inf), read by the kernel.
+const float* optional_scalar(const std::optional<at::Tensor>& t, const char* name,
+                             const at::Device& device) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device() == device && t->scalar_type() == at::kFloat && t->numel() == 1, name,
+              " must be a one-element float32 tensor on ", device);
+  return t->const_data_ptr<float>();
+}
+
 void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
                               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                               at::TensorList block_steps, const at::Tensor& block_ids,
                               int64_t block_size, double lr, double beta1, double beta2,
-                              double eps, double weight_decay, bool maximize) {
+                              double eps, double weight_decay, bool maximize,
+                              const std::optional<at::Tensor>& grad_coef,
+                              const std::optional<at::Tensor>& found_inf, bool compact,
+                              const std::optional<at::Tensor>& hyper) {
   TORCH_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
   const size_t T = params.size();
+  const size_t num_states = compact ? 1 : T;  // compact: one slab of moments, one count per id
   const at::Device device = block_ids.device();
   TORCH_CHECK(device.is_cuda() && block_ids.scalar_type() == at::kLong && block_ids.dim() == 1 &&
                   block_ids.is_contiguous(),
               "block_ids must be a contiguous 1-D int64 CUDA tensor");
   check_list(params, "params", T, device);
   check_list(grads, "grads", T, device);
-  check_list(exp_avgs, "exp_avgs", T, device);
-  check_list(exp_avg_sqs, "exp_avg_sqs", T, device);
-  check_list(block_steps, "block_steps", T, device);
+  check_list(exp_avgs, "exp_avgs", num_states, device);
+  check_list(exp_avg_sqs, "exp_avg_sqs", num_states, device);
+  check_list(block_steps, "block_steps", num_states, device);
+  if (compact) {
+    const int64_t num_ids = block_ids.numel();
+    TORCH_CHECK(exp_avgs[0].numel() == num_ids * block_size &&
+                    exp_avg_sqs[0].numel() == num_ids * block_size,
+                "compact exp_avgs[0] and exp_avg_sqs[0] must hold block_size elements per block id");
+    TORCH_CHECK(block_steps[0].scalar_type() == at::kInt && block_steps[0].numel() == num_ids,
+                "compact block_steps[0] must be int32 with one count per block id");
+  }
+  const float* coef = optional_scalar(grad_coef, "grad_coef", device);
+  const float* inf = optional_scalar(found_inf, "found_inf", device);
+  TORCH_CHECK(!hyper.has_value() || (hyper->device() == device && hyper->scalar_type() == at::kDouble &&
+                                     hyper->numel() == 5 && hyper->is_contiguous()),
+              "hyper must be a contiguous float64 tensor of 5 values on ", device);
+  const double* values = hyper.has_value() ? hyper->const_data_ptr<double>() : nullptr;
   if (T == 0) return;
 
   std::vector<int64_t> numels(T);
@@ -210,21 +238,26 @@ void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
   std::vector<int64_t> combos(T);
   std::vector<std::array<k::DType, 3>> distinct;  // (param, grad, state) triples, first seen first
   for (size_t t = 0; t < T; ++t) {
-    for (const at::Tensor* other : {&grads[t], &exp_avgs[t], &exp_avg_sqs[t]}) {
-      TORCH_CHECK(other->numel() == params[t].numel(), "tensor ", t,
-                  " of grads/exp_avgs/exp_avg_sqs has ", other->numel(), " elements, params[", t,
-                  "] ", params[t].numel());
+    const size_t s = compact ? 0 : t;  // the state tensors of params[t]
+    TORCH_CHECK(grads[t].numel() == params[t].numel(), "grads[", t, "] has ", grads[t].numel(),
+                " elements, params[", t, "] ", params[t].numel());
+    if (!compact) {
+      for (const at::Tensor* other : {&exp_avgs[t], &exp_avg_sqs[t]}) {
+        TORCH_CHECK(other->numel() == params[t].numel(), "tensor ", t,
+                    " of exp_avgs/exp_avg_sqs has ", other->numel(), " elements, params[", t,
+                    "] ", params[t].numel());
+      }
+      TORCH_CHECK(block_steps[t].scalar_type() == at::kInt &&
+                      block_steps[t].numel() == layout.blocks_of(static_cast<int64_t>(t)),
+                  "block_steps[", t, "] must be int32 with one count per block of params[", t, "]");
     }
-    TORCH_CHECK(exp_avgs[t].scalar_type() == exp_avg_sqs[t].scalar_type(), "exp_avgs[", t,
-                "] and exp_avg_sqs[", t, "] have different dtypes");
-    TORCH_CHECK(block_steps[t].scalar_type() == at::kInt &&
-                    block_steps[t].numel() == layout.blocks_of(static_cast<int64_t>(t)),
-                "block_steps[", t, "] must be int32 with one count per block of params[", t, "]");
+    TORCH_CHECK(exp_avgs[s].scalar_type() == exp_avg_sqs[s].scalar_type(), "exp_avgs[", s,
+                "] and exp_avg_sqs[", s, "] have different dtypes");
     const k::DType param = dtype_code(params[t], "params", t);
     const k::DType grad = dtype_code(grads[t], "grads", t);
-    const k::DType state = dtype_code(exp_avgs[t], "exp_avgs", t);
-    TORCH_CHECK(state == param || state == k::DType::Float32, "exp_avgs[", t, "] is ",
-                exp_avgs[t].scalar_type(), "; the state dtype must be the param dtype or float32");
+    const k::DType state = dtype_code(exp_avgs[s], "exp_avgs", s);
+    TORCH_CHECK(state == param || state == k::DType::Float32, "exp_avgs[", s, "] is ",
+                exp_avgs[s].scalar_type(), "; the state dtype must be the param dtype or float32");
     combos[t] = k::dtype_combo(param, grad, state);
     const std::array<k::DType, 3> triple{param, grad, state};
     if (std::find(distinct.begin(), distinct.end(), triple) == distinct.end()) {
@@ -242,11 +275,12 @@ void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
   const int64_t width = static_cast<int64_t>(T);
   Table table(8, width);
   for (size_t t = 0; t < T; ++t) {
+    const size_t s = compact ? 0 : t;
     table.row(0)[t] = address(params[t].mutable_data_ptr());
     table.row(1)[t] = address(grads[t].const_data_ptr());
-    table.row(2)[t] = address(exp_avgs[t].mutable_data_ptr());
-    table.row(3)[t] = address(exp_avg_sqs[t].mutable_data_ptr());
-    table.row(4)[t] = address(block_steps[t].mutable_data_ptr());
+    table.row(2)[t] = address(exp_avgs[s].mutable_data_ptr());
+    table.row(3)[t] = address(exp_avg_sqs[s].mutable_data_ptr());
+    table.row(4)[t] = address(block_steps[s].mutable_data_ptr());
     table.row(5)[t] = layout.numels[t];
     table.row(6)[t] = layout.block_offsets[t];
     table.row(7)[t] = combos[t];
@@ -257,11 +291,11 @@ void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
                               d + 7 * width};
   const k::BlockMap map{d + 5 * width, d + 6 * width, block_tensor.const_data_ptr<int32_t>(),
                         layout.num_blocks(), block_size};
-  const k::AdamwHyper hyper{lr, beta1, beta2, eps, weight_decay, maximize};
+  const k::AdamwHyper scalars{lr, beta1, beta2, eps, weight_decay, maximize, coef, inf, compact, values};
   for (const auto& triple : distinct) {
     C10_CUDA_CHECK(k::launch_sparse_adamw(tables, map, block_ids.const_data_ptr<int64_t>(),
                                           block_ids.numel(), triple[0], triple[1], triple[2],
-                                          hyper, stream.stream()));
+                                          scalars, stream.stream()));
   }
 }
 

@@ -57,10 +57,18 @@ struct Scalars {
   C lerp_coeff;
   bool lerp_small_weight;
   bool maximize;
+  C grad_coef;  // 1 when absent: g * 1 is exact
 };
 
 template <typename C>
-__device__ Scalars<C> block_scalars(const AdamwHyper& h, int32_t step) {
+__device__ Scalars<C> block_scalars(AdamwHyper h, int32_t step) {
+  if (h.values != nullptr) {
+    h.lr = h.values[0];
+    h.beta1 = h.values[1];
+    h.beta2 = h.values[2];
+    h.eps = h.values[3];
+    h.weight_decay = h.values[4];
+  }
   Scalars<C> s;
   s.neg_step_size = static_cast<C>(__ddiv_rn(-h.lr, __dsub_rn(1.0, pow_int(h.beta1, step))));
   s.bias_correction2_sqrt = static_cast<C>(__dsqrt_rn(__dsub_rn(1.0, pow_int(h.beta2, step))));
@@ -72,6 +80,7 @@ __device__ Scalars<C> block_scalars(const AdamwHyper& h, int32_t step) {
   s.lerp_small_weight = fabs(weight) < C(0.5);
   s.lerp_coeff = s.lerp_small_weight ? weight : sub_rn(weight, C(1));
   s.maximize = h.maximize;
+  s.grad_coef = h.grad_coef != nullptr ? static_cast<C>(*h.grad_coef) : C(1);
   return s;
 }
 
@@ -83,6 +92,7 @@ __device__ __forceinline__ void update_element(P& param, G grad, S& exp_avg, S& 
   C g = static_cast<C>(widen(grad));
   C m = static_cast<C>(widen(exp_avg));
   C v = static_cast<C>(widen(exp_avg_sq));
+  g = mul_rn(g, s.grad_coef);
   if (s.maximize) g = -g;
   p = mul_rn(p, s.decay);
   m = fma_rn(s.lerp_coeff, sub_rn(g, m), s.lerp_small_weight ? m : g);
@@ -141,6 +151,8 @@ sparse_adamw_kernel(AdamwTables tables, BlockMap map, const int64_t* block_ids, 
                     int64_t combo, AdamwHyper hyper) {
   using C = Compute<P>;
   constexpr int N = VecWidth<P, G, S>::value;
+  // An overflowed AMP step: every CTA leaves before touching anything (a uniform branch).
+  if (hyper.found_inf != nullptr && *hyper.found_inf != 0.0f) return;
   for (int64_t i = blockIdx.x; i < num_ids; i += gridDim.x) {
     // Every thread of the CTA takes the same branches here: b and t are the CTA's.
     const int64_t b = block_ids[i];
@@ -149,7 +161,9 @@ sparse_adamw_kernel(AdamwTables tables, BlockMap map, const int64_t* block_ids, 
     if (tables.dtype_combos[t] != combo) continue;  // another launch's dtype triple
     const int64_t local = b - map.first_block[t];
 
-    int32_t* step_ptr = as_ptr<int32_t>(tables.block_steps[t]) + local;
+    // Where the block's state lives: its own place in per-param state, or slab row i.
+    int32_t* step_ptr = hyper.compact ? as_ptr<int32_t>(tables.block_steps[0]) + i
+                                      : as_ptr<int32_t>(tables.block_steps[t]) + local;
     assume_global(step_ptr);
     const int32_t step = *step_ptr + 1;
     __syncthreads();  // every thread has read the old count before thread 0 replaces it
@@ -158,9 +172,11 @@ sparse_adamw_kernel(AdamwTables tables, BlockMap map, const int64_t* block_ids, 
     const Scalars<C> s = block_scalars<C>(hyper, step);
     const int64_t start = local * map.block_size;
     const int64_t len = min(map.block_size, map.numels[t] - start);
+    const int64_t state_t = hyper.compact ? 0 : t;
+    const int64_t state_start = hyper.compact ? i * map.block_size : start;
     update_block<N>(as_ptr<P>(tables.params[t]) + start, as_ptr<const G>(tables.grads[t]) + start,
-                    as_ptr<S>(tables.exp_avgs[t]) + start,
-                    as_ptr<S>(tables.exp_avg_sqs[t]) + start, len, s);
+                    as_ptr<S>(tables.exp_avgs[state_t]) + state_start,
+                    as_ptr<S>(tables.exp_avg_sqs[state_t]) + state_start, len, s);
   }
 }
 

@@ -38,6 +38,17 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     device_type, dispatch_key = DEVICES[backend]
     if device.type != device_type:
         return f"backend={backend!r} runs on {device_type} tensors, not {device.type}"
+    if backend not in _REASONS:
+        _REASONS[backend] = _extension_reason(dispatch_key)
+    return _REASONS[backend]
+
+
+# The answer of _extension_reason per backend, found once. torch.compile can read a dict but not
+# trace an import or a dispatcher query: SparseAdamW asks eagerly when a param group is added.
+_REASONS: dict[str, str | None] = {}
+
+
+def _extension_reason(dispatch_key: str) -> str | None:
     error = _load_error()
     if error is not None:
         return error
@@ -66,7 +77,8 @@ def select_blocks(scores, segment_sizes, segment_ks):
 
 
 def sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size,
-                      lr, beta1, beta2, eps, weight_decay, maximize):
+                      lr, beta1, beta2, eps, weight_decay, maximize, grad_coef=None, found_inf=None,
+                      compact=False, hyper=None):
     torch.ops.sparse_grad.native_sparse_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size,
-        lr, beta1, beta2, eps, weight_decay, maximize)
+        lr, beta1, beta2, eps, weight_decay, maximize, grad_coef, found_inf, compact, hyper)

@@ -65,19 +65,40 @@ def sparse_adamw_step(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    grad_coef: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    compact: bool = False,
+    hyper: torch.Tensor | None = None,
 ) -> None:
     """AdamW on the selected blocks only, in place; every other element is left untouched.
 
-    For each selected block ``b`` of tensor ``t``: ``block_steps[t][b] += 1`` and, with
-    ``s = block_steps[t][b]`` and the block's elements::
+    ``compact=True``: the moments are one slab each, ``exp_avgs[0]`` and ``exp_avg_sqs[0]`` of
+    ``[len(block_ids), block_size]`` elements, and the counts ``block_steps[0]`` one per id; row
+    ``i`` is the state of block ``block_ids[i]`` (a partial block uses the front of its row).
+    ``hyper``: an fp64 tensor ``[lr, beta1, beta2, eps, weight_decay]`` on the params' device
+    that replaces the five floats (tensor hyper-parameters, read on device by the kernels).
 
-        g = -grad if maximize else grad
+    ``found_inf`` (a one-element tensor, GradScaler's): nonzero means the call changes nothing.
+    Otherwise, for each selected block ``b`` of tensor ``t``: ``block_steps[t][b] += 1`` and, with
+    ``s = block_steps[t][b]``, ``c = grad_coef`` (a one-element fp32 tensor: clip coefficient
+    over loss scale; 1 if None) and the block's elements::
+
+        g = grad * c                   (in the compute dtype)
+        g = -g if maximize else g
         param   *= 1 - lr * weight_decay
         exp_avg  = lerp(exp_avg, g, 1 - beta1)
         exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * g * g
         denom    = sqrt(exp_avg_sq) / sqrt(1 - beta2**s) + eps
         param   += -(lr / (1 - beta1**s)) * exp_avg / denom
     """
+    if found_inf is not None and found_inf.item() != 0:  # the oracle reads it; kernels do not sync
+        return
+    if hyper is not None:
+        lr, beta1, beta2, eps, weight_decay = hyper.tolist()
+    if compact:
+        _compact_step(params, grads, exp_avgs[0], exp_avg_sqs[0], block_steps[0], block_ids, block_size,
+                      lr, beta1, beta2, eps, weight_decay, maximize, grad_coef)
+        return
     counts = [num_blocks_of(p.numel(), block_size) for p in params]
     offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
     # Where each tensor's ids start in the (ascending) id list.
@@ -105,6 +126,8 @@ def sparse_adamw_step(
         p_flat, m_flat, v_flat = p.view(-1), m.view(-1), v.view(-1)
         param = p_flat[elems].to(dtype)
         grad = g.reshape(-1)[elems].to(dtype)
+        if grad_coef is not None:
+            grad = grad * grad_coef.to(dtype)
         exp_avg = m_flat[elems].to(dtype)
         exp_avg_sq = v_flat[elems].to(dtype)
         if maximize:
@@ -119,3 +142,37 @@ def sparse_adamw_step(
         p_flat[elems] = param.to(p.dtype)
         m_flat[elems] = exp_avg.to(m.dtype)
         v_flat[elems] = exp_avg_sq.to(v.dtype)
+
+
+def _compact_step(params, grads, exp_avg, exp_avg_sq, block_step, block_ids, block_size, lr, beta1, beta2,
+                  eps, weight_decay, maximize, grad_coef) -> None:
+    """The compact update as the dense one: slab rows are scattered into dense moments (zeros
+    elsewhere), the dense step runs, and the rows are gathered back."""
+    numels = [p.numel() for p in params]
+    counts = [num_blocks_of(n, block_size) for n in numels]
+    # Element i of block b lives at flat position b * block_size + i of a padded concatenation.
+    padded = sum(counts) * block_size
+    rows = (block_ids[:, None] * block_size + torch.arange(block_size, device=block_ids.device)).reshape(-1)
+    moments = []
+    for slab in (exp_avg, exp_avg_sq):
+        flat = torch.zeros(padded, dtype=slab.dtype, device=slab.device)
+        flat[rows] = slab.reshape(-1)
+        moments.append(flat)
+    steps = torch.zeros(sum(counts), dtype=torch.int32, device=block_step.device)
+    steps[block_ids] = block_step
+
+    def per_tensor(flat, unit):
+        parts, start = [], 0
+        for n, c in zip(numels, counts):
+            parts.append(flat[start:start + c * unit])
+            start += c * unit
+        return parts
+
+    dense_m = [m[:n] for m, n in zip(per_tensor(moments[0], block_size), numels)]
+    dense_v = [v[:n] for v, n in zip(per_tensor(moments[1], block_size), numels)]
+    sparse_adamw_step([p.view(-1) for p in params], [g.reshape(-1) for g in grads], dense_m, dense_v,
+                      per_tensor(steps, 1), block_ids, block_size, lr, beta1, beta2, eps, weight_decay,
+                      maximize, grad_coef)
+    exp_avg.view(-1).copy_(moments[0][rows])
+    exp_avg_sq.view(-1).copy_(moments[1][rows])
+    block_step.copy_(steps[block_ids])

@@ -1,0 +1,123 @@
+"""``state_layout="compact"`` (DESIGN §4): moments only for the selected blocks of a param group.
+
+A group's compact state is a slot table and moment slabs::
+
+    slot_of_block  int32 [blocks of all the group's params]   slot of each block, -1 = none
+    block_of_slot  int64 [capacity]                           block of each slot, ascending
+    exp_avg        [capacity, block_size]                     row i: moments of block_of_slot[i]
+    exp_avg_sq     [capacity, block_size]
+    block_step     int32 [capacity]                           per-slot step counts
+    param_numels   int64 [params of the group]                what the state was made for
+
+Block ids here count over *all* of the group's params (so they survive a param losing its grad);
+the update kernel takes ids over the params that take part, row ``i`` for id ``i``. The capacity is
+the number of selected blocks. Policy at a reselection: a block that stays keeps its moments and
+step count; a block entering gets zeroed moments and step 0; a block leaving frees its slot and
+its moments are dropped (if it comes back, it starts afresh, like a new AdamW). Everything is
+done on device with sizes known on the host: no sync.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .layout import num_blocks_of
+
+KEYS = ("slot_of_block", "block_of_slot", "exp_avg", "exp_avg_sq", "block_step", "param_numels")
+
+
+@functools.lru_cache(maxsize=32)
+def _shift(numels: tuple[int, ...], positions: tuple[int, ...], block_size: int,
+           device: torch.device) -> torch.Tensor | None:
+    """Per block of the params taking part, what to add to its id to count over all params
+    (``None`` when every param takes part)."""
+    if positions == tuple(range(len(numels))):
+        return None
+    counts = [num_blocks_of(n, block_size) for n in numels]
+    firsts = [sum(counts[:j]) for j in range(len(counts))]
+    taking_part = [counts[j] for j in positions]
+    shifts = [firsts[j] - sum(taking_part[:t]) for t, j in enumerate(positions)]
+    return torch.repeat_interleave(torch.tensor(shifts, dtype=torch.int64),
+                                   torch.tensor(taking_part)).to(device)
+
+
+def group_ids(block_ids: torch.Tensor, numels: tuple[int, ...], positions: tuple[int, ...],
+              block_size: int) -> torch.Tensor:
+    """Ids over the params taking part → ids over all of the group's params."""
+    shift = _shift(numels, positions, block_size, block_ids.device)
+    return block_ids if shift is None else block_ids + shift[block_ids]
+
+
+def create(numels: list[int], block_size: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """An empty compact state (capacity 0) for a group of params with these element counts."""
+    num_blocks = sum(num_blocks_of(n, block_size) for n in numels)
+    return {"param_numels": torch.tensor(numels, dtype=torch.int64, device=device),
+            "slot_of_block": torch.full((num_blocks,), -1, dtype=torch.int32, device=device),
+            "block_of_slot": torch.empty(0, dtype=torch.int64, device=device),
+            "exp_avg": torch.empty(0, block_size, dtype=dtype, device=device),
+            "exp_avg_sq": torch.empty(0, block_size, dtype=dtype, device=device),
+            "block_step": torch.empty(0, dtype=torch.int32, device=device)}
+
+
+def reassign(state: dict, ids: torch.Tensor) -> dict:
+    """The state for the new selection ``ids`` (group ids, ascending): slot i holds block ids[i];
+    staying blocks keep moments and counts, entering ones start from zero (see the module doc)."""
+    k = ids.numel()
+    old = state["slot_of_block"][ids].long()
+    kept = old >= 0
+    if state["block_of_slot"].numel() == 0:  # nothing to keep (and nothing to index)
+        gather = lambda slab: slab.new_zeros((k,) + tuple(slab.shape[1:]))  # noqa: E731
+    else:
+        index = old.clamp(min=0)
+
+        def gather(slab):
+            rows = slab[index]
+            mask = kept.view((k,) + (1,) * (slab.dim() - 1))
+            return torch.where(mask, rows, torch.zeros((), dtype=slab.dtype, device=slab.device))
+    slot_of_block = torch.full_like(state["slot_of_block"], -1)
+    slot_of_block[ids] = torch.arange(k, dtype=torch.int32, device=ids.device)
+    new = {"param_numels": state["param_numels"], "slot_of_block": slot_of_block, "block_of_slot": ids.clone(),
+           "exp_avg": gather(state["exp_avg"]), "exp_avg_sq": gather(state["exp_avg_sq"]),
+           "block_step": gather(state["block_step"])}
+    if state["block_of_slot"].numel() != k:
+        return new
+    # Same capacity: write into the existing tensors, so that a step captured in a CUDA graph
+    # leaves its state where the next replay reads it.
+    for key, value in new.items():
+        if value is not state[key]:
+            state[key].copy_(value)
+    return state
+
+
+def check_saved(state: dict, numels: list[int], block_size: int, dtype: torch.dtype, name: str,
+                param_name) -> None:
+    """Raise unless a saved compact state fits params with these element counts; a param that
+    does not fit is named by ``param_name(j)``."""
+    if not isinstance(state, dict) or set(state) != set(KEYS):
+        raise ValueError(f"{name} must hold {KEYS}")
+    saved = state["param_numels"]
+    if not isinstance(saved, torch.Tensor) or saved.dim() != 1:
+        raise ValueError(f"{name}['param_numels'] must be a 1-D tensor")
+    saved = saved.tolist()  # a load is not a step: reading a few counts back is fine
+    for j, (n, m) in enumerate(zip(saved, numels)):
+        if n != m:
+            raise ValueError(f"state_dict does not fit {param_name(j)}: its compact state was made for "
+                             f"{n} elements, the parameter has {m}")
+    if len(saved) != len(numels):
+        raise ValueError(f"{name} was made for {len(saved)} params, the group has {len(numels)}")
+    num_blocks = sum(num_blocks_of(n, block_size) for n in numels)
+    capacity = state["block_of_slot"].numel()
+    expected = {"slot_of_block": ((num_blocks,), torch.int32), "block_of_slot": ((capacity,), torch.int64),
+                "exp_avg": ((capacity, block_size), dtype), "exp_avg_sq": ((capacity, block_size), dtype),
+                "block_step": ((capacity,), torch.int32)}
+    for key, (shape, want) in expected.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or value.dtype != want:
+            raise ValueError(f"{name}[{key!r}] does not fit: expected {want} of shape {shape}, got "
+                             f"{getattr(value, 'dtype', type(value).__name__)} "
+                             f"{tuple(getattr(value, 'shape', ()))}")
+
+
+def nbytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
