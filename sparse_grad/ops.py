@@ -231,9 +231,8 @@ def sparse_adamw_step(
         return
     floats, hyper = library.hyper_table([lr, beta1, beta2, eps, weight_decay], device)
     with torch.no_grad():
-        library.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids,
-                                  layout.block_size, *floats, maximize, backend, grad_coef, found_inf,
-                                  compact, hyper)
+        library.step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, layout.block_size,
+                     *floats, maximize, backend, grad_coef, found_inf, compact, hyper)
 
 
 def _check_moments(exp_avgs, exp_avg_sqs, block_steps, params, layout: BlockLayout, device) -> None:

@@ -444,7 +444,7 @@ class SparseAdamW(Optimizer):
         beta1, beta2 = group["betas"]
         floats, hyper = library.hyper_table([group["lr"], beta1, beta2, group["eps"], group["weight_decay"]],
                                             plan.layout.device)
-        library.sparse_adamw_step(
+        library.step(
             plan.params, grads, *moments, block_ids, group["block_size"], *floats, group["maximize"],
             plan.backend, grad_coef, scaling.found_inf, compact, hyper)
         if group["error_feedback"]:

@@ -73,3 +73,15 @@ def test_kernels_import_as_subpackage():
     kernels = backends.triton_kernels()
     assert kernels.__name__ == "sparse_grad.triton_kernels"
     assert callable(kernels.block_sqnorms) and callable(kernels.sparse_adamw_step)
+
+
+def test_eager_step_bumps_the_versions_of_what_it_mutates(case):
+    """Eager calls skip the custom-op wrapper but, like it, tell autograd of the in-place change."""
+    from sparse_grad import library
+    device, backend = case
+    args = step_args(device, backend)
+    mutated = [t for i in (0, 2, 3, 4) for t in args[i]]
+    versions = [t._version for t in mutated]
+    library.step(*args)
+    assert all(t._version > v for t, v in zip(mutated, versions))
+    assert all(g._version == 0 for g in args[1])
