@@ -434,7 +434,7 @@ class SparseAdamW(Optimizer):
             grad_coef = _policies.clip_coef(scores, group["max_grad_norm"])
             grad_coef = grad_coef if inv_scale is None else grad_coef * inv_scale
         # The plan checked params and grads, and the state is the optimizer's own: call the op
-        # schema directly rather than sparse_grad.ops, which would check all of it again.
+        # (library.step) directly rather than sparse_grad.ops, which would check all of it again.
         if compact:
             slabs = self._compact_state(plan, block_ids, reselected)
             moments = [slabs["exp_avg"]], [slabs["exp_avg_sq"]], [slabs["block_step"]]
