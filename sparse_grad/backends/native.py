@@ -1,9 +1,9 @@
 """Native backends: the kernels of the extension ``sparse_grad._C`` (csrc/).
 
-``"cpp"`` (csrc/cpu: vectorized loops, OpenMP across blocks) and ``"cuda"`` (csrc/cuda) are
-the same two op schemas, ``sparse_grad::native_block_sqnorms`` and
-``sparse_grad::native_sparse_adamw_step`` (sparse_grad/library.py), implemented in C++ for the
-CPU and CUDA dispatch keys: the dispatcher picks the kernel by the tensors' device. Selection
+``"cpp"`` (csrc/cpu: vectorized loops, OpenMP across blocks) and ``"cuda"`` (csrc/cuda) share
+the op schemas ``sparse_grad::native_block_sqnorms`` and ``sparse_grad::native_sparse_adamw_step``
+(sparse_grad/library.py), implemented in C++ for the CPU and CUDA dispatch keys: the dispatcher
+picks the kernel by the tensors' device. Selection
 on CPU is ``sparse_grad::native_select_blocks`` (a partial selection of unique rank keys, O(n));
 on CUDA it is ``torch.topk`` on the same keys (sparse_grad/backends/topk_select.py).
 """
@@ -20,6 +20,11 @@ __all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step", "unavailable_r
 
 # Backend name -> (device type it runs on, dispatch key of its kernels).
 DEVICES = {"cpp": ("cpu", "CPU"), "cuda": ("cuda", "CUDA")}
+
+
+# The answer of _extension_reason per backend, found once. torch.compile can read a dict but not
+# trace an import or a dispatcher query: SparseAdamW asks eagerly when a param group is added.
+_REASONS: dict[str, str | None] = {}
 
 
 @functools.cache
@@ -42,10 +47,6 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
         _REASONS[backend] = _extension_reason(dispatch_key)
     return _REASONS[backend]
 
-
-# The answer of _extension_reason per backend, found once. torch.compile can read a dict but not
-# trace an import or a dispatcher query: SparseAdamW asks eagerly when a param group is added.
-_REASONS: dict[str, str | None] = {}
 
 
 def _extension_reason(dispatch_key: str) -> str | None:
