@@ -10,7 +10,7 @@ import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from . import _checkpoint, _checks, _compact, _policies, backends, library
+from . import _checkpoint, _checks, _compact, _policies, _sharding, backends, library
 from .layout import BlockLayout, cached_layout, check_tensor, num_blocks_of
 
 __all__ = ["SparseAdamW"]
@@ -41,6 +41,7 @@ class _Plan:
     layout: BlockLayout
     backend: str  # concrete: "auto" resolved for the params' device
     blueprint_scores: torch.Tensor | None  # fp32 [num_blocks] on device; None: no blend
+    sharding: _sharding.ShardedGroup | None = None  # FSDP2 DTensor params: local pieces (see _sharding)
 
 
 def _check_hyperparameters(group: dict, where: str = "") -> None:
@@ -311,6 +312,8 @@ class SparseAdamW(Optimizer):
                 raise TypeError(f"{name}.grad is sparse; SparseAdamW needs dense gradients")
             grad = p.grad.contiguous()
             check_tensor(grad, f"{name}.grad", device)
+            if _sharding.is_dtensor(p):  # the kernels run on the local shards (see _sharding)
+                grad = grad.to_local() if _sharding.is_dtensor(grad) else grad
             state = self.state.get(p, {})
             if "block_step" in state and group["state_layout"] == "compact":
                 raise ValueError(f"{where}['state_layout'] is 'compact', but {name} has dense state")
@@ -325,10 +328,13 @@ class SparseAdamW(Optimizer):
             grads.append(grad)
         if not params:
             return None
+        sharding = _sharding.of_params(params, [f"{where}['params'][{j}]" for j in positions], group["block_size"])
+        if sharding is not None:
+            device = sharding.piece_global.device
         self._check_compact(index, group, where)
         layout = cached_layout(tuple(p.numel() for p in params), group["block_size"], device)
         return _Plan(index, group, positions, params, grads, layout, backends.resolve(group["backend"], device),
-                     self._blueprint_scores_of(index, group, positions, params))
+                     self._blueprint_scores_of(index, group, positions, params), sharding)
 
     def _check_compact(self, index: int, group: dict, where: str) -> None:
         """Raise unless the group's compact state (if any) fits its layout option, block size and
@@ -344,6 +350,8 @@ class SparseAdamW(Optimizer):
                              f"but its params have several ({sorted(map(str, dtypes))}): set state_dtype")
         if state is not None:
             blocks = sum(num_blocks_of(p.numel(), group["block_size"]) for p in group["params"])
+            if _sharding.is_dtensor(group["params"][0]):  # slots of this rank's blocks only
+                blocks = _sharding.compact_blocks(self, index)
             if state["exp_avg"].shape[1] != group["block_size"] or state["slot_of_block"].numel() != blocks:
                 raise ValueError(f"{where}['block_size'] is {group['block_size']}, but the group's compact "
                                  "state was made with another block size")
@@ -400,7 +408,8 @@ class SparseAdamW(Optimizer):
                          and group["selection"] == "norm")
         scores = None
         if ranks_current or self._score_hooks or group["max_grad_norm"] is not None:
-            scores = library.block_sqnorms(grads, layout.block_size, plan.backend)
+            scores = (library.block_sqnorms(grads, layout.block_size, plan.backend) if plan.sharding is None
+                      else plan.sharding.block_sqnorms(grads, plan.backend))  # reduced over the ranks
             if inv_scale is not None:
                 scores = scores * inv_scale.square()
         if due:
@@ -433,6 +442,9 @@ class SparseAdamW(Optimizer):
         return weight * _normalized(plan.blueprint_scores) + (1.0 - weight) * _normalized(scores)
 
     def _apply(self, plan: _Plan, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+        if plan.sharding is not None:
+            _sharding.apply(self, plan, grad_scale, found_inf)
+            return
         group = plan.group
         scaling = _policies.Scaling.of(grad_scale, found_inf, plan.layout.device)
         dtypes = [_policies.state_dtype(group, p) for p in plan.params]

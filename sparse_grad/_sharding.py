@@ -1,0 +1,252 @@
+"""SparseAdamW on parameters sharded by FSDP2 (``fully_shard``: DTensors, ``Shard(0)`` on a 1-D mesh).
+
+Blocks stay defined in each *full* tensor's flat coordinates, so the selection does not depend on
+the world size. A rank's local shard of a tensor is a contiguous range ``[a, a + n)`` of the full
+tensor's flat elements (torch.chunk rows: the last ranks may hold fewer rows, or none). The range
+is cut at the global block boundaries into at most two *pieces*, both views of the local tensor:
+
+    head  elements [a, min(a + n, next boundary))   the tail of a global block split with the rank before
+    body  the rest, starting on a block boundary     its last block may be partial (a tensor end or
+                                                     a block split with the rank after)
+
+Every kernel already handles a tensor whose last block is partial, so the unchanged kernels of
+every backend (reference, triton, cpp, cuda) run on the pieces; each local piece block maps to
+exactly one global block. A step:
+
+1. norm pass over the grads' pieces → partial scores, scattered into the group's global score
+   vector (zeros elsewhere); one ``all_reduce`` (sum) on the mesh's process group makes it equal
+   on every rank (4 bytes per block; the clipping norm is its sum, no second reduce);
+2. selection on the global vector exactly as on one process (EMA, blueprint, random draws and
+   minima included) → the same global ids on every rank;
+3. the global ids → this rank's piece-block ids (one host sync per reselection, to size them);
+4. the update kernel on the pieces. Dense state: moments are DTensors like the params; the
+   per-block step counts are kept replicated (one count per global block on every rank), so a
+   checkpoint can be resharded; compact state: slot table and slabs over this rank's piece
+   blocks only (a split block has a slot on both ranks, each holding its part).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import _compact, _policies, library
+from .layout import BlockLayout, num_blocks_of
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # torch built without distributed
+    DTensor, Shard = None, None
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_range(p, name: str) -> tuple[int, int]:
+    """``(a, n)``: the local shard of DTensor ``p`` covers flat elements ``[a, a + n)`` of the full
+    tensor. Raises ValueError for any sharding other than FSDP2's ``Shard(0)`` on a 1-D mesh."""
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    if mesh.ndim != 1:
+        raise ValueError(f"{name} is a DTensor on a {mesh.ndim}-D device mesh; SparseAdamW supports "
+                         "FSDP2's 1-D Shard(0) sharding only (no tensor parallel / HSDP meshes)")
+    if len(placements) != 1 or type(placements[0]) is not Shard or placements[0].dim != 0:
+        raise ValueError(f"{name} is a DTensor with placements {placements}; SparseAdamW supports "
+                         "FSDP2's Shard(0) only (not Shard(d>0), Replicate, Partial or strided shards)")
+    local = p.to_local()
+    if not local.is_contiguous():
+        raise ValueError(f"{name}'s local shard is not contiguous")
+    world, rank = mesh.size(), mesh.get_local_rank()
+    rows = p.shape[0]
+    row_numel = p.numel() // rows if rows else 0
+    chunk = -(-rows // world)
+    first = min(rank * chunk, rows)
+    count = max(0, min(chunk, rows - first))
+    if local.numel() != count * row_numel:
+        raise ValueError(f"{name}'s local shard has {local.numel()} elements, but torch.chunk-style "
+                         f"Shard(0) of {tuple(p.shape)} over {world} ranks gives rank {rank} {count} rows")
+    return first * row_numel, count * row_numel
+
+
+@dataclass(frozen=True)
+class _Piece:
+    tensor: int  # index in the tensor list the pieces are cut from
+    start: int  # first local flat element
+    length: int
+    first_block: int  # the piece's first block, counted within its full tensor
+
+
+class ShardedGroup:
+    """A param group's local pieces and how their blocks map to the group's global blocks."""
+
+    def __init__(self, numels: tuple[int, ...], ranges: tuple[tuple[int, int], ...], block_size: int,
+                 device: torch.device, process_group):
+        self.global_layout = BlockLayout.of_numels(numels, block_size, device)
+        self.process_group = process_group
+        pieces, global_ids = [], []
+        for t, (a, n) in enumerate(ranges):
+            head = min(n, (-a) % block_size)
+            for start, length in ((0, head), (head, n - head)):
+                if length == 0:
+                    continue
+                first = (a + start) // block_size
+                pieces.append(_Piece(t, start, length, first))
+                offset = self.global_layout.block_range(t)[0]
+                global_ids.extend(range(offset + first, offset + first + num_blocks_of(length, block_size)))
+        self.pieces_of = tuple(pieces)
+        self.layout = BlockLayout.of_numels([q.length for q in pieces], block_size, device)
+        self.piece_global = torch.tensor(global_ids, dtype=torch.int64, device=device)
+        self.local_of_global = torch.full((self.global_layout.num_blocks,), -1, dtype=torch.int64, device=device)
+        self.local_of_global[self.piece_global] = torch.arange(len(global_ids), dtype=torch.int64, device=device)
+        self.touched = self.local_of_global >= 0
+
+    def pieces(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The pieces of local tensors shaped like the local shards (views)."""
+        flats = [t.view(-1) for t in tensors]
+        return [flats[q.tensor][q.start:q.start + q.length] for q in self.pieces_of]
+
+    def block_pieces(self, per_block: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The pieces' entries of per-tensor, per-global-block tensors (replicated step counts)."""
+        return [per_block[q.tensor][q.first_block:q.first_block + num_blocks_of(q.length, self.layout.block_size)]
+                for q in self.pieces_of]
+
+    def block_sqnorms(self, grads: list[torch.Tensor], backend: str) -> torch.Tensor:
+        """The group's global block sums of squares, equal on every rank: local partial sums,
+        scattered into the global vector and summed over the ranks (one all_reduce)."""
+        scores = torch.zeros(self.global_layout.num_blocks, dtype=torch.float32, device=self.piece_global.device)
+        if self.pieces_of:
+            partial = library.block_sqnorms(self.pieces(grads), self.layout.block_size, backend)
+            scores.index_add_(0, self.piece_global, partial)
+        dist.all_reduce(scores, op=dist.ReduceOp.SUM, group=self.process_group)
+        return scores
+
+    def local_ids(self, global_ids: torch.Tensor) -> torch.Tensor:
+        """Ascending global ids → ascending ids of this rank's piece blocks among them (syncs once
+        to learn how many)."""
+        local = self.local_of_global[global_ids]
+        return local[local >= 0]
+
+    def count_remote_steps(self, block_steps: list[torch.Tensor], global_ids: torch.Tensor,
+                           skip: torch.Tensor | None) -> None:
+        """Advance the replicated counts of the selected blocks this rank holds no part of (the
+        update kernel counted the others), so every rank keeps every count."""
+        inc = torch.zeros(self.global_layout.num_blocks, dtype=torch.int32, device=global_ids.device)
+        inc.index_fill_(0, global_ids, 1).masked_fill_(self.touched, 0)
+        if skip is not None:
+            inc.masked_fill_(skip, 0)
+        torch._foreach_add_(block_steps, list(inc.split(self.global_layout.block_counts)))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached(numels, ranges, block_size, device, process_group) -> ShardedGroup:
+    return ShardedGroup(numels, ranges, block_size, device, process_group)
+
+
+def of_params(params: list, names: list[str], block_size: int) -> ShardedGroup | None:
+    """The sharded view of a group's params, or None if none is a DTensor. Raises ValueError for
+    a mix of DTensors and plain tensors, several meshes, or an unsupported placement."""
+    sharded = [is_dtensor(p) for p in params]
+    if not any(sharded):
+        return None
+    if not all(sharded):
+        plain = names[sharded.index(False)]
+        raise ValueError(f"{plain} is a plain tensor in a param group of DTensors; put sharded and "
+                         "unsharded params in separate param groups")
+    mesh = params[0].device_mesh
+    for p, name in zip(params, names):
+        if p.device_mesh != mesh:
+            raise ValueError(f"{name} lives on another device mesh than {names[0]}; one mesh per param group")
+    ranges = tuple(local_range(p, name) for p, name in zip(params, names))
+    device = params[0].to_local().device
+    return _cached(tuple(p.numel() for p in params), ranges, block_size, device, mesh.get_group())
+
+
+def _cached_local(opt, key, sharding: ShardedGroup, ids: torch.Tensor) -> torch.Tensor:
+    """:meth:`ShardedGroup.local_ids`, computed once per selection (the sync happens at a
+    reselection only)."""
+    cache = opt.__dict__.setdefault("_sharded_ids", {})
+    hit = cache.get(key)
+    if hit is None or hit[0] is not ids:
+        hit = cache[key] = (ids, sharding.local_ids(ids))
+    return hit[1]
+
+
+def apply(opt, plan, grad_scale, found_inf) -> None:
+    """SparseAdamW._apply for a group of DTensor params (see the module doc)."""
+    group, sharding = plan.group, plan.sharding
+    block_size = group["block_size"]
+    scaling = _policies.Scaling.of(grad_scale, found_inf, sharding.piece_global.device)
+    dtypes = [_policies.state_dtype(group, p) for p in plan.params]
+    compact = group["state_layout"] == "compact"
+    for p, dtype in zip(plan.params, dtypes):
+        state = opt.state[p]
+        if not compact and "block_step" not in state:
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)  # DTensors, sharded like p
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
+            state["block_step"] = torch.zeros(num_blocks_of(p.numel(), block_size), dtype=torch.int32,
+                                              device=sharding.piece_global.device)
+        if group["error_feedback"] and "error" not in state:
+            state["error"] = torch.zeros_like(p, dtype=dtype)
+    states = [opt.state[p] for p in plan.params]
+    grads, inv_scale = plan.grads, scaling.inv_scale  # local shards
+    if group["error_feedback"]:
+        grads = _policies.add_error(grads, [{"error": s["error"].to_local()} for s in states], dtypes, scaling)
+        inv_scale = None
+    block_ids, scores, reselected = opt._select(plan, grads, inv_scale, scaling.skip)
+    grad_coef = inv_scale
+    if group["max_grad_norm"] is not None:
+        grad_coef = _policies.clip_coef(scores, group["max_grad_norm"])  # global: scores are reduced
+        grad_coef = grad_coef if inv_scale is None else grad_coef * inv_scale
+    local_ids = _cached_local(opt, (plan.index, "step"), sharding, block_ids)
+    if compact:
+        slabs = _compact_state(opt, plan, block_ids, reselected)
+        moments = [slabs["exp_avg"]], [slabs["exp_avg_sq"]], [slabs["block_step"]]
+    else:
+        moments = (sharding.pieces([s["exp_avg"].to_local() for s in states]),
+                   sharding.pieces([s["exp_avg_sq"].to_local() for s in states]),
+                   sharding.block_pieces([s["block_step"] for s in states]))
+    beta1, beta2 = group["betas"]
+    floats, hyper = library.hyper_table([group["lr"], beta1, beta2, group["eps"], group["weight_decay"]],
+                                        sharding.piece_global.device)
+    if sharding.pieces_of and local_ids.numel():
+        library.step(sharding.pieces([p.to_local() for p in plan.params]), sharding.pieces(grads), *moments,
+                     local_ids, block_size, *floats, group["maximize"], plan.backend, grad_coef,
+                     scaling.found_inf, compact, hyper)
+    if not compact:
+        sharding.count_remote_steps([s["block_step"] for s in states], block_ids, scaling.skip)
+    if group["error_feedback"] and sharding.pieces_of:
+        _policies.keep_error(sharding.pieces(grads), local_ids, sharding.layout, scaling.skip)
+    for hook in list(opt._score_hooks.values()):
+        hook(opt, plan.index, plan.params, scores, block_ids)
+
+
+def whole_group(opt, index: int) -> ShardedGroup:
+    """The sharded view of all the group's params (compact state counts blocks over all)."""
+    group = opt.param_groups[index]
+    params = group["params"]
+    return of_params(params, [f"param_groups[{index}]['params'][{j}]" for j in range(len(params))],
+                     group["block_size"])
+
+
+def _compact_state(opt, plan, block_ids: torch.Tensor, reselected: bool) -> dict:
+    """The group's compact state over this rank's piece blocks, its slots reassigned to a new
+    selection (the same policy as one process: staying blocks keep their moments)."""
+    group = plan.group
+    everything = whole_group(opt, plan.index)
+    state = opt._compact.get(plan.index)
+    if state is None:
+        state = _compact.create(list(everything.layout.numels), group["block_size"],
+                                _policies.state_dtype(group, plan.params[0]), everything.piece_global.device)
+        reselected = True
+    if reselected:
+        ids = _compact.group_ids(block_ids, tuple(p.numel() for p in group["params"]),
+                                 tuple(plan.positions), group["block_size"])
+        state = opt._compact[plan.index] = _compact.reassign(state, everything.local_ids(ids))
+    return state
+
+
+def compact_blocks(opt, index: int) -> int:
+    """How many blocks a sharded group's compact slot table has on this rank."""
+    return whole_group(opt, index).layout.num_blocks
