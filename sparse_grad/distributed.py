@@ -215,7 +215,7 @@ def load_optimizer_state_dict(optimizer: SparseAdamW, state_dict: dict) -> None:
         for j, p in enumerate(group["params"]):
             entry, have = state_dict["state"][pid + j], meta["present"][pid + j]
             entries.append(entry)
-            own = {key: entry[key] for key in have
+            own = {key: entry[key].detach().clone() for key in have  # not shared with the state dict
                    if group["state_layout"] == "dense" or key in ("score_ema", "error")}
             if own:
                 optimizer.state[p] = own

@@ -71,11 +71,30 @@ def train(net, opt, data, rank: int = 0, world: int = 1) -> None:
         opt.step()
 
 
-def single_process(options: dict, steps: int) -> dict[str, torch.Tensor]:
-    """The reference: one process, the whole batch."""
+def blueprint():
+    """A fixed random blueprint for :func:`model` at block size 16."""
+    from sparse_grad.blueprint import Blueprint
+    g = torch.Generator().manual_seed(99)
     net = model()
-    opt = SparseAdamW(net.parameters(), **options)
-    train(net, opt, batches(steps))
+    return Blueprint({n: torch.rand(-(-p.numel() // 16), generator=g) for n, p in net.named_parameters()},
+                     block_size=16, shapes={n: p.shape for n, p in net.named_parameters()},
+                     dtypes={n: str(p.dtype) for n, p in net.named_parameters()})
+
+
+def optimizer(net, options: dict) -> SparseAdamW:
+    """SparseAdamW over ``net``'s named params; ``options["blueprint"] == "test"`` stands for
+    :func:`blueprint` (options must be picklable to reach the workers)."""
+    options = dict(options)
+    if options.get("blueprint") == "test":
+        options["blueprint"] = blueprint()
+    return SparseAdamW(net.named_parameters(), **options)
+
+
+def single_process(options: dict, steps: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """The reference: one process, the whole batch."""
+    net = model().to(dtype)
+    opt = optimizer(net, options)
+    train(net, opt, [(x.to(dtype), y.to(dtype)) for x, y in batches(steps)])
     return {name: p.detach().clone() for name, p in net.named_parameters()}
 
 
@@ -97,11 +116,16 @@ def full_params(net) -> dict[str, torch.Tensor]:
     return out
 
 
-def fsdp_run(rank: int, world: int, options: dict, steps: int) -> dict[str, torch.Tensor]:
-    net = fsdp(model(), world)
-    opt = SparseAdamW(net.parameters(), **options)
-    train(net, opt, batches(steps), rank, world)
-    return full_params(net)
+def fsdp_runs(rank: int, world: int, configs: list[dict], steps: int) -> list[dict[str, torch.Tensor]]:
+    """Train one FSDP2 model per config (``{"options": ..., "dtype": ...}``); their full params."""
+    out = []
+    for config in configs:
+        dtype = config.get("dtype", torch.float32)
+        net = fsdp(model().to(dtype), world)
+        opt = optimizer(net, config["options"])
+        train(net, opt, [(x.to(dtype), y.to(dtype)) for x, y in batches(steps)], rank, world)
+        out.append(full_params(net))
+    return out
 
 
 def checkpoint_state(net, opt) -> dict:
@@ -111,29 +135,48 @@ def checkpoint_state(net, opt) -> dict:
     return {"model": get_model_state_dict(net), "optim": optimizer_state_dict(opt)}
 
 
-def save_then_continue(rank: int, world: int, options: dict, before: int, after: int, path: str):
-    """Train ``before`` steps, save a DCP checkpoint to ``path``, train ``after`` more steps."""
+def save_then_continue(rank: int, world: int, configs: list[dict], before: int, after: int, folder: str):
+    """Per config: train ``before`` steps, save a DCP checkpoint, train ``after`` more steps."""
     import torch.distributed.checkpoint as dcp
-    net = fsdp(model(), world)
-    opt = SparseAdamW(net.parameters(), **options)
-    data = batches(before + after)
-    train(net, opt, data[:before], rank, world)
-    dcp.save(checkpoint_state(net, opt), checkpoint_id=path)
-    train(net, opt, data[before:], rank, world)
-    return full_params(net)
+    out = []
+    for n, options in enumerate(configs):
+        net = fsdp(model(), world)
+        opt = optimizer(net, options)
+        data = batches(before + after)
+        train(net, opt, data[:before], rank, world)
+        dcp.save(checkpoint_state(net, opt), checkpoint_id=os.path.join(folder, f"checkpoint{n}"))
+        train(net, opt, data[before:], rank, world)
+        out.append(full_params(net))
+    return out
 
 
-def resume(rank: int, world: int, options: dict, before: int, after: int, path: str):
-    """Load the checkpoint of :func:`save_then_continue` at this world size and train ``after`` steps."""
+def resume(rank: int, world: int, configs: list[dict], before: int, after: int, folder: str):
+    """Per config: load the checkpoint of :func:`save_then_continue` at this world size and train
+    ``after`` steps."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     from sparse_grad.distributed import load_optimizer_state_dict
-    net = fsdp(model(), world)
-    opt = SparseAdamW(net.parameters(), **options)
-    state = checkpoint_state(net, opt)
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(net, state["model"])
-    load_optimizer_state_dict(opt, state["optim"])
-    train(net, opt, batches(before + after)[before:], rank, world)
-    return full_params(net)
+    out = []
+    for n, options in enumerate(configs):
+        net = fsdp(model(), world)
+        opt = optimizer(net, options)
+        state = checkpoint_state(net, opt)
+        dcp.load(state, checkpoint_id=os.path.join(folder, f"checkpoint{n}"))
+        set_model_state_dict(net, state["model"])
+        load_optimizer_state_dict(opt, state["optim"])
+        train(net, opt, batches(before + after)[before:], rank, world)
+        out.append(full_params(net))
+    return out
+
+
+def ddp_runs(rank: int, world: int, configs: list[dict], steps: int) -> list[dict[str, torch.Tensor]]:
+    """Train one DDP model per options dict; their params."""
+    from torch.nn.parallel import DistributedDataParallel
+    out = []
+    for options in configs:
+        net = model()
+        opt = optimizer(net, options)
+        train(DistributedDataParallel(net), opt, batches(steps), rank, world)
+        out.append({name: p.detach().clone() for name, p in net.named_parameters()})
+    return out
