@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _compact, _policies
+from . import _compact, _policies, _sharding
 from .layout import num_blocks_of
 
 
@@ -41,6 +41,10 @@ def check_param_state(state: dict, p: torch.Tensor, group: dict, name: str) -> N
 def loaded_compact(state: dict, saved_group: dict, params: list, index: int) -> dict:
     """A saved group's compact state, checked against this group's params and on their device."""
     name = f"state_dict['compact'][{index}]"
+    if _sharding.is_dtensor(params[0]):
+        raise ValueError(f"{name} is compact state of FSDP2-sharded params, which state_dict() keeps per rank: "
+                         "checkpoint it with sparse_grad.distributed.optimizer_state_dict / "
+                         "load_optimizer_state_dict (any world size)")
     if saved_group["state_layout"] != "compact":
         raise ValueError(f"{name} is given, but the saved group's state_layout is {saved_group['state_layout']!r}")
     dtype = _policies.state_dtype(saved_group, params[0])

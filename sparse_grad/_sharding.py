@@ -149,6 +149,10 @@ def of_params(params: list, names: list[str], block_size: int) -> ShardedGroup |
     a mix of DTensors and plain tensors, several meshes, or an unsupported placement."""
     sharded = [is_dtensor(p) for p in params]
     if not any(sharded):
+        for p, name in zip(params, names):
+            if getattr(p, "_is_flat_param", False):  # its blocks would be per rank: wrong selections
+                raise ValueError(f"{name} is an FSDP1 FlatParameter (a rank's flat shard of several params); "
+                                 "SparseAdamW supports FSDP2 (torch.distributed.fsdp.fully_shard) and DDP")
         return None
     if not all(sharded):
         plain = names[sharded.index(False)]

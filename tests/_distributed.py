@@ -90,9 +90,16 @@ def optimizer(net, options: dict) -> SparseAdamW:
     return SparseAdamW(net.named_parameters(), **options)
 
 
-def single_process(options: dict, steps: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
+def freeze(net, names=()) -> None:
+    """Params that get no grad (they take no part in the selection)."""
+    for name, p in net.named_parameters():
+        p.requires_grad_(name not in names)
+
+
+def single_process(options: dict, steps: int, dtype=torch.float32, frozen=()) -> dict[str, torch.Tensor]:
     """The reference: one process, the whole batch."""
     net = model().to(dtype)
+    freeze(net, frozen)
     opt = optimizer(net, options)
     train(net, opt, [(x.to(dtype), y.to(dtype)) for x, y in batches(steps)])
     return {name: p.detach().clone() for name, p in net.named_parameters()}
@@ -121,7 +128,9 @@ def fsdp_runs(rank: int, world: int, configs: list[dict], steps: int) -> list[di
     out = []
     for config in configs:
         dtype = config.get("dtype", torch.float32)
-        net = fsdp(model().to(dtype), world)
+        net = model().to(dtype)
+        freeze(net, config.get("frozen", ()))
+        net = fsdp(net, world)
         opt = optimizer(net, config["options"])
         train(net, opt, [(x.to(dtype), y.to(dtype)) for x, y in batches(steps)], rank, world)
         out.append(full_params(net))

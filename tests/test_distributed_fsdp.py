@@ -31,11 +31,13 @@ STEPS = 6
 def test_fsdp2_equals_one_process(world, tmp_path):
     configs = [{"options": {**BASE, **c}} for c in CONFIGS]
     configs.append({"options": {**BASE, "max_grad_norm": 0.1}, "dtype": torch.float64})
+    for layout in ("dense", "compact"):  # params without a grad take no part
+        configs.append({"options": {**BASE, "state_layout": layout, "reselect_every": 2}, "frozen": ("0.bias", "3.weight")})
     results = spawn(_distributed.fsdp_runs, world, tmp_path, configs, STEPS)
     start = {n: p.detach() for n, p in model().named_parameters()}
     for i, config in enumerate(configs):
         dtype = config.get("dtype", torch.float32)
-        expected = single_process(config["options"], STEPS, dtype)
+        expected = single_process(config["options"], STEPS, dtype, config.get("frozen", ()))
         atol, rtol = TOLERANCES[dtype]
         for rank, per_rank in enumerate(results):
             for name, value in expected.items():
@@ -127,3 +129,18 @@ def test_one_score_all_reduce_per_reselection(tmp_path):
     assert every3 == [[4 * blocks], [], []] * 2  # only at a reselection
     assert clipped == [[4 * blocks]] * 6  # clipping needs the norm every step: the same reduce
     assert dense == [[]] * 6  # density 1: nothing to select, nothing reduced
+
+
+def test_fsdp1_flat_params_raise():
+    """FSDP1 (which needs an accelerator) hands the optimizer FlatParameters, marked by
+    ``_is_flat_param``: a rank's flat shard of several params, whose blocks would differ per rank."""
+    from sparse_grad import SparseAdamW
+    flat = torch.nn.Parameter(torch.randn(40))
+    flat._is_flat_param = True
+    flat.grad = torch.randn(40)
+    opt = SparseAdamW([torch.nn.Parameter(torch.randn(3)), flat], block_size=4)
+    opt.param_groups[0]["params"][0].grad = torch.randn(3)
+    before = flat.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] is an FSDP1 FlatParameter"):
+        opt.step()
+    assert torch.equal(flat.detach(), before) and not opt.state
