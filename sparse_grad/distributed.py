@@ -42,7 +42,7 @@ from . import _compact, _policies, _sharding
 from .layout import num_blocks_of
 from .sparse_adamw import SparseAdamW, _check_hyperparameters, _Selection
 
-__all__ = ["optimizer_state_dict", "load_optimizer_state_dict"]
+__all__ = ["load_optimizer_state_dict", "optimizer_state_dict"]
 
 FORMAT = 1
 _PER_ELEMENT = ("exp_avg", "exp_avg_sq", "error")

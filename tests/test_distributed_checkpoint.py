@@ -3,12 +3,12 @@ FSDP2 at world size 2, resumed at 3, the run continues as if never interrupted; 
 state. Without a process group, the same functions round-trip bit for bit."""
 from __future__ import annotations
 
+import _distributed
 import pytest
 import torch
 from _distributed import single_process, spawn
 from _utils import assert_same, heavy_tailed
 
-import _distributed
 from sparse_grad import SparseAdamW
 from sparse_grad.distributed import load_optimizer_state_dict, optimizer_state_dict
 
@@ -30,7 +30,7 @@ def test_resume_at_another_world_size(tmp_path):
         for name, value in expected.items():
             for run in (saved[0][i], resumed[0][i], resumed[2][i]):
                 torch.testing.assert_close(run[name], value, atol=1e-6, rtol=1e-5,
-                                           msg=lambda m: f"options {options}, {name}: {m}")
+                                           msg=lambda m, o=options, n=name: f"options {o}, {n}: {m}")
 
 
 def _steps(model, opt, n):

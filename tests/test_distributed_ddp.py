@@ -2,12 +2,11 @@
 the same blocks and applies the same update; the result is one process's on the global batch."""
 from __future__ import annotations
 
+import _distributed
 import pytest
 import torch
 from _distributed import single_process, spawn
 from _utils import assert_same
-
-import _distributed
 
 CONFIGS = [
     {"lr": 1e-2, "density": 0.2, "block_size": 16},
@@ -28,4 +27,4 @@ def test_ddp_ranks_identical_and_equal_one_process(world, tmp_path):
         expected = single_process(options, STEPS)
         for name, value in expected.items():
             torch.testing.assert_close(results[0][i][name], value, atol=1e-6, rtol=1e-5,
-                                       msg=lambda m: f"options {options}, {name}: {m}")
+                                       msg=lambda m, o=options, n=name: f"options {o}, {n}: {m}")

@@ -2,12 +2,12 @@
 process on the same global batch, for every selection feature, at world sizes 1, 2 and 3."""
 from __future__ import annotations
 
+import _distributed
 import pytest
 import torch
 from _distributed import fsdp, model, single_process, spawn
 from _utils import TOLERANCES
 
-import _distributed
 from sparse_grad import backends
 
 BASE = {"lr": 1e-2, "density": 0.3, "block_size": 16}
@@ -42,7 +42,7 @@ def test_fsdp2_equals_one_process(world, tmp_path):
         for rank, per_rank in enumerate(results):
             for name, value in expected.items():
                 torch.testing.assert_close(per_rank[i][name], value, atol=atol, rtol=rtol,
-                                           msg=lambda m: f"config {config}, rank {rank}, {name}: {m}")
+                                           msg=lambda m, c=config, r=rank, n=name: f"config {c}, rank {r}, {n}: {m}")
         moved = sum(not torch.equal(expected[n], start[n].to(dtype)) for n in expected)
         assert moved >= 3, f"config {config}: too few params changed to tell anything"
 
