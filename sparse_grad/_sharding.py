@@ -144,9 +144,18 @@ def _cached(numels, ranges, block_size, device, process_group) -> ShardedGroup:
     return ShardedGroup(numels, ranges, block_size, device, process_group)
 
 
-def of_params(params: list, names: list[str], block_size: int) -> ShardedGroup | None:
-    """The sharded view of a group's params, or None if none is a DTensor. Raises ValueError for
-    a mix of DTensors and plain tensors, several meshes, or an unsupported placement."""
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
+def of_params(params: list, where: str, positions: list[int], block_size: int) -> ShardedGroup | None:
+    """The sharded view of a group's params (``group["params"][j]`` for ``j`` in ``positions``),
+    or None if none is a DTensor. Raises ValueError for a mix of DTensors and plain tensors,
+    several meshes, an unsupported placement, or FSDP1's flat params."""
+    # The common case, checked every step: keep it cheap. FSDP1's FlatParameter is a Parameter
+    # marked by an instance attribute.
+    if all(type(p) in _PLAIN and "_is_flat_param" not in p.__dict__ for p in params):
+        return None
+    names = [f"{where}['params'][{j}]" for j in positions]
     sharded = [is_dtensor(p) for p in params]
     if not any(sharded):
         for p, name in zip(params, names):
@@ -230,8 +239,7 @@ def whole_group(opt, index: int) -> ShardedGroup:
     """The sharded view of all the group's params (compact state counts blocks over all)."""
     group = opt.param_groups[index]
     params = group["params"]
-    return of_params(params, [f"param_groups[{index}]['params'][{j}]" for j in range(len(params))],
-                     group["block_size"])
+    return of_params(params, f"param_groups[{index}]", list(range(len(params))), group["block_size"])
 
 
 def _compact_state(opt, plan, block_ids: torch.Tensor, reselected: bool) -> dict:

@@ -328,7 +328,7 @@ class SparseAdamW(Optimizer):
             grads.append(grad)
         if not params:
             return None
-        sharding = _sharding.of_params(params, [f"{where}['params'][{j}]" for j in positions], group["block_size"])
+        sharding = _sharding.of_params(params, where, positions, group["block_size"])
         if sharding is not None:
             device = sharding.piece_global.device
         self._check_compact(index, group, where)

@@ -132,11 +132,11 @@ def test_one_score_all_reduce_per_reselection(tmp_path):
 
 
 def test_fsdp1_flat_params_raise():
-    """FSDP1 (which needs an accelerator) hands the optimizer FlatParameters, marked by
-    ``_is_flat_param``: a rank's flat shard of several params, whose blocks would differ per rank."""
+    """FSDP1 (which needs an accelerator to wrap a model) hands the optimizer FlatParameters: a
+    rank's flat shard of several params, whose blocks would differ per rank."""
     from sparse_grad import SparseAdamW
-    flat = torch.nn.Parameter(torch.randn(40))
-    flat._is_flat_param = True
+    from torch.distributed.fsdp._flat_param import FlatParameter
+    flat = FlatParameter(torch.randn(40), requires_grad=True)
     flat.grad = torch.randn(40)
     opt = SparseAdamW([torch.nn.Parameter(torch.randn(3)), flat], block_size=4)
     opt.param_groups[0]["params"][0].grad = torch.randn(3)
