@@ -119,4 +119,5 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    dist.barrier()  # gloo aborts a process whose peers tear down while it still talks to them
     dist.destroy_process_group()
