@@ -401,7 +401,9 @@ class SparseAdamW(Optimizer):
         group, layout = plan.group, plan.layout
         key = _selection_key(plan)
         selection = self._selections.get(plan.index)
-        draw = 0 if selection is None else selection.draw
+        # Counted only for random draws: a count changing every step would make a compiled step
+        # recompile (dynamo specializes on it).
+        draw = selection.draw if selection is not None and group["selection"] == "random" else 0
         due = (selection is None or selection.key != key
                or (group["density"] < 1.0 and selection.age >= group["reselect_every"]))
         ranks_current = (due and group["density"] < 1.0 and group["blueprint_weight"] < 1.0
@@ -422,7 +424,8 @@ class SparseAdamW(Optimizer):
                 ids = _policies.select(self._selection_scores(plan, scores, skip), layout, group, plan.backend)
             if skip is not None and selection is not None and selection.key == key:
                 ids = torch.where(skip, selection.block_ids, ids)  # an overflowed step keeps it
-            selection = self._selections[plan.index] = _Selection(key, ids, 0, draw + 1)
+            draw += group["selection"] == "random"
+            selection = self._selections[plan.index] = _Selection(key, ids, 0, draw)
         selection.age += 1
         return selection.block_ids, scores, due
 
