@@ -151,6 +151,11 @@ def of_params(params: list, where: str, positions: list[int], block_size: int) -
     """The sharded view of a group's params (``group["params"][j]`` for ``j`` in ``positions``),
     or None if none is a DTensor. Raises ValueError for a mix of DTensors and plain tensors,
     several meshes, an unsupported placement, or FSDP1's flat params."""
+    if torch.compiler.is_compiling():  # dynamo traces isinstance and getattr, not __dict__
+        if any(is_dtensor(p) or getattr(p, "_is_flat_param", False) for p in params):
+            raise ValueError(f"{where} holds sharded params (DTensor or FSDP1 FlatParameter): a compiled "
+                             "SparseAdamW.step supports plain tensors only; step it eagerly")
+        return None
     # The common case, checked every step: keep it cheap. FSDP1's FlatParameter is a Parameter
     # marked by an instance attribute.
     if all(type(p) in _PLAIN and "_is_flat_param" not in p.__dict__ for p in params):

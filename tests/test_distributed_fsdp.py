@@ -134,8 +134,9 @@ def test_one_score_all_reduce_per_reselection(tmp_path):
 def test_fsdp1_flat_params_raise():
     """FSDP1 (which needs an accelerator to wrap a model) hands the optimizer FlatParameters: a
     rank's flat shard of several params, whose blocks would differ per rank."""
-    from sparse_grad import SparseAdamW
     from torch.distributed.fsdp._flat_param import FlatParameter
+
+    from sparse_grad import SparseAdamW
     flat = FlatParameter(torch.randn(40), requires_grad=True)
     flat.grad = torch.randn(40)
     opt = SparseAdamW([torch.nn.Parameter(torch.randn(3)), flat], block_size=4)
