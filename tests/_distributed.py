@@ -189,3 +189,33 @@ def ddp_runs(rank: int, world: int, configs: list[dict], steps: int) -> list[dic
         train(DistributedDataParallel(net), opt, batches(steps), rank, world)
         out.append({name: p.detach().clone() for name, p in net.named_parameters()})
     return out
+
+
+def per_rank_state_dict(rank: int, world: int, options: dict, before: int, after: int):
+    """SparseAdamW.state_dict() / load_state_dict() on each rank at an unchanged world size:
+    (the uninterrupted run's params, the resumed run's params, the compact capacity and the
+    number of selected blocks), or the ValueError's message where loading refuses."""
+    import copy
+
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+    data = batches(before + after)
+    net = fsdp(model(), world)
+    opt = optimizer(net, options)
+    train(net, opt, data[:before], rank, world)
+    saved_model = copy.deepcopy(get_model_state_dict(net))
+    saved_opt = copy.deepcopy(opt.state_dict())
+    capacity = int(opt._compact[0]["block_of_slot"].numel()) if opt._compact else None
+    selected = int(opt._selections[0].block_ids.numel())
+    train(net, opt, data[before:], rank, world)
+    again = fsdp(model(), world)
+    set_model_state_dict(again, saved_model)
+    resumed = optimizer(again, options)
+    try:
+        resumed.load_state_dict(saved_opt)
+    except ValueError as err:
+        return str(err), capacity, selected
+    train(again, resumed, data[before:], rank, world)
+    return (full_params(net), full_params(again)), capacity, selected

@@ -80,3 +80,19 @@ def test_load_checks_before_changing_anything():
     assert_same(opt.state_dict(), before)
     with pytest.raises(TypeError, match="SparseAdamW"):
         optimizer_state_dict(torch.optim.AdamW(model.parameters()))
+
+
+def test_per_rank_state_dict_and_local_compact_state(tmp_path):
+    """Dense: each rank's SparseAdamW.state_dict() reloads at the same world size and continues bit
+    for bit. Compact: each rank keeps slots only for its parts of the selected blocks, and its
+    per-rank state_dict refuses to load, pointing to sparse_grad.distributed."""
+    dense = spawn(_distributed.per_rank_state_dict, 3, tmp_path / "dense", BASE, BEFORE, AFTER)
+    for (uninterrupted, resumed), _, _ in dense:
+        assert_same(resumed, uninterrupted)
+    compact = spawn(_distributed.per_rank_state_dict, 3, tmp_path / "compact",
+                    {**BASE, "state_layout": "compact"}, BEFORE, AFTER)
+    selected = compact[0][2]
+    capacities = [capacity for _, capacity, _ in compact]
+    assert all(0 < c < selected for c in capacities) and sum(capacities) >= selected, (capacities, selected)
+    for message, _, _ in compact:
+        assert "sparse_grad.distributed" in message
