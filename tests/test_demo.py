@@ -167,3 +167,13 @@ def test_outputs_of_a_tiny_in_process_run(tmp_path):
     assert all("repeats" in c["basis"] for c in data["comparisons"])
     assert "standard error over the 2 repeats" in (tmp_path / "report.md").read_text()
     assert isinstance(SparseAdamW, type) and "norm d=0.3" in table
+
+
+def test_cli_rejects_bad_options_before_training(tmp_path, capsys):
+    from sparse_grad.cli import main
+
+    assert main(["demo", "--quick", "--densities", "0.1", "1.0", "--out", str(tmp_path / "x")]) == 2
+    assert "densities must be in (0, 1)" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--stage2-steps", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "stage2_steps must be a positive int" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -115,7 +115,7 @@ def verdict(a: Summary, b: Summary) -> dict:
     else:
         outcome = "a" if diff > 0 else "b"
     text = {"tie": f"tie: {a.name} and {b.name} differ by {abs(diff):.4f} nats, within {NOISE_SIGMAS:g} standard "
-                   f"errors ({stderr:.4f})",
+                   f"errors (SE {stderr:.4f})",
             "identical": f"{a.name} and {b.name} end with the same loss",
             "a": f"{a.name} is better by {diff:.4f} ± {stderr:.4f} nats ({diff / stderr if stderr else math.inf:.1f} SE)",
             "b": f"{b.name} is better by {-diff:.4f} ± {stderr:.4f} nats "
@@ -194,8 +194,17 @@ def findings(results: DemoResults, summaries: Sequence[Summary], verdicts: Seque
     fastest = min((s for s in summaries if s.family != "dense"), key=lambda s: s.optimizer_ms, default=None)
     if dense is not None and fastest is not None:
         out.append(f"Optimizer step: dense AdamW {dense.optimizer_ms:.2f} ms; the fastest other variant, "
-                   f"{fastest.name}, {fastest.optimizer_ms:.2f} ms. Whole steps take {dense.step_ms:.0f} ms "
-                   "(forward and backward dominate at this model size), so time-based CPR follows the loss gain.")
+                   f"{fastest.name}, {fastest.optimizer_ms:.2f} ms. A whole step takes "
+                   f"{min(s.step_ms for s in summaries):.0f}-{max(s.step_ms for s in summaries):.0f} ms (median per "
+                   "variant): forward and backward dominate at this model size, so CPR by device-hours mostly "
+                   "follows the loss gain.")
+    # Variants that do the same work per step (full backward, dense state) should take the same
+    # time; when they do not, the machine's load changed between runs and time-based numbers carry it.
+    same_work = [s.step_ms for s in summaries if s.family in ("dense", "norm", "random", "blueprint")]
+    if same_work and max(same_work) > 1.3 * min(same_work):
+        out.append(f"Machine load varied during the run: variants with the same work per step took "
+                   f"{min(same_work):.0f} to {max(same_work):.0f} ms per step, so the time-based columns (step ms, "
+                   "CPR vs dense) carry that noise; the loss comparisons do not (same steps, same batches).")
     return out
 
 

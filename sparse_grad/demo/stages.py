@@ -10,7 +10,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -109,7 +109,8 @@ class Stage1Result:
     report: HeavyTailReport = field(repr=False)
 
     def summary(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("state", "snapshot", "report")}
+        # Field by field: asdict() would deep-copy the weights and the snapshot.
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("state", "snapshot", "report")}
         overall = self.report.overall
         fit = overall.power_law
         d["heavy_tail"] = {"blocks": overall.num_blocks, "gini": overall.gini,
