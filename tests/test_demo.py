@@ -177,3 +177,34 @@ def test_cli_rejects_bad_options_before_training(tmp_path, capsys):
     assert main(["demo", "--quick", "--stage2-steps", "0", "--out", str(tmp_path / "x")]) == 2
     assert "stage2_steps must be a positive int" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+class FakeStream:
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_bar_redraws_on_a_terminal_and_writes_one_line_elsewhere(tty):
+    stream = FakeStream(tty)
+    with ProgressBar(7, "work", stream=stream, width=7, min_interval=0.0) as bar:
+        for i in range(7):
+            bar.update(1, note=f"loss {i}")
+    lines = stream.text.split("\n")
+    assert lines[-1] == "" and len(lines) == 2  # one line, ended once
+    final = lines[0].split("\r")[-1]
+    assert final.startswith("[#######] 7/7 work") and final.rstrip("\x1b[K").endswith("loss 6")
+    assert stream.text.count("\r") == (8 if tty else 0)  # every update redrawn, plus the close
+    silent = FakeStream(True)
+    with ProgressBar(3, "quiet", stream=silent, enabled=False) as bar:
+        bar.update(3)
+    assert silent.text == ""
