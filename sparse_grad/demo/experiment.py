@@ -3,18 +3,18 @@ variant from the same stage-1 weights on English prose, with the same batches an
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import __version__, _checks
 from ..backends import resolve
 from ..blueprint import Blueprint
 from ..cpr import MarginalReturnStopper
@@ -87,9 +87,7 @@ def check_config(cfg: DemoConfig) -> None:
     for name in ("width", "layers", "heads", "context", "batch", "block_size", "source_bytes", "prose_bytes",
                  "stage1_steps", "check_every", "stopper_window", "stopper_patience", "stage2_steps", "eval_every",
                  "val_batches", "repeats", "threads"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _checks.positive_int(getattr(cfg, name), name)
     if cfg.val_batches < 2:
         raise ValueError(f"val_batches must be at least 2 (for a standard error), got {cfg.val_batches}")
     if not cfg.densities or not all(0.0 < d < 1.0 for d in cfg.densities):
@@ -100,9 +98,9 @@ def check_config(cfg: DemoConfig) -> None:
         raise ValueError(f"fixed_last_layers must be in [0, layers={cfg.layers}], got {cfg.fixed_last_layers}")
     if cfg.width % cfg.heads:
         raise ValueError(f"width ({cfg.width}) must be a multiple of heads ({cfg.heads})")
-    for name in ("stage1_lr", "stage2_lr"):
-        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
-            raise ValueError(f"{name} must be a positive number, got {getattr(cfg, name)!r}")
+    for name in ("stage1_lr", "stage2_lr", "stopper_eta"):
+        _checks.positive(getattr(cfg, name), name)
+    _checks.non_negative(cfg.weight_decay, "weight_decay")
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device is {cfg.device!r}, but CUDA is not available here")
@@ -153,8 +151,6 @@ def _cpu_name() -> str:
 def run_demo(cfg: DemoConfig, out_dir: Path, *, progress: bool = True) -> DemoResults:
     """Run both stages; writes the blueprint into ``out_dir`` (the report is :mod:`.report`'s)."""
     check_config(cfg)
-    import time
-
     started = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)

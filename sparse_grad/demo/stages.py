@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from .. import _checks
 from ..analysis import GradientMonitor, GradientSnapshot, HeavyTailReport
 from ..blueprint import Blueprint
 from ..cpr import MarginalReturnStopper, ResourceMeter
@@ -133,6 +134,8 @@ def run_stage1(model: torch.nn.Module, train: Iterable[Batch], val_batches: Sequ
     The stopper sees Ψ = −validation loss and Γ = training tokens in millions: compute for a
     fixed model, and unlike device-hours the same on every machine, so where stage 1 stops does
     not depend on how busy the machine is. The ResourceMeter's readings go into the result."""
+    _checks.positive_int(steps, "steps")
+    _checks.positive_int(check_every, "check_every")
     monitor = GradientMonitor(model, block_size=block_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     meter = _MeteredSegments(device, opt)
@@ -163,6 +166,8 @@ def run_stage1(model: torch.nn.Module, train: Iterable[Batch], val_batches: Sequ
         if step >= steps:
             break
     meter.end()
+    if not curve:
+        raise ValueError("train gave no batches")
     bar.close(f"{step} steps ({'stopped: marginal return below eta' if stopped_by == 'stopper' else 'step cap'})")
 
     snapshot = monitor.snapshot()
@@ -242,10 +247,8 @@ def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module], tra
     of the training steps (not the evaluations) with :class:`~sparse_grad.cpr.ResourceMeter`;
     records the mask churn of SparseAdamW through its score hook.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
-        raise ValueError(f"eval_every must be a positive int, got {eval_every!r}")
+    _checks.positive_int(steps, "steps")
+    _checks.positive_int(eval_every, "eval_every")
     model = make_model()
     opt = variant.build(model, seed)
     params = list(model.parameters())
