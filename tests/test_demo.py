@@ -208,3 +208,21 @@ def test_progress_bar_redraws_on_a_terminal_and_writes_one_line_elsewhere(tty):
     with ProgressBar(3, "quiet", stream=silent, enabled=False) as bar:
         bar.update(3)
     assert silent.text == ""
+
+
+def test_run_variant_hands_the_model_to_a_batch_source():
+    """A callable train source sees the model being trained (for data selection)."""
+    make_model, _, val = small_setup()
+    train_data, _ = train_val_split(prose_bytes(40_000))
+    seen = []
+
+    def source(model):
+        seen.append(model)
+        for x, y in batches(train_data, 4, 4, 16, seed=5):
+            assert model.training  # evaluation switched it back
+            yield x, y
+
+    with one_thread():
+        r = run_variant(sparse("norm", 0.2, lr=3e-3, weight_decay=0.0, block_size=64), make_model, source, val,
+                        steps=4, eval_every=2, device=torch.device("cpu"), progress=False)
+    assert len(seen) == 1 and isinstance(seen[0], TinyLM) and [p["step"] for p in r.curve] == [0, 2, 4]

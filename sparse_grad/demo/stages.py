@@ -234,13 +234,18 @@ class _ChurnRecorder:
             self.churn.append(changed / total)
 
 
-def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module], train: Iterable[Batch],
+def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module],
+                train: Iterable[Batch] | Callable[[torch.nn.Module], Iterable[Batch]],
                 val_batches: Sequence[Batch], *, steps: int, eval_every: int, device: torch.device, seed: int = 0,
                 progress: bool = True, label: str | None = None,
                 loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss
                 ) -> VariantResult:
     """Train ``variant`` for ``steps`` steps on ``train`` from ``make_model()`` (a fresh model
     with the start weights, on ``device``) and measure it.
+
+    ``train`` is an iterable of ``(inputs, targets)`` batches, or a callable that receives the
+    model being trained and returns one (for batches chosen by looking at the model, e.g. data
+    selection); the batches are drawn lazily, one per step, outside the timed region.
 
     Evaluates on ``val_batches`` at the start and every ``eval_every`` steps; times
     ``optimizer.step()`` alone and the whole step (synchronizing on CUDA); meters the resources
@@ -251,6 +256,8 @@ def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module], tra
     _checks.positive_int(eval_every, "eval_every")
     model = make_model()
     opt = variant.build(model, seed)
+    if callable(train) and not hasattr(train, "__iter__"):
+        train = train(model)
     params = list(model.parameters())
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     trained_fraction = sum(p.numel() for p in params if id(p) in trained) / sum(p.numel() for p in params)
