@@ -124,13 +124,13 @@ class DemoResults:
                 "stage2": [v.as_dict() for v in self.variants], "elapsed_s": self.elapsed_s}
 
 
-def environment(cfg: DemoConfig) -> dict:
+def environment(cfg: DemoConfig, started: datetime.datetime) -> dict:
     device = torch.device(cfg.device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = _cpu_name()
-    return {"date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    return {"date_utc": started.strftime("%Y-%m-%d %H:%M UTC"),  # when the run started
             "machine": name, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "device": str(device), "backend": resolve(cfg.backend, device),
             "python": platform.python_version(), "torch": torch.__version__, "sparse_grad": __version__,
@@ -151,7 +151,8 @@ def _cpu_name() -> str:
 def run_demo(cfg: DemoConfig, out_dir: Path, *, progress: bool = True) -> DemoResults:
     """Run both stages; writes the blueprint into ``out_dir`` (the report is :mod:`.report`'s)."""
     check_config(cfg)
-    started = time.perf_counter()
+    # timezone.utc, not datetime.UTC: Python 3.10 is supported
+    started, started_at = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +199,7 @@ def run_demo(cfg: DemoConfig, out_dir: Path, *, progress: bool = True) -> DemoRe
                                        eval_every=cfg.eval_every, device=device, seed=repeat, progress=progress,
                                        label=label))
     start_val = statistics.fmean(r.curve[0]["val_loss"] for r in results)
-    return DemoResults(config=cfg, environment=environment(cfg), data=data, stage1=stage1, start_val_loss=start_val,
+    return DemoResults(config=cfg, environment=environment(cfg, started_at), data=data, stage1=stage1, start_val_loss=start_val,
                        variants=results, elapsed_s=time.perf_counter() - started)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Self, TextIO
+from typing import TextIO
 
 __all__ = ["ProgressBar"]
 
@@ -57,7 +57,7 @@ class ProgressBar:
         self.stream.write(f"{prefix}{line}\x1b[K" if self.live else line)
         self.stream.flush()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ProgressBar:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, *exc) -> None:
