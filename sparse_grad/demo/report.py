@@ -198,6 +198,14 @@ def findings(results: DemoResults, summaries: Sequence[Summary], verdicts: Seque
                    f"{min(s.step_ms for s in summaries):.0f}-{max(s.step_ms for s in summaries):.0f} ms (median per "
                    "variant): forward and backward dominate at this model size, so CPR by device-hours mostly "
                    "follows the loss gain.")
+    ranked = sorted((s for s in summaries if s.family != "dense" and math.isfinite(s.cpr_vs_dense)),
+                    key=lambda s: s.cpr_vs_dense, reverse=True)
+    if ranked:
+        above = [s.name for s in ranked if s.cpr_vs_dense > 1]
+        out.append(f"CPR relative to dense AdamW (loss gained per device-hour of training): "
+                   f"{ranked[-1].cpr_vs_dense:.2f} ({ranked[-1].name}) to {ranked[0].cpr_vs_dense:.2f} "
+                   f"({ranked[0].name}); " + (f"above dense: {', '.join(above)}." if above else
+                                              "none is above dense."))
     # Variants that do the same work per step (full backward, dense state) should take the same
     # time; when they do not, the machine's load changed between runs and time-based numbers carry it.
     same_work = [s.step_ms for s in summaries if s.family in ("dense", "norm", "random", "blueprint")]
