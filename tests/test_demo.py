@@ -226,3 +226,25 @@ def test_run_variant_hands_the_model_to_a_batch_source():
         r = run_variant(sparse("norm", 0.2, lr=3e-3, weight_decay=0.0, block_size=64), make_model, source, val,
                         steps=4, eval_every=2, device=torch.device("cpu"), progress=False)
     assert len(seen) == 1 and isinstance(seen[0], TinyLM) and [p["step"] for p in r.curve] == [0, 2, 4]
+
+
+def test_stage1_stops_by_the_stopper_and_saves_a_blueprint(tmp_path):
+    from sparse_grad.blueprint import Blueprint
+    from sparse_grad.cpr import MarginalReturnStopper
+    from sparse_grad.demo import stdlib_bytes
+    from sparse_grad.demo.stages import run_stage1
+
+    train, val = train_val_split(stdlib_bytes(40_000))
+    torch.manual_seed(0)
+    model = TinyLM(16, width=32, layers=1, heads=2)
+    stopper = MarginalReturnStopper(window=1, eta=1e9, patience=1)  # any return is too low
+    with one_thread():
+        result = run_stage1(model, batches(train, 20, 4, 16, seed=1), list(batches(val, 2, 4, 16, seed=2)), steps=20,
+                            lr=3e-3, weight_decay=0.0, block_size=64, check_every=3, stopper=stopper,
+                            blueprint_path=tmp_path / "bp.safetensors", device=torch.device("cpu"), progress=False)
+    assert result.stopped_by == "stopper" and result.steps == 6 and [p["step"] for p in result.curve] == [3, 6]
+    assert len(result.cpr) == 1 and result.resources["elapsed_s"] > 0
+    assert Blueprint.load(tmp_path / "bp.safetensors").steps == 6
+    assert all(torch.equal(result.state[k], v) for k, v in model.state_dict().items())
+    summary = result.summary()
+    assert "state" not in summary and 0 < summary["heavy_tail"]["gini"] < 1
