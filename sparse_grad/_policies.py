@@ -15,12 +15,18 @@ from . import _checks, ops
 from .layout import BlockLayout
 
 SCORES = ("l2", "rms")
+SELECTIONS = ("norm", "random")
 STATE_DTYPES = (None, torch.float32)
 
 
 def check_options(group: dict, name) -> None:
     """The group options of this module; ``name(key)`` spells a key for the message."""
     _checks.choice(group["score"], SCORES, name("score"))
+    _checks.choice(group["selection"], SELECTIONS, name("selection"))
+    _checks.non_negative_int(group["seed"], name("seed"))
+    if group["selection"] == "random" and group["score_ema"] != 0.0:
+        raise ValueError(f"{name('score_ema')} is {group['score_ema']}, but selection='random' ranks "
+                         "no scores: set score_ema=0")
     _checks.beta(group["score_ema"], name("score_ema"))
     _checks.non_negative_int(group["min_blocks_per_tensor"], name("min_blocks_per_tensor"))
     _checks.flag(group["error_feedback"], name("error_feedback"))
@@ -47,6 +53,28 @@ def scores_of(sqnorms: torch.Tensor, layout: BlockLayout, kind: str) -> torch.Te
     if kind == "l2":
         return sqnorms
     return sqnorms / _block_numels(layout.numels, layout.block_size, sqnorms.device)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer hash (Wellons' lowbias32) of ints or int64 tensors holding 32-bit
+    values; int64 products wrap, and the mask keeps their exact low 32 bits."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def random_scores(layout: BlockLayout, seed: int, group_index: int, draw: int) -> torch.Tensor:
+    """Uniform random fp32 block scores for ``selection="random"``: a hash of (seed, group, draw,
+    block id) computed on device — no generator state, so a resumed run draws the same blocks,
+    and the same ids on every process. 24-bit values: ties (rare) go to the lower id."""
+    base = _mix32(_mix32(_mix32(seed & _MASK32) ^ group_index) ^ (draw & _MASK32))
+    ids = torch.arange(layout.num_blocks, dtype=torch.int64, device=layout.device)
+    return (_mix32((ids * 0x9E3779B9 + base) & _MASK32) >> 8).float()
 
 
 def update_ema(states: list[dict], scores: torch.Tensor, layout: BlockLayout, beta: float,

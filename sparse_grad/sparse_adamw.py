@@ -26,6 +26,7 @@ class _Selection:
     key: tuple  # (positions of params with a grad, block_size, density, scope)
     block_ids: torch.Tensor
     age: int  # steps taken with these ids
+    draw: int = 0  # how many selections the group has made (selection="random" hashes it)
 
 
 @dataclass
@@ -78,7 +79,7 @@ def _selection_key(plan: _Plan) -> tuple:
     """What a selection depends on besides the scores: a change of any of it reselects."""
     group = plan.group
     return (tuple(plan.positions), group["block_size"], group["density"], group["scope"],
-            group["score"], group["min_blocks_per_tensor"])
+            group["score"], group["min_blocks_per_tensor"], group["selection"], group["seed"])
 
 
 def _normalized(scores: torch.Tensor) -> torch.Tensor:
@@ -100,6 +101,7 @@ class SparseAdamW(Optimizer):
             scores = sum of squares of g over each block (score="rms": / block elements)
             scores = β · ema + (1 − β) · scores                     (score_ema = β > 0)
             scores = α · blueprint/Σ + (1 − α) · scores/Σ      (only with a blueprint, α > 0)
+            (selection="random": scores = a hash of (seed, group, draw, block id) instead)
             ids    = the ceil(density · n) highest-scoring blocks, ties to the lower id;
                      scope="tensor": ceil(density · blocks of t) blocks of every tensor t;
                      each tensor gets at least min(min_blocks_per_tensor, its blocks)
@@ -155,6 +157,12 @@ class SparseAdamW(Optimizer):
             the norm from the same norm pass and the coefficient applied inside the update kernel.
         state_layout: ``"dense"`` (moments like the params) or ``"compact"`` (moments only for
             the selected blocks, see :mod:`sparse_grad._compact`).
+        selection: ``"norm"`` (rank blocks by their scores, above) or ``"random"``: the same
+            number of blocks, under the same scope and minima, drawn uniformly at random at
+            each reselection — the control an informed selection must beat. No norm pass;
+            ``score_ema`` must be 0 and a blueprint is not blended in.
+        seed: the random draws' seed (``selection="random"``); draw ``r`` of group ``i`` hashes
+            (seed, i, r, block id) on device, so a resumed run draws the same blocks.
 
     ``lr``, ``betas`` and ``weight_decay`` may be one-element tensors (read on device: a
     scheduler changing them neither syncs nor recompiles ``torch.compile(opt.step)``).
@@ -195,6 +203,8 @@ class SparseAdamW(Optimizer):
         error_feedback: bool = False,
         max_grad_norm: float | None = None,
         state_layout: str = "dense",
+        selection: str = "norm",
+        seed: int = 0,
     ):
         if amsgrad is not False:
             raise ValueError("amsgrad=True is not supported by SparseAdamW")
@@ -208,7 +218,8 @@ class SparseAdamW(Optimizer):
                     "reselect_every": reselect_every, "backend": backend, "blueprint_weight": blueprint_weight,
                     "state_dtype": state_dtype, "score": score, "score_ema": score_ema,
                     "min_blocks_per_tensor": min_blocks_per_tensor, "error_feedback": error_feedback,
-                    "max_grad_norm": max_grad_norm, "state_layout": state_layout}
+                    "max_grad_norm": max_grad_norm, "state_layout": state_layout, "selection": selection,
+                    "seed": seed}
         _check_hyperparameters(defaults)
         self._blueprint = blueprint
         self._check_blueprint_weight(defaults, "blueprint_weight")
@@ -225,6 +236,9 @@ class SparseAdamW(Optimizer):
         self.__dict__.setdefault("_blueprint", None)
         self.__dict__.setdefault("_blueprint_scores", {})
         self.__dict__.setdefault("_score_hooks", OrderedDict())
+        for group in self.param_groups:  # state dicts saved before these options existed
+            group.setdefault("selection", "norm")
+            group.setdefault("seed", 0)
 
     def register_score_hook(self, hook: Callable[..., None]) -> RemovableHandle:
         """Call ``hook(optimizer, group_index, params, scores, block_ids)`` after every group step.
@@ -268,6 +282,9 @@ class SparseAdamW(Optimizer):
         if self._blueprint is None and group["blueprint_weight"] != 0.0:
             raise ValueError(f"{name} is {group['blueprint_weight']}, but SparseAdamW has no blueprint "
                              "to blend (pass blueprint=...)")
+        if group["selection"] == "random" and group["blueprint_weight"] != 0.0:
+            raise ValueError(f"{name} is {group['blueprint_weight']}, but selection='random' blends no "
+                             "blueprint: set blueprint_weight=0")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
@@ -392,9 +409,13 @@ class SparseAdamW(Optimizer):
         group, layout = plan.group, plan.layout
         key = _selection_key(plan)
         selection = self._selections.get(plan.index)
+        # Counted only for random draws: a count changing every step would make a compiled step
+        # recompile (dynamo specializes on it).
+        draw = selection.draw if selection is not None and group["selection"] == "random" else 0
         due = (selection is None or selection.key != key
                or (group["density"] < 1.0 and selection.age >= group["reselect_every"]))
-        ranks_current = due and group["density"] < 1.0 and group["blueprint_weight"] < 1.0
+        ranks_current = (due and group["density"] < 1.0 and group["blueprint_weight"] < 1.0
+                         and group["selection"] == "norm")
         scores = None
         if ranks_current or self._score_hooks or group["max_grad_norm"] is not None:
             scores = library.block_sqnorms(grads, layout.block_size, plan.backend)
@@ -403,11 +424,15 @@ class SparseAdamW(Optimizer):
         if due:
             if group["density"] == 1.0:
                 ids = torch.arange(layout.num_blocks, dtype=torch.int64, device=layout.device)
+            elif group["selection"] == "random":
+                ranks = _policies.random_scores(layout, group["seed"], plan.index, draw)
+                ids = _policies.select(ranks, layout, group, plan.backend)
             else:
                 ids = _policies.select(self._selection_scores(plan, scores, skip), layout, group, plan.backend)
-                if skip is not None and selection is not None and selection.key == key:
-                    ids = torch.where(skip, selection.block_ids, ids)  # an overflowed step keeps it
-            selection = self._selections[plan.index] = _Selection(key, ids, 0)
+            if skip is not None and selection is not None and selection.key == key:
+                ids = torch.where(skip, selection.block_ids, ids)  # an overflowed step keeps it
+            draw += group["selection"] == "random"
+            selection = self._selections[plan.index] = _Selection(key, ids, 0, draw)
         selection.age += 1
         return selection.block_ids, scores, due
 
@@ -492,7 +517,8 @@ class SparseAdamW(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
         state_dict["selections"] = {
-            i: {"key": s.key, "block_ids": s.block_ids, "age": s.age} for i, s in self._selections.items()
+            i: {"key": s.key, "block_ids": s.block_ids, "age": s.age, "draw": s.draw}
+            for i, s in self._selections.items()
         }
         state_dict["compact"] = {i: dict(c) for i, c in self._compact.items()}
         return state_dict
@@ -527,7 +553,7 @@ class SparseAdamW(Optimizer):
                 raise ValueError(f"state_dict has a selection for param group {i}, which does not exist")
             device = self.param_groups[int(i)]["params"][0].device
             key = (tuple(s["key"][0]), *s["key"][1:])
-            selections[int(i)] = _Selection(key, s["block_ids"].to(device), int(s["age"]))
+            selections[int(i)] = _Selection(key, s["block_ids"].to(device), int(s["age"]), int(s.get("draw", 0)))
         super().load_state_dict({"state": saved_state, "param_groups": saved_groups})
         # Optimizer.load_state_dict casts every state tensor to the param's dtype; the counts are
         # int32, and state_dtype / score EMAs may be fp32 beside 16-bit params: keep their dtypes.

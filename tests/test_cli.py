@@ -26,7 +26,7 @@ def test_analyze_trains_reports_plots_and_rereads_its_dump(tmp_path, capsys):
                          "--blueprint", bp, "--per-tensor")
     assert status == 0
     assert "trained 6 steps with adamw" in out and "heavy-tail report" in out and "top 20% hold" in out
-    assert "blocks.layers.0.self_attn.in_proj_weight" in out  # --per-tensor
+    assert "layers.0.attn_qkv.weight" in out  # --per-tensor
     for name in ("heavy_tail.png", "module_heatmap.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == PNG
     assert Blueprint.load(bp).steps == 6
@@ -39,7 +39,7 @@ def test_analyze_with_sparse_adamw_and_a_depth(capsys):
     status, out, _ = cli(capsys, "analyze", *TINY, "--optimizer", "sparse", "--density", "0.3", "--depth", "1",
                          "--accumulate", "ema", "--no-plots")
     assert status == 0 and "trained 6 steps with sparse" in out and "(ema(beta=0.9))" in out
-    assert "\nblocks " in out and "self_attn" not in out  # modules cut to one component
+    assert "\nlayers " in out and "attn_qkv" not in out  # modules cut to one component
 
 
 def test_blueprint_show_validate_combine(tmp_path, capsys):

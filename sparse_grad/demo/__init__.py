@@ -1,8 +1,9 @@
 """A small real workload for examples, the CLI and tests: a byte-level transformer language model
 (:mod:`.model`) trained on the source of Python's own standard library (:mod:`.data`), which ships
-with every Python, so nothing has to be downloaded."""
-from .data import batches, stdlib_bytes, stdlib_text, train_val_split
+with every Python, so nothing has to be downloaded; English prose for adaptation comes from
+``pydoc_data.topics``."""
+from .data import batches, prose_bytes, prose_text, stdlib_bytes, stdlib_text, train_val_split
 from .model import TinyLM, lm_loss
 from .train import train_steps
 
-__all__ = ["TinyLM", "batches", "lm_loss", "stdlib_bytes", "stdlib_text", "train_steps", "train_val_split"]
+__all__ = ["TinyLM", "batches", "lm_loss", "prose_bytes", "prose_text", "stdlib_bytes", "stdlib_text", "train_steps", "train_val_split"]

@@ -1,4 +1,5 @@
-"""Text that ships with Python: the source of the standard library's top-level modules."""
+"""Text that ships with Python: the source of the standard library's top-level modules (code) and
+the help topics of ``pydoc_data.topics`` (English prose)."""
 from __future__ import annotations
 
 import sysconfig
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["batches", "stdlib_bytes", "stdlib_text", "train_val_split"]
+__all__ = ["batches", "prose_bytes", "prose_text", "stdlib_bytes", "stdlib_text", "train_val_split"]
 
 
 def stdlib_text(max_bytes: int) -> bytes:
@@ -21,9 +22,26 @@ def stdlib_text(max_bytes: int) -> bytes:
     return bytes(data[:max_bytes])
 
 
+def prose_text(max_bytes: int) -> bytes:
+    """Up to ``max_bytes`` of English prose: the help topics of ``pydoc_data.topics`` (the text
+    ``help("with")`` prints, about 465 KB), in topic-name order, UTF-8."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics)).encode()[:max_bytes]
+
+
+def _as_tokens(text: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+
+
 def stdlib_bytes(max_bytes: int) -> torch.Tensor:
     """:func:`stdlib_text` as an int64 tensor of byte values (token ids)."""
-    return torch.frombuffer(bytearray(stdlib_text(max_bytes)), dtype=torch.uint8).long()
+    return _as_tokens(stdlib_text(max_bytes))
+
+
+def prose_bytes(max_bytes: int) -> torch.Tensor:
+    """:func:`prose_text` as an int64 tensor of byte values (token ids)."""
+    return _as_tokens(prose_text(max_bytes))
 
 
 def train_val_split(data: torch.Tensor, train_fraction: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
