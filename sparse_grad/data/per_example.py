@@ -39,7 +39,6 @@ accumulated in fp32 (fp64 for fp64 parameters).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -73,6 +72,14 @@ def batch_size_of(batch) -> int:
 def split_batch(batch, index: torch.Tensor):
     """The examples ``index`` of ``batch`` (every tensor indexed along dim 0)."""
     return tree_map(lambda t: t[index.to(t.device)] if isinstance(t, torch.Tensor) else t, batch)
+
+
+def _cat_tokens(parts: list[torch.Tensor], dims: int) -> torch.Tensor:
+    """The calls of one module joined along the token dim: each ``[B, ..., *features]`` part as
+    ``[B, T, *features]`` (``dims`` trailing feature dims), concatenated (no copy for one call)."""
+    parts = [x.reshape(x.shape[0], -1, *x.shape[x.dim() - dims:]) if dims else x.reshape(x.shape[0], -1)
+             for x in parts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def _acc_dtype(p: torch.Tensor) -> torch.dtype:
@@ -219,6 +226,7 @@ class PerExampleNorms:
         try:
             with torch.enable_grad():
                 losses = self.per_example_loss(self.model, batch)
+                total = losses.sum() if isinstance(losses, torch.Tensor) else None
         finally:
             self._recording = False
             for h in handles:
@@ -238,9 +246,9 @@ class PerExampleNorms:
                     raise ValueError(f"module {names[m]!r} returned a leading dim of {out.shape[0]} for a batch of "
                                      f"{B} examples: the examples must stay along dim 0 of every hooked layer")
                 outputs.append(out)
-        if not outputs or not losses.requires_grad:
+        if not outputs or not total.requires_grad:
             return {}
-        grads = iter(torch.autograd.grad(losses.sum(), outputs, allow_unused=True))
+        grads = iter(torch.autograd.grad(total, outputs, allow_unused=True))
         found = {}
         for m, record in records.items():
             gs = [next(grads) for _ in record.outputs]
@@ -255,29 +263,28 @@ class PerExampleNorms:
         dtype = _acc_dtype(p)
         inputs, grads = record
         if route == "embedding":
-            tokens = torch.cat([x.reshape(x.shape[0], -1) for x in inputs], 1)
-            g = torch.cat([y.reshape(y.shape[0], -1, y.shape[-1]) for y in grads], 1).to(dtype)
+            tokens = _cat_tokens(inputs, 0)
+            g = _cat_tokens(grads, 1).to(dtype)
             self.last_methods[target.blocks.name] = "embedding"
             _embedding_rows(out, target, tokens, g, module.padding_idx)
             return
         if route == "layernorm":
             shape = module.normalized_shape
-            k = math.prod(shape)
-            g = torch.cat([y.reshape(y.shape[0], -1, k) for y in grads], 1).to(dtype)
+            g = _cat_tokens(grads, len(shape)).flatten(2).to(dtype)
             self.last_methods[target.blocks.name] = "layernorm"
             if attr == "bias":
                 _vector_into(out, target, g.sum(1))
                 return
-            xhat = torch.cat([F.layer_norm(x.to(dtype), shape, None, None, module.eps).reshape(x.shape[0], -1, k)
-                              for x in inputs], 1)
+            xhat = _cat_tokens([F.layer_norm(x.to(dtype), shape, None, None, module.eps) for x in inputs],
+                               len(shape)).flatten(2)
             _vector_into(out, target, (g * xhat).sum(1))
             return
-        g = torch.cat([y.reshape(y.shape[0], -1, y.shape[-1]) for y in grads], 1).to(dtype)
+        g = _cat_tokens(grads, 1).to(dtype)
         if attr == "bias":
             self.last_methods[target.blocks.name] = "explicit"
             _vector_into(out, target, g.sum(1))
             return
-        a = torch.cat([x.reshape(x.shape[0], -1, x.shape[-1]) for x in inputs], 1).to(dtype)
+        a = _cat_tokens(inputs, 1).to(dtype)
         self.last_methods[target.blocks.name] = _linear_rows(out, target, a, g, self.linear_method)
 
     # -- the fallback ----------------------------------------------------------------------------
@@ -285,6 +292,7 @@ class PerExampleNorms:
     def _add_torch_func(self, out, batch, targets: list[_Target]) -> None:
         """Exact per-example gradients of ``targets``' params by vmap over grad (see module doc)."""
         from torch.func import functional_call, grad, vmap
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         names = [t.blocks.name for t in targets]
         params = {n: t.blocks.param.detach() for n, t in zip(names, targets)}
@@ -295,7 +303,10 @@ class PerExampleNorms:
             return functional_call(_LossModule(model, loss), {f"model.{n}": v for n, v in p.items()},
                                    (single,), strict=False).sum()
 
-        with torch.enable_grad():
+        # SDPA's fused CPU/GPU kernels have no vmap batching rule (vmap would loop over the
+        # examples); its math form is plain batched matmuls and softmax. Outside no_grad, the
+        # result would hang on the graph of the model's other parameters.
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             grads = vmap(grad(one), in_dims=(None, 0), randomness="different")(params, batch)
         for n, t in zip(names, targets):
             self.last_methods[n] = "torch.func"
