@@ -1,5 +1,6 @@
 """Coordinated data selection (sparse_grad.data): per-example block norms against torch.func
 per-example gradients, the selector and sampler, and that scoring writes nothing."""
+import json
 import math
 
 import pytest
@@ -12,7 +13,13 @@ from torch.func import functional_call, grad, vmap
 
 from sparse_grad import SparseAdamW
 from sparse_grad.blueprint import Blueprint
-from sparse_grad.data import InfluenceSampler, InfluenceSelector, PerExampleNorms, resolve_blocks, top_indices
+from sparse_grad.data import (
+    InfluenceSampler,
+    InfluenceSelector,
+    PerExampleNorms,
+    resolve_blocks,
+    top_indices,
+)
 from sparse_grad.demo import batches, stdlib_bytes
 
 
@@ -93,11 +100,12 @@ def assert_matches_reference(got, expected, dtype):
 
 
 @pytest.mark.parametrize("method", ["auto", "ghost", "explicit"])
-@pytest.mark.parametrize("block_size", [1, 5, 8, 13, 100, 1000])
+@pytest.mark.parametrize("block_size", [1, 5, 7, 8, 13, 14, 100, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_block_sqnorms_match_torch_func(dtype, block_size, method):
-    """Odd sizes: block sizes that do not divide the rows (5, 13), cut rows in two (8 < 13),
-    hold several rows (100) or whole tensors (1000); partial last blocks everywhere."""
+    """Odd sizes: blocks that tile the rows (1, 7 of the 7-wide embedding), cut rows in two
+    (8 < 13), do not divide them (5), hold whole rows (13, 14) or several rows (100) or whole
+    tensors (1000); partial last blocks everywhere."""
     model = Mixed().to(dtype)
     batch = random_batch()
     blocks = random_blocks(model, block_size)
@@ -321,3 +329,20 @@ def test_gradients_of_heavy_tailed_weights_in_fp64():
     for method in ("ghost", "explicit"):
         got = PerExampleNorms(model, token_loss, linear_method=method).block_sqnorms(batch, blocks)
         assert_matches_reference(got, expected, torch.float64)
+
+
+def test_the_experiment_writes_a_finite_table_and_json(tmp_path, capsys):
+    from sparse_grad.demo import data_selection
+
+    args = ["--quick", "--out", str(tmp_path), "--steps", "6", "--pretrain-steps", "4", "--seeds", "0"]
+    assert data_selection.main(args) == 0
+    results = json.loads((tmp_path / "data_selection.json").read_text())
+    table = (tmp_path / "data_selection.md").read_text()
+    assert capsys.readouterr().out.strip() == table.strip()
+    assert set(results["summary"]) == {name for name, *_ in data_selection.RUNS}
+    for name, run in results["summary"].items():
+        assert name in table
+        assert all(math.isfinite(run[k]) for k in ("loss_before", "loss_after", "device_s", "cpr"))
+        assert run["device_s"] > 0 and (run["scored"] > 0) == ("influence data" in name or name.startswith("influence ×"))
+    assert results["verdict"] in table and results["config"]["steps"] == 6
+    assert data_selection.main(["--quick", "--out", str(tmp_path), "--steps", "0"]) == 2

@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .. import _checks
 from .blocks import ParamBlocks
 
-__all__ = ["LINEAR_METHODS", "PerExampleNorms", "split_batch", "batch_size_of"]
+__all__ = ["LINEAR_METHODS", "PerExampleNorms", "batch_size_of", "split_batch"]
 
 LINEAR_METHODS = ("auto", "ghost", "explicit")
 ROUTES = ("linear", "embedding", "layernorm", "torch.func")
@@ -360,19 +360,43 @@ def _element_columns(target: _Target, rows: torch.Tensor, cols: int) -> torch.Te
     return target.pos[(flat // target.blocks.block_size).flatten()]
 
 
+def _columns_of(g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``g[..., rows]``, without a copy when ``rows`` are all of them in order."""
+    if rows.numel() == g.shape[-1]:  # rows are ascending and unique: all of them
+        return g
+    return g[..., rows]
+
+
 def _explicit_rows(a: torch.Tensor, g: torch.Tensor, rows: torch.Tensor):
     """Per-example weight-gradient rows ``Σ_t g_t[r] a_t`` for ``rows``, in chunks of rows:
     yields ``(chunk of rows' positions, [B, chunk, in])``."""
     B, _, cols = a.shape
     step = max(1, _CHUNK_ELEMENTS // max(1, B * cols))
+    if step >= rows.numel():
+        yield slice(0, rows.numel()), torch.bmm(_columns_of(g, rows).transpose(1, 2), a)
+        return
     for start in range(0, rows.numel(), step):
         chunk = rows[start:start + step]
-        yield slice(start, start + chunk.numel()), torch.einsum("btr,btc->brc", g[:, :, chunk], a)
+        yield slice(start, start + chunk.numel()), torch.bmm(g[:, :, chunk].transpose(1, 2), a)
+
+
+def _add_partial_rows(out, target: _Target, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """Add the squares of per-example rows ``values [B, len(rows), cols]`` to their blocks. When
+    whole blocks tile each row (``cols`` a multiple of the block size, the usual powers of two),
+    each block's elements are summed first, so only one value per block is scattered."""
+    B, n, cols = values.shape
+    size = target.blocks.block_size
+    if cols % size == 0:
+        first = rows * (cols // size)
+        blocks = first[:, None] + torch.arange(cols // size, device=rows.device)
+        _scatter(out, target.pos[blocks.flatten()], values.square().view(B, n * (cols // size), size).sum(-1))
+        return
+    _scatter(out, _element_columns(target, rows, cols), values.reshape(B, -1).square())
 
 
 def _linear_rows(out, target: _Target, a: torch.Tensor, g: torch.Tensor, method: str) -> str:
     """Add a Linear weight's selected blocks; returns the method used for its whole rows."""
-    B, T, cols = a.shape
+    T, cols = a.shape[1:]
     full_rows, full_cols, partial_rows = _rows_of(target, g.shape[-1], cols)
     nf = full_rows.numel()
     if method == "auto":
@@ -381,7 +405,7 @@ def _linear_rows(out, target: _Target, a: torch.Tensor, g: torch.Tensor, method:
         method = "ghost" if ghost_cost < explicit_cost else "explicit"
     if nf:
         if method == "ghost":
-            gf = g[:, :, full_rows]
+            gf = _columns_of(g, full_rows)
             gram = torch.bmm(a, a.transpose(1, 2))               # a_t · a_s, [B, T, T]
             sq = (gf * torch.bmm(gram, gf)).sum(1)               # Σ_{t,s} (a_t·a_s) g_t[r] g_s[r]
             _scatter(out, full_cols, sq)
@@ -390,7 +414,7 @@ def _linear_rows(out, target: _Target, a: torch.Tensor, g: torch.Tensor, method:
                 _scatter(out, full_cols[part], rows.square().sum(-1))
     if partial_rows.numel():
         for part, rows in _explicit_rows(a, g, partial_rows):
-            _scatter(out, _element_columns(target, partial_rows[part], cols), rows.reshape(B, -1).square())
+            _add_partial_rows(out, target, partial_rows[part], rows)
     return method
 
 
@@ -413,7 +437,14 @@ def _embedding_rows(out, target: _Target, tokens: torch.Tensor, g: torch.Tensor,
     pairs, inverse = torch.unique(keys, return_inverse=True)
     summed = torch.zeros(pairs.numel(), dim, dtype=g.dtype, device=g.device).index_add_(0, inverse, g[keep])
     owner, row = pairs // vocab, pairs % vocab
-    columns = _element_columns(target, row, dim).view(-1, dim)
-    flat = out.view(-1)
+    squares, size = summed.square(), target.blocks.block_size
+    # One value per (example, block) where blocks tile the rows or rows tile the blocks.
+    if dim % size == 0:
+        values = squares.view(-1, dim // size, size).sum(-1)
+        blocks = row[:, None] * (dim // size) + torch.arange(dim // size, device=row.device)
+    elif size % dim == 0:
+        values, blocks = squares.sum(-1, keepdim=True), (row * dim // size)[:, None]
+    else:
+        values, blocks = squares, (row[:, None] * dim + torch.arange(dim, device=row.device)) // size
     width = out.shape[1]
-    flat.index_add_(0, (owner[:, None] * width + columns).flatten(), summed.square().flatten().to(out.dtype))
+    out.view(-1).index_add_(0, (owner[:, None] * width + target.pos[blocks]).flatten(), values.flatten().to(out.dtype))
