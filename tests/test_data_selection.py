@@ -132,6 +132,32 @@ def test_demo_model_all_blocks_match_torch_func():
     assert set(norms.last_methods.values()) <= {"ghost", "explicit", "embedding", "layernorm", "torch.func"}
 
 
+def test_layers_called_functionally_or_by_keyword_are_still_exact():
+    """nn.MultiheadAttention uses its out_proj Linear's weight without calling the module: the
+    hook never fires, so that weight goes to torch.func; a Linear called as fc(input=x) is hooked."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(11, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 11)
+
+        def forward(self, tokens):
+            h = self.embed(tokens)
+            return self.head(input=self.attn(h, h, h, need_weights=False)[0])
+
+    model = Attention()
+    batch = random_batch(n=4)
+    blocks = resolve_blocks(model, None, block_size=6)
+    norms = PerExampleNorms(model, token_loss)
+    got = norms.block_sqnorms(batch, blocks)
+    assert_matches_reference(got, reference_sqnorms(model, token_loss, batch, blocks), torch.float32)
+    assert norms.routes["attn.out_proj.weight"] == "linear" and norms.routes["attn.in_proj_weight"] == "torch.func"
+    assert norms.last_methods["attn.out_proj.weight"] == "torch.func"
+    assert norms.last_methods["head.weight"] in ("ghost", "explicit")
+
+
 def test_auto_picks_the_cheaper_form_by_the_sizes():
     """One token per example: the ghost form costs T²(in + rows) ≪ T·rows·in."""
     model = nn.Sequential(nn.Embedding(20, 64), nn.Linear(64, 64))

@@ -213,15 +213,15 @@ class PerExampleNorms:
         modules = {self._owners[id(t.blocks.param)][1] for t in targets}
         records = {m: _Record() for m in modules}
 
-        def keep(module, args, output):
+        def keep(module, args, kwargs, output):
             if not self._recording:
                 return
             record = records[module]
-            record.inputs.append(args[0].detach())
+            record.inputs.append((args[0] if args else kwargs["input"]).detach())
             record.outputs.append(output)
             record.versions.append(output._version)
 
-        handles = [m.register_forward_hook(keep) for m in modules]
+        handles = [m.register_forward_hook(keep, with_kwargs=True) for m in modules]
         self._recording = True
         try:
             with torch.enable_grad():

@@ -35,7 +35,7 @@ import json
 import platform
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -177,7 +177,7 @@ def run_experiment(quick: bool = False, out: str | Path | None = None, *, steps:
                "summary": _summary(per_seed), "per_seed": per_seed,
                "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                            "torch": torch.__version__, "sparse_grad": __version__, "threads": 1},
-               "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),  # noqa: UP017 (3.10: no datetime.UTC)
                "command": "python -m sparse_grad.demo.data_selection" + (" --quick" if quick else ""),
                "wall_s": time.perf_counter() - started}
     results["verdict"] = _verdict(results["summary"])
