@@ -194,6 +194,19 @@ def test_top_indices_ties_go_to_the_lower_index_and_nan_ranks_last():
     assert top_indices(scores, 5).tolist() == [2, 3, 0, 4, 1]
 
 
+def assert_maps_ids_to_params(model, opt, params, ids):
+    """resolve_blocks(model, opt) names the same blocks as the group-global ``ids`` over ``params``."""
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + math.ceil(p.numel() / 64))
+    names = {id(p): n for n, p in model.named_parameters()}
+    want = set()
+    for i in ids.tolist():
+        t = max(j for j in range(len(params)) if offsets[j] <= i)
+        want.add((names[id(params[t])], i - offsets[t]))
+    assert {(b.name, int(i)) for b in resolve_blocks(model, opt) for i in b.block_ids} == want
+
+
 def test_blocks_follow_the_optimizer_selection_and_a_blueprint():
     model = tiny_lm()
     opt = SparseAdamW(model.parameters(), density=0.2, block_size=64)
@@ -208,16 +221,15 @@ def test_blocks_follow_the_optimizer_selection_and_a_blueprint():
     [(index, group_params, ids, block_size)] = opt.selected_blocks()
     assert index == 0 and block_size == 64 and len(group_params) == len(params)
     assert set(ids.tolist()) == updated_blocks(opt, params, counts)
-    offsets = [0]
-    for p in params:
-        offsets.append(offsets[-1] + math.ceil(p.numel() / 64))
-    names = {id(p): n for n, p in model.named_parameters()}
-    got = {(names[id(b.param)], int(i)) for b in resolve_blocks(model, opt) for i in b.block_ids}
-    want = set()
-    for i in ids.tolist():
-        t = max(j for j in range(len(params)) if offsets[j] <= i)
-        want.add((names[id(params[t])], i - offsets[t]))
-    assert got == want
+    resumed = SparseAdamW(model.parameters(), density=0.2, block_size=64)
+    resumed.load_state_dict(opt.state_dict())
+    assert_same(resumed.selected_blocks(), opt.selected_blocks())
+    assert_maps_ids_to_params(model, opt, params, ids)
+    set_grads(model, skip=("layers.0.attn_qkv.bias",))  # without a grad: no part in the selection
+    opt.step()
+    [(_, without, ids, _)] = opt.selected_blocks()
+    assert len(without) == len(params) - 1 and all(p is not model.layers[0].attn_qkv.bias for p in without)
+    assert_maps_ids_to_params(model, opt, without, ids)
 
     bp = Blueprint({n: torch.rand(math.ceil(p.numel() / 32)) for n, p in model.named_parameters()}, block_size=32,
                    shapes={n: p.shape for n, p in model.named_parameters()},
