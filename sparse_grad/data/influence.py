@@ -4,8 +4,8 @@ An example ``j``'s score is the gradient it would send into the currently select
 
     T_j = Σ_{i ∈ selected blocks} ‖∂L(z_j)/∂θ_i‖₂
 
-the issue's cross-influence ``|∂L(z_j)/∂θ_i|`` (a block's gradient norm) summed over the
-selected blocks: an L2,1 norm of the per-example gradient restricted to those blocks. It is
+the cross-influence ``|∂L(z_j)/∂θ_i|`` (a block's gradient norm) summed over the selected
+blocks: an L2,1 norm of the per-example gradient restricted to those blocks. It is
 computed from per-block squared norms (:class:`~sparse_grad.data.PerExampleNorms`). Summing
 norms rather than squared norms ranks by how many selected blocks an example moves as well as by
 how hard: with squared norms one very large block would decide the ranking, which the
