@@ -370,17 +370,22 @@ def test_gradients_of_heavy_tailed_weights_in_fp64():
 
 
 def test_the_experiment_writes_a_finite_table_and_json(tmp_path, capsys):
+    from sparse_grad.cli import main
     from sparse_grad.demo import data_selection
 
-    args = ["--quick", "--out", str(tmp_path), "--steps", "6", "--pretrain-steps", "4", "--seeds", "0"]
-    assert data_selection.main(args) == 0
+    args = ["demo", "--data-selection", "--quick", "--out", str(tmp_path), "--stage2-steps", "6",
+            "--stage1-steps", "4", "--seed", "0"]
+    assert main(args) == 0
     results = json.loads((tmp_path / "data_selection.json").read_text())
     table = (tmp_path / "data_selection.md").read_text()
-    assert capsys.readouterr().out.strip() == table.strip()
+    assert table.strip() in capsys.readouterr().out
     assert set(results["summary"]) == {name for name, *_ in data_selection.RUNS}
     for name, run in results["summary"].items():
         assert name in table
         assert all(math.isfinite(run[k]) for k in ("loss_before", "loss_after", "device_s", "cpr"))
         assert run["device_s"] > 0 and (run["scored"] > 0) == ("influence data" in name or name.startswith("influence ×"))
     assert results["verdict"] in table and results["config"]["steps"] == 6
-    assert data_selection.main(["--quick", "--out", str(tmp_path), "--steps", "0"]) == 2
+    assert main(["demo", "--data-selection", "--quick", "--out", str(tmp_path), "--stage2-steps", "0"]) == 2
+    assert "steps must be a positive int" in capsys.readouterr().err
+    assert main(["demo", "--data-selection", "--quick", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "--device does not apply to --data-selection" in capsys.readouterr().err

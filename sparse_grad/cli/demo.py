@@ -7,6 +7,10 @@ Stage 2 adapts it to English prose (pydoc_data.topics) with dense AdamW, SparseA
 densities with norm-based, random (the control) and blueprint-guided selection, compact state,
 and a fixed-layer baseline, all from the same weights with the same batches and step budget.
 Writes report.md, results.json, results.csv and PNG plots to --out and prints a table.
+
+With --data-selection it runs the parameter × data experiment instead
+(sparse_grad.demo.data_selection: parameter blocks by gradient norm or at random × training
+examples by influence or at random, and dense AdamW) and writes data_selection.md/json to --out.
 """
 from __future__ import annotations
 
@@ -37,10 +41,34 @@ def add_parser(commands) -> None:
     parser.add_argument("--stage2-steps", type=int, help="stage-2 steps per variant")
     parser.add_argument("--seed", type=int, help="seed of the model init and the batch orders (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    parser.add_argument("--data-selection", action="store_true",
+                        help="run the parameter x data selection experiment instead (CPU; --quick, --out, "
+                             "--stage1-steps, --stage2-steps and --seed apply)")
     parser.set_defaults(run=run)
 
 
+# The data-selection experiment has its own fixed model, budget and CPU setting (see its module).
+_NOT_FOR_DATA_SELECTION = {"size": "small", "device": "cpu", "threads": None, "backend": "auto",
+                           "densities": None, "repeats": None}
+
+
+def run_data_selection(args: argparse.Namespace) -> int:
+    for option, default in _NOT_FOR_DATA_SELECTION.items():
+        if getattr(args, option) != default:
+            raise ValueError(f"--{option} does not apply to --data-selection (it runs its own fixed "
+                             "setting on the CPU)")
+    from ..demo.data_selection import run_experiment, to_markdown
+
+    results = run_experiment(args.quick, args.out, steps=args.stage2_steps, pretrain_steps=args.stage1_steps,
+                             seeds=None if args.seed is None else (args.seed,))
+    print(to_markdown(results))
+    print(f"wrote {args.out / 'data_selection.md'}, {args.out / 'data_selection.json'}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.data_selection:
+        return run_data_selection(args)
     threads = args.threads if args.threads is not None else (default_threads() if args.device == "cpu" else None)
     cfg = config_for(args.size, args.quick, device=args.device, threads=threads, backend=args.backend,
                      densities=tuple(args.densities) if args.densities else None, repeats=args.repeats,

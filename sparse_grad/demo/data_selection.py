@@ -24,16 +24,14 @@ wall-clock device time of the training steps, scoring included (:class:`Resource
 evaluation excluded); held-out loss is the mean next-byte loss on fixed windows of the prose
 validation split, and CPR = (loss before − loss after) / Γ, in nats per device-hour.
 
-``python -m sparse_grad.demo.data_selection [--quick] [--out DIR]`` writes
-``data_selection.md`` and ``data_selection.json`` to ``DIR`` (default ``results/``).
+``python -m sparse_grad demo --data-selection [--quick] [--out DIR]`` writes
+``data_selection.md`` and ``data_selection.json`` to ``DIR`` (default ``sparse_grad_demo/``).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,7 +45,7 @@ from ..data import InfluenceSampler, InfluenceSelector
 from .data import batches, prose_bytes, stdlib_bytes, train_val_split
 from .model import TinyLM
 
-__all__ = ["CONFIGS", "RUNS", "main", "run_experiment"]
+__all__ = ["CONFIGS", "RUNS", "run_experiment", "to_markdown"]
 
 # quick: under a minute on a 2-core CPU; default: about three.
 CONFIGS = {
@@ -178,7 +176,7 @@ def run_experiment(quick: bool = False, out: str | Path | None = None, *, steps:
                "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                            "torch": torch.__version__, "sparse_grad": __version__, "threads": 1},
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),  # noqa: UP017 (3.10: no datetime.UTC)
-               "command": "python -m sparse_grad.demo.data_selection" + (" --quick" if quick else ""),
+               "command": "python -m sparse_grad demo --data-selection" + (" --quick" if quick else ""),
                "wall_s": time.perf_counter() - started}
     results["verdict"] = _verdict(results["summary"])
     if out is not None:
@@ -240,26 +238,3 @@ def to_markdown(results: dict) -> str:
                f"{m['sparse_grad']}; `{results['command']}` ({results['wall_s']:.0f} s). Device time is wall-clock "
                "on a shared machine: noisy."), ""]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sparse_grad.demo.data_selection",
-                                     description="Parameter × data selection: influence vs random, vs dense AdamW.")
-    parser.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (under a minute)")
-    parser.add_argument("--out", default="results", help="folder for data_selection.md and .json")
-    parser.add_argument("--steps", type=int, default=None, help="adaptation steps per run (overrides the mode)")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="pre-training steps (overrides the mode)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (overrides the mode)")
-    args = parser.parse_args(argv)
-    try:
-        results = run_experiment(args.quick, args.out, steps=args.steps, pretrain_steps=args.pretrain_steps,
-                                 seeds=None if args.seeds is None else tuple(args.seeds))
-    except (ValueError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(to_markdown(results))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
