@@ -263,6 +263,22 @@ class SparseAdamW(Optimizer):
         self._score_hooks[handle.id] = hook
         return handle
 
+    def selected_blocks(self) -> list[tuple[int, list[torch.Tensor], torch.Tensor, int]]:
+        """The blocks each param group updates now: ``[(group_index, params, block_ids,
+        block_size)]`` for every group that has made a selection (none before the first step).
+
+        ``params`` are the group's params that took part in the selection (those with a grad
+        then), ``block_ids`` the ascending int64 ids on their device, numbered by
+        :class:`~sparse_grad.BlockLayout` over ``params`` with ``block_size``. Read-only views
+        of the optimizer's own selection: do not modify them.
+        """
+        selected = []
+        for index, selection in sorted(self._selections.items()):
+            positions, block_size = selection.key[0], selection.key[1]
+            params = [self.param_groups[index]["params"][j] for j in positions]
+            selected.append((index, params, selection.block_ids, block_size))
+        return selected
+
     def _check_blueprint_weight(self, group: dict, name: str) -> None:
         if self._blueprint is None and group["blueprint_weight"] != 0.0:
             raise ValueError(f"{name} is {group['blueprint_weight']}, but SparseAdamW has no blueprint "

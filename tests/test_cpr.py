@@ -133,6 +133,22 @@ def test_attached_optimizer_samples_every_step_and_tracks_its_state(tmp_path, rs
     assert meter.report().samples == 6
 
 
+def test_compact_state_counts_its_moment_slabs(tmp_path, rss):
+    """SparseAdamW's compact layout keeps its moments outside optimizer.state: they count too,
+    and come to about density x the dense layout's moments."""
+    sizes = {}
+    for layout in ("dense", "compact"):
+        torch.manual_seed(0)
+        model = odd_model()
+        opt = SparseAdamW(model.parameters(), density=0.25, block_size=8, state_layout=layout)
+        set_grads(model)
+        opt.step()
+        sizes[layout] = meter_module.optimizer_state_bytes(opt)
+    moments = 2 * 4 * sum(p.numel() for p in odd_model().parameters())
+    assert sizes["dense"] > moments
+    assert 0.2 * moments < sizes["compact"] < 0.5 * moments
+
+
 def fake_rapl(root, zones):
     for name, (value, limit) in zones.items():
         (root / name).mkdir(parents=True)

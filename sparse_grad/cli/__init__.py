@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analyze, bench, blueprint
+from . import analyze, bench, blueprint, demo
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS = (analyze, blueprint, bench)
+COMMANDS = (demo, analyze, blueprint, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sparse_grad",
-                                     description="sparse_grad tools: gradient analysis, blueprints and benchmarks.")
+                                     description="sparse_grad tools: the demo, gradient analysis, blueprints and benchmarks.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     for command in COMMANDS:
         command.add_parser(commands)

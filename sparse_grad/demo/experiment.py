@@ -1,0 +1,215 @@
+"""The whole demo: stage 1 (dense pretraining on Python source, blueprint), then every stage-2
+variant from the same stage-1 weights on English prose, with the same batches and step budget."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .. import __version__, _checks
+from ..backends import resolve
+from ..blueprint import Blueprint
+from ..cpr import MarginalReturnStopper
+from .data import batches, prose_bytes, stdlib_bytes, train_val_split
+from .model import TinyLM
+from .stages import Stage1Result, VariantResult, run_stage1, run_variant
+from .variants import standard_variants
+
+__all__ = ["SIZES", "DemoConfig", "DemoResults", "config_for", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything that decides what the demo computes (written into results.json)."""
+
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    context: int = 64
+    batch: int = 16
+    block_size: int = 256
+    source_bytes: int = 1_000_000  # of the standard library's source (stage 1)
+    prose_bytes: int = 500_000  # of pydoc_data.topics (stage 2; it has about 465 KB)
+    stage1_steps: int = 600  # the cap; the stopper may stop earlier
+    stage1_lr: float = 3e-3
+    check_every: int = 50  # stage 1: validation + stopper check
+    stopper_window: int = 3
+    stopper_patience: int = 2
+    stopper_eta: float = 0.5  # Ψ (nats of val loss) per million training tokens
+    stage2_steps: int = 150
+    stage2_lr: float = 2e-3
+    eval_every: int = 25
+    val_batches: int = 16  # validation batches of `batch` windows, fixed for every evaluation
+    weight_decay: float = 0.01
+    densities: tuple[float, ...] = (0.05, 0.1, 0.2)
+    compact_density: float | None = 0.1
+    fixed_last_layers: int = 1
+    repeats: int = 1  # stage-2 runs per variant, with different batch orders (and random draws)
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = "auto"
+    threads: int = 1
+
+
+# Model and budget presets (--size); --quick shrinks the step counts further.
+SIZES = {
+    "small": {},  # the CPU default
+    "medium": {"width": 256, "layers": 4, "heads": 8, "context": 128, "batch": 32, "block_size": 1024,
+               "stage1_steps": 2000, "stage2_steps": 500, "eval_every": 50, "check_every": 100},
+    "large": {"width": 512, "layers": 6, "heads": 8, "context": 256, "batch": 32, "block_size": 4096,
+              "stage1_steps": 4000, "stage2_steps": 1000, "eval_every": 100, "check_every": 200},
+}
+QUICK = {"width": 64, "layers": 2, "heads": 2, "context": 32, "batch": 8, "block_size": 128, "stage1_steps": 120,
+         "check_every": 30, "stage2_steps": 40, "eval_every": 10, "val_batches": 8, "source_bytes": 300_000,
+         "prose_bytes": 200_000}
+
+
+def config_for(size: str = "small", quick: bool = False, **overrides) -> DemoConfig:
+    """The preset ``size`` (``--quick``: a tiny model and few steps), then ``overrides``."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    # None means "the preset's value" (unset CLI options), except for compact_density, where it
+    # means "no compact-state run".
+    chosen = {**SIZES[size], **(QUICK if quick else {}),
+              **{k: v for k, v in overrides.items() if v is not None or k == "compact_density"}}
+    return replace(DemoConfig(), **chosen)
+
+
+def check_config(cfg: DemoConfig) -> None:
+    for name in ("width", "layers", "heads", "context", "batch", "block_size", "source_bytes", "prose_bytes",
+                 "stage1_steps", "check_every", "stopper_window", "stopper_patience", "stage2_steps", "eval_every",
+                 "val_batches", "repeats", "threads"):
+        _checks.positive_int(getattr(cfg, name), name)
+    if cfg.val_batches < 2:
+        raise ValueError(f"val_batches must be at least 2 (for a standard error), got {cfg.val_batches}")
+    if not cfg.densities or not all(0.0 < d < 1.0 for d in cfg.densities):
+        raise ValueError(f"densities must be in (0, 1), got {cfg.densities!r}")
+    if cfg.compact_density is not None and not 0.0 < cfg.compact_density < 1.0:
+        raise ValueError(f"compact_density must be in (0, 1), got {cfg.compact_density!r}")
+    if not 0 <= cfg.fixed_last_layers <= cfg.layers:
+        raise ValueError(f"fixed_last_layers must be in [0, layers={cfg.layers}], got {cfg.fixed_last_layers}")
+    if cfg.width % cfg.heads:
+        raise ValueError(f"width ({cfg.width}) must be a multiple of heads ({cfg.heads})")
+    for name in ("stage1_lr", "stage2_lr", "stopper_eta"):
+        _checks.positive(getattr(cfg, name), name)
+    _checks.non_negative(cfg.weight_decay, "weight_decay")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device is {cfg.device!r}, but CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {cfg.device!r}")
+
+
+@dataclass
+class DemoResults:
+    config: DemoConfig
+    environment: dict
+    data: dict
+    stage1: Stage1Result
+    start_val_loss: float  # stage-1 weights on the prose validation batches
+    variants: list[VariantResult]  # every run (repeats included), in the order run
+    elapsed_s: float
+
+    def as_dict(self) -> dict:
+        return {"config": asdict(self.config), "environment": self.environment, "data": self.data,
+                "stage1": self.stage1.summary(), "stage2_start_val_loss": self.start_val_loss,
+                "stage2": [v.as_dict() for v in self.variants], "elapsed_s": self.elapsed_s}
+
+
+def environment(cfg: DemoConfig, started: datetime.datetime) -> dict:
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name()
+    return {"date_utc": started.strftime("%Y-%m-%d %H:%M UTC"),  # when the run started
+            "machine": name, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(device), "backend": resolve(cfg.backend, device),
+            "python": platform.python_version(), "torch": torch.__version__, "sparse_grad": __version__,
+            "platform": platform.platform(), "command": " ".join(["python -m sparse_grad", *sys.argv[1:]])
+            if Path(sys.argv[0]).name in ("__main__.py", "sparse_grad") else " ".join(sys.argv)}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_demo(cfg: DemoConfig, out_dir: Path, *, progress: bool = True) -> DemoResults:
+    """Run both stages; writes the blueprint into ``out_dir`` (the report is :mod:`.report`'s)."""
+    check_config(cfg)
+    # timezone.utc, not datetime.UTC: Python 3.10 is supported
+    started, started_at = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    source_train, source_val = train_val_split(stdlib_bytes(cfg.source_bytes))
+    prose_train, prose_val = train_val_split(prose_bytes(cfg.prose_bytes))
+    data = {"stage1": f"Python standard-library source: {source_train.numel():,} bytes train, "
+                      f"{source_val.numel():,} held out",
+            "stage2": f"English prose (pydoc_data.topics): {prose_train.numel():,} bytes train, "
+                      f"{prose_val.numel():,} held out"}
+
+    def val_set(data_val: torch.Tensor, seed: int) -> list:
+        return list(batches(data_val, cfg.val_batches, cfg.batch, cfg.context, seed=seed))
+
+    torch.manual_seed(cfg.seed)
+    model = TinyLM(cfg.context, width=cfg.width, layers=cfg.layers, heads=cfg.heads).to(device)
+    stopper = MarginalReturnStopper(window=cfg.stopper_window, eta=cfg.stopper_eta, patience=cfg.stopper_patience)
+    stage1 = run_stage1(model, batches(source_train, cfg.stage1_steps, cfg.batch, cfg.context, seed=cfg.seed + 1),
+                        val_set(source_val, cfg.seed + 2), steps=cfg.stage1_steps, lr=cfg.stage1_lr,
+                        weight_decay=cfg.weight_decay, block_size=cfg.block_size, check_every=cfg.check_every,
+                        stopper=stopper, blueprint_path=out_dir / "stage1_blueprint.safetensors", device=device,
+                        progress=progress)
+    torch.save(stage1.state, out_dir / "stage1_model.pt")
+    blueprint = Blueprint.load(out_dir / "stage1_blueprint.safetensors")
+
+    def make_model() -> TinyLM:
+        fresh = TinyLM(cfg.context, width=cfg.width, layers=cfg.layers, heads=cfg.heads)
+        fresh.load_state_dict(stage1.state)
+        return fresh.to(device)
+
+    prose_val_batches = val_set(prose_val, cfg.seed + 3)
+    variants = standard_variants(cfg.densities, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay,
+                                 block_size=cfg.block_size, blueprint=blueprint, backend=cfg.backend,
+                                 compact_density=cfg.compact_density, fixed_last=cfg.fixed_last_layers)
+    results = []
+    runs = len(variants) * cfg.repeats
+    for repeat in range(cfg.repeats):
+        for variant in variants:
+            label = f"stage 2 [{len(results) + 1}/{runs}] {variant.name}"
+            if cfg.repeats > 1:
+                label += f" (repeat {repeat + 1})"
+            train = batches(prose_train, cfg.stage2_steps, cfg.batch, cfg.context, seed=cfg.seed + 100 + repeat)
+            results.append(run_variant(variant, make_model, train, prose_val_batches, steps=cfg.stage2_steps,
+                                       eval_every=cfg.eval_every, device=device, seed=repeat, progress=progress,
+                                       label=label))
+    start_val = statistics.fmean(r.curve[0]["val_loss"] for r in results)
+    return DemoResults(config=cfg, environment=environment(cfg, started_at), data=data, stage1=stage1, start_val_loss=start_val,
+                       variants=results, elapsed_s=time.perf_counter() - started)
+
+
+def default_threads() -> int:
+    """Torch threads for a CPU run: leave one core to the rest of the machine (on a 2-core
+    machine two torch threads ran this model's steps several times slower than one whenever
+    another process used a core), at most 4 (the model is too small to use more)."""
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+def variant_names(results: Sequence[VariantResult]) -> list[str]:
+    """Distinct variant names in the order first run."""
+    return list(dict.fromkeys(r.name for r in results))

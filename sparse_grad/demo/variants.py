@@ -1,0 +1,113 @@
+"""The optimizers stage 2 of the demo compares, each a small :class:`Variant` spec.
+
+A variant builds its optimizer on a fresh copy of the stage-1 model; :func:`~.stages.run_variant`
+trains any variant the same way (same start, same batches, same step budget).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sparse_adamw import SparseAdamW
+
+__all__ = ["FAMILIES", "Variant", "dense_adamw", "fixed_layers", "sparse", "standard_variants"]
+
+# Families in the order the report lists them; "norm" vs "random" is the comparison that matters.
+FAMILIES = ("dense", "norm", "random", "blueprint", "compact", "fixed-layer")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One optimizer setting of stage 2.
+
+    ``build(model, seed)`` returns the optimizer for ``model`` (and may freeze parameters it does
+    not train: ``requires_grad_(False)``, so their grads are not computed either); ``seed``
+    varies with the repeat, for variants that draw random numbers.
+    """
+
+    name: str
+    family: str
+    build: Callable[[torch.nn.Module, int], torch.optim.Optimizer] = field(compare=False)
+    density: float | None = None  # fraction of the parameters' blocks updated per step, if fixed
+    note: str = ""
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+
+
+def dense_adamw(lr: float, weight_decay: float) -> Variant:
+    return Variant("AdamW (dense)", "dense",
+                   lambda model, seed: torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay),
+                   density=1.0, note="torch.optim.AdamW on every parameter")
+
+
+def sparse(family: str, density: float, *, lr: float, weight_decay: float, block_size: int,
+           backend: str = "auto", blueprint=None, blueprint_weight: float = 0.5) -> Variant:
+    """SparseAdamW at ``density``: ``family`` "norm" (top blocks by gradient norm), "random"
+    (as many blocks drawn uniformly at random: the control), "blueprint" (norms blended with the
+    stage-1 blueprint) or "compact" (norm selection, compact state layout)."""
+    options = {"lr": lr, "weight_decay": weight_decay, "density": density, "block_size": block_size,
+               "backend": backend}
+    if family == "random":
+        note = "SparseAdamW, blocks drawn uniformly at random each step"
+    elif family == "blueprint":
+        if blueprint is None:
+            raise ValueError("family 'blueprint' needs blueprint=")
+        options.update(blueprint=blueprint, blueprint_weight=blueprint_weight)
+        note = f"SparseAdamW, norms blended with the stage-1 blueprint (weight {blueprint_weight:g})"
+    elif family == "compact":
+        options.update(state_layout="compact")
+        note = "SparseAdamW, norm selection, moments kept only for the selected blocks"
+    elif family == "norm":
+        note = "SparseAdamW, top blocks by gradient norm each step"
+    else:
+        raise ValueError(f"family must be 'norm', 'random', 'blueprint' or 'compact', got {family!r}")
+
+    def build(model: torch.nn.Module, seed: int) -> torch.optim.Optimizer:
+        extra = {"selection": "random", "seed": seed} if family == "random" else {}
+        return SparseAdamW(model.named_parameters(), **options, **extra)
+
+    return Variant(f"{family} d={density:g}", family, build, density=density, note=note)
+
+
+def fixed_layers(lr: float, weight_decay: float, last: int = 1) -> Variant:
+    """torch AdamW on the last ``last`` transformer layers, the final norm and the output head
+    only (LISA-like layer freezing; everything else is frozen, so its grads are not computed)."""
+
+    def build(model: torch.nn.Module, seed: int) -> torch.optim.Optimizer:
+        keep = trained_by_fixed_layers(model, last)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in keep)
+        return torch.optim.AdamW([p for n, p in model.named_parameters() if n in keep], lr=lr,
+                                 weight_decay=weight_decay)
+
+    return Variant(f"last {last} layer{'s' if last > 1 else ''} (AdamW)", "fixed-layer", build,
+                   note=f"torch.optim.AdamW on the last {last} layer(s), final norm and head; the rest frozen")
+
+
+def trained_by_fixed_layers(model: torch.nn.Module, last: int) -> set[str]:
+    """Names of the parameters the fixed-layer baseline trains on a :class:`~.model.TinyLM`."""
+    layers = len(model.layers)
+    if not 1 <= last <= layers:
+        raise ValueError(f"last must be in [1, {layers}] (the model's layers), got {last}")
+    prefixes = tuple(f"layers.{i}." for i in range(layers - last, layers)) + ("norm.", "head.")
+    return {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
+
+
+def standard_variants(densities: Sequence[float], *, lr: float, weight_decay: float, block_size: int,
+                      blueprint, backend: str = "auto", compact_density: float | None = None,
+                      fixed_last: int = 1) -> list[Variant]:
+    """What the demo compares: dense AdamW; norm, random and blueprint selection at every
+    density; compact state at ``compact_density``; the fixed-layer baseline."""
+    common = {"lr": lr, "weight_decay": weight_decay, "block_size": block_size, "backend": backend}
+    variants = [dense_adamw(lr, weight_decay)]
+    for family in ("norm", "random", "blueprint"):
+        variants += [sparse(family, d, blueprint=blueprint, **common) for d in densities]
+    if compact_density is not None:
+        variants.append(sparse("compact", compact_density, **common))
+    if fixed_last:
+        variants.append(fixed_layers(lr, weight_decay, fixed_last))
+    return variants

@@ -1,0 +1,82 @@
+"""PyTorch Lightning with SparseAdamW from ``configure_optimizers``: trains a few steps of the demo
+LM, checkpoints through the Trainer, resumes from the checkpoint, and ends exactly where an
+uninterrupted run ends (parameters and SparseAdamW state)."""
+import pytest
+import torch
+from _models import one_thread
+from _utils import assert_same
+
+from sparse_grad import SparseAdamW
+from sparse_grad.demo import TinyLM, lm_loss
+
+lightning = pytest.importorskip("lightning")
+
+CONTEXT = 12
+
+
+class LitTinyLM(lightning.LightningModule):
+    def __init__(self, **sparse_kwargs):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = TinyLM(CONTEXT, width=24, layers=2, heads=2)
+        self.sparse_kwargs = sparse_kwargs
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return lm_loss(self.model, x, y)
+
+    def configure_optimizers(self):
+        opt = SparseAdamW(self.named_parameters(), lr=3e-3, **self.sparse_kwargs)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def loader():
+    # Fresh random bytes; 3 batches per epoch, unshuffled, so every epoch sees the same batches
+    # and a checkpoint at an epoch's end resumes exactly.
+    tokens = torch.randint(0, 256, (9, CONTEXT + 1), generator=torch.Generator().manual_seed(3))
+    data = torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:])
+    return torch.utils.data.DataLoader(data, batch_size=3, shuffle=False)
+
+
+def fit(root, epochs, ckpt_path=None, **sparse_kwargs):
+    module = LitTinyLM(**sparse_kwargs)
+    checkpoints = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=root, filename="{epoch}", every_n_epochs=1,
+                                                              save_top_k=-1)
+    trainer = lightning.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                                callbacks=[checkpoints], enable_progress_bar=False, enable_model_summary=False,
+                                default_root_dir=root)
+    with one_thread():
+        trainer.fit(module, loader(), ckpt_path=ckpt_path)
+    return module, trainer.optimizers[0]
+
+
+@pytest.mark.parametrize("options", [{"density": 0.2, "block_size": 64},
+                                     {"density": 0.1, "block_size": 32, "state_layout": "compact", "reselect_every": 2}])
+def test_lightning_checkpoint_resume_is_exact(tmp_path, options):
+    full, full_opt = fit(tmp_path / "full", epochs=2, **options)
+    assert isinstance(full_opt, SparseAdamW) and full_opt.state
+    first_epoch = tmp_path / "full" / "epoch=0.ckpt"
+    assert first_epoch.exists()
+
+    resumed, resumed_opt = fit(tmp_path / "resumed", epochs=2, ckpt_path=str(first_epoch), **options)
+    fresh = LitTinyLM(**options)
+    assert any(not torch.equal(a, b) for a, b in zip(full.parameters(), fresh.parameters())), "training changed nothing"
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    assert_same(full_opt.state_dict(), resumed_opt.state_dict())
+    assert resumed_opt.param_groups[0]["lr"] == full_opt.param_groups[0]["lr"] == 3e-3 * 0.5**3  # 6 steps
+
+
+def test_resume_restores_the_optimizer_state_from_the_checkpoint(tmp_path):
+    """The checkpoint file itself holds SparseAdamW's state: loading it into a fresh optimizer
+    gives the state the run had at that step."""
+    options = {"density": 0.2, "block_size": 64}
+    fit(tmp_path, epochs=1, **options)
+    checkpoint = torch.load(tmp_path / "epoch=0.ckpt", weights_only=False)
+    module = LitTinyLM(**options)
+    module.load_state_dict(checkpoint["state_dict"])
+    opt = module.configure_optimizers()["optimizer"]
+    opt.load_state_dict(checkpoint["optimizer_states"][0])
+    assert_same(opt.state_dict(), checkpoint["optimizer_states"][0])
+    assert all(p in opt.state for p in module.parameters())
