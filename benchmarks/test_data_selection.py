@@ -3,6 +3,7 @@ same candidate pool, on the demo transformer and on a Linear-only sequence MLP.
 
     pytest benchmarks/test_data_selection.py --benchmark-only [--device cuda]
     python benchmarks/test_data_selection.py [--device cuda] [--rounds 7]   # table with ratios
+    python benchmarks/test_data_selection.py --device cuda --models tinylm-100m   # ~100M params, GPU
 
 Cases per model: ``fwd+bwd`` (the pool's mean loss, backward into .grad), ``train step`` (a batch
 of 16: forward, backward, SparseAdamW step), and ``score`` of the pool over: the blocks a
@@ -53,7 +54,10 @@ def make_cases(model_name: str, device: torch.device, quick: bool) -> dict:
     """``{case: fn}`` for one model, and the checks of --quick in ``fn.check`` where there are any."""
     torch.manual_seed(0)
     context, pool = (16, 6) if quick else (64, POOL)
-    if model_name == "tinylm":
+    if model_name == "tinylm-100m":  # 99.9M params: 14 layers of width 768, context 256
+        context = 256
+        model = TinyLM(context, width=768, layers=14, heads=12)
+    elif model_name == "tinylm":
         model = TinyLM(context, width=32 if quick else 128, layers=1 if quick else 2, heads=4)
     else:
         model = SequenceMLP(width=32 if quick else 256, depth=2 if quick else 4)
@@ -78,7 +82,7 @@ def make_cases(model_name: str, device: torch.device, quick: bool) -> dict:
     hooked = [b for b in resolve_blocks(model, None, block_size=BLOCK_SIZE) if norms.routes[b.name] != "torch.func"]
     selected = InfluenceSelector(model, per_example_loss, blocks=opt)
     everything = InfluenceSelector(model, per_example_loss, block_size=BLOCK_SIZE)
-    cases = {"fwd+bwd": fwd_bwd, "train step": train_step,
+    cases = {"model": model, "fwd+bwd": fwd_bwd, "train step": train_step,
              "score selected": lambda: selected.score(candidates),
              "score hooked": lambda: norms.block_sqnorms(candidates, hooked),
              "score all": lambda: everything.score(candidates)}
@@ -131,6 +135,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated, of {MODELS + ['tinylm-100m']} (default {','.join(MODELS)})")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,9 +144,11 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"threads" + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
           + f"; pool {POOL} windows, density {DENSITY}, block {BLOCK_SIZE}; median of {args.rounds} interleaved rounds after 2 warm-ups")
-    print(f"{'model':<8} {'case':<16} {'median ms':>10} {'vs fwd+bwd':>11}  per-layer forms used")
-    for model_name in MODELS:
+    print(f"{'model':<11} {'case':<16} {'median ms':>10} {'vs fwd+bwd':>11}  per-layer forms used")
+    for model_name in args.models.split(","):
         cases = make_cases(model_name, device, quick=False)
+        if model_name == "tinylm-100m":
+            print(f"tinylm-100m: {sum(p.numel() for p in cases['model'].parameters()):,} parameters")
         times = {name: [] for name in CASES}
         forms = {}
         # Rounds interleave the cases, so that the load of a shared machine weighs on all alike.
@@ -157,7 +165,7 @@ def main(argv=None) -> int:
         medians = {name: statistics.median(t) for name, t in times.items()}
         for name in CASES:
             used = ", ".join(f"{k} {v}" for k, v in sorted(forms.get(name, {}).items()))
-            print(f"{model_name:<8} {name:<16} {1e3 * medians[name]:>10.1f} "
+            print(f"{model_name:<11} {name:<16} {1e3 * medians[name]:>10.1f} "
                   f"{medians[name] / medians['fwd+bwd']:>10.2f}x  {used}")
     return 0
 
