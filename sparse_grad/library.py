@@ -100,7 +100,10 @@ def hyper_table(values: list, device: torch.device) -> tuple[list[float], torch.
     # The float entries travel in one pinned, non-blocking copy: a plain host-to-device copy
     # waits for the device (torch.cuda.set_sync_debug_mode flags it).
     host = torch.tensor([0.0 if isinstance(v, torch.Tensor) else float(v) for v in values], dtype=torch.float64)
-    table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        table = host.pin_memory().to(device, non_blocking=True)
+    else:  # a compiled step places the constants itself (and fake tensors cannot be pinned)
+        table = host.to(device)
     parts = [v.to(device=device, dtype=torch.float64, non_blocking=True).reshape(())
              if isinstance(v, torch.Tensor) else table[i] for i, v in enumerate(values)]
     return [0.0] * len(values), torch.stack(parts)  # the op ignores the floats when given the table

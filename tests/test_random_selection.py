@@ -18,7 +18,7 @@ def _params(seed, shapes=((37, 11), (5,), (300,), (64, 3))):
 def _fill_grads(params, seed):
     g = torch.Generator().manual_seed(seed)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g)
+        p.grad = torch.randn(p.shape, generator=g).to(p.device)
 
 
 def _selected(opt):

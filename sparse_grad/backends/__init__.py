@@ -5,7 +5,6 @@ with the reference backend's signatures.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -56,14 +55,14 @@ def triton_kernels() -> ModuleType:
     return module
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Looked up once at import: torch.compile traces into functools.cache wrappers and refuses
+# importlib's find_spec.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton backend cannot run on ``device``, or ``None`` if it can."""
-    if not _triton_installed():
+    if not _TRITON_INSTALLED:
         return "the triton package is not installed (pip install triton)"
     if device.type == "cuda":
         return None

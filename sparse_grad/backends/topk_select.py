@@ -5,6 +5,7 @@ top-k of the keys is exactly the reference selection.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -42,17 +43,22 @@ def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks
         top = torch.topk(keys, total, sorted=False).values
         return torch.sort(ids_of(top)).values
     # Per segment: order all blocks by (segment, rank) and take the first k of each segment.
-    segment_of = torch.repeat_interleave(
-        torch.arange(len(segment_sizes), device=device),
-        torch.tensor(segment_sizes, device=device), output_size=scores.numel())
+    segment_of, source = _segment_tables(tuple(segment_sizes), tuple(segment_ks), device)
     by_rank = torch.sort(keys, descending=True).indices
     order = by_rank[torch.sort(segment_of[by_rank], stable=True).indices]
+    return torch.sort(order[source]).values
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_tables(segment_sizes: tuple[int, ...], segment_ks: tuple[int, ...],
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's segment, and for each output slot its position in the blocks ordered by
+    (segment, rank). Built on the host and copied once per layout: a copy at every step would
+    wait for the device, and could not be captured in a CUDA graph."""
     sizes = torch.tensor(segment_sizes, dtype=torch.int64)
     ks = torch.tensor(segment_ks, dtype=torch.int64)
-    segment_start = (torch.cumsum(sizes, 0) - sizes).to(device)
-    k_start = (torch.cumsum(ks, 0) - ks).to(device)
-    ks = ks.to(device)
-    out_segment = torch.repeat_interleave(torch.arange(len(segment_ks), device=device), ks, output_size=total)
-    slot = torch.arange(total, device=device)
-    chosen = order[segment_start[out_segment] + slot - k_start[out_segment]]
-    return torch.sort(chosen).values
+    segment_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    out_segment = torch.repeat_interleave(torch.arange(len(ks)), ks)
+    slot = torch.arange(out_segment.numel())
+    source = (torch.cumsum(sizes, 0) - sizes)[out_segment] + slot - (torch.cumsum(ks, 0) - ks)[out_segment]
+    return segment_of.to(device), source.to(device)
