@@ -130,16 +130,21 @@ def test_error_feedback_loses_no_gradient_mass(case, monkeypatch):
     monkeypatch.setattr(library, "step", recording)
     opt = SparseAdamW(params, lr=1e-2, density=0.1, block_size=8, error_feedback=True, backend=backend)
     total = [torch.zeros_like(p) for p in params]
+    magnitude = [torch.zeros_like(p) for p in params]  # Σ|g|: the scale of the rounding
     for _ in range(7):
         grads = [heavy_tailed(p.shape, torch.float64, device) for p in params]
         set_grads(params, grads)
         opt.step()
-        for s, g in zip(total, grads):
+        for s, m, g in zip(total, magnitude, grads):
             s += g
+            m += g.abs()
         assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))  # grads are not modified
-    for a, p, s in zip(applied, params, total):
-        torch.testing.assert_close(a + opt.state[p]["error"], s, atol=1e-12, rtol=1e-12)
-        assert opt.state[p]["error"].abs().sum() > 0  # not everything was applied
+    for a, p, s, m in zip(applied, params, total, magnitude):
+        # The sums are associated differently (buffer vs applied vs total): equal up to a few
+        # fp64 roundings of the largest partial sum, which cancellation can leave far above |s|.
+        error = (a + opt.state[p]["error"] - s).abs()
+        assert (error <= 16 * torch.finfo(torch.float64).eps * m).all(), error.max()
+    assert sum(opt.state[p]["error"].abs().sum() for p in params) > 0  # not everything was applied
 
 
 def test_error_feedback_selects_on_accumulated_gradient(case):
