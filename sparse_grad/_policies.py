@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _checks, ops
-from .layout import BlockLayout
+from .layout import BlockLayout, num_blocks_of
 
 SCORES = ("l2", "rms")
 SELECTIONS = ("norm", "random")
@@ -40,6 +40,17 @@ def check_options(group: dict, name) -> None:
 def state_dtype(group: dict, param: torch.Tensor) -> torch.dtype:
     """The dtype of a param's float state (moments, error buffer)."""
     return group["state_dtype"] or param.dtype
+
+
+def init_dense_state(state: dict, param: torch.Tensor, dtype: torch.dtype, block_size: int,
+                     device: torch.device) -> None:
+    """A param's dense state on its first step: moments like the param (a DTensor's sharded like
+    it) and one int32 step count per block of the full tensor, on ``device``."""
+    if "block_step" in state:
+        return
+    state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+    state["block_step"] = torch.zeros(num_blocks_of(param.numel(), block_size), dtype=torch.int32, device=device)
 
 
 @functools.lru_cache(maxsize=64)

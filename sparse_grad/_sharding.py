@@ -200,11 +200,8 @@ def apply(opt, plan, grad_scale, found_inf) -> None:
     compact = group["state_layout"] == "compact"
     for p, dtype in zip(plan.params, dtypes):
         state = opt.state[p]
-        if not compact and "block_step" not in state:
-            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)  # DTensors, sharded like p
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
-            state["block_step"] = torch.zeros(num_blocks_of(p.numel(), block_size), dtype=torch.int32,
-                                              device=sharding.piece_global.device)
+        if not compact:
+            _policies.init_dense_state(state, p, dtype, block_size, sharding.piece_global.device)
         if group["error_feedback"] and "error" not in state:
             state["error"] = torch.zeros_like(p, dtype=dtype)
     states = [opt.state[p] for p in plan.params]

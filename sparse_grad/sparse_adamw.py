@@ -470,11 +470,8 @@ class SparseAdamW(Optimizer):
         compact = group["state_layout"] == "compact"
         for p, dtype in zip(plan.params, dtypes):
             state = self.state[p]
-            if not compact and "block_step" not in state:
-                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["block_step"] = torch.zeros(
-                    num_blocks_of(p.numel(), group["block_size"]), dtype=torch.int32, device=p.device)
+            if not compact:
+                _policies.init_dense_state(state, p, dtype, group["block_size"], p.device)
         states = [self.state[p] for p in plan.params]
         grads, inv_scale = plan.grads, scaling.inv_scale
         if group["error_feedback"]:
