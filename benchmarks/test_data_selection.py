@@ -24,7 +24,7 @@ from torch import nn
 
 from sparse_grad import SparseAdamW
 from sparse_grad.data import InfluenceSelector, PerExampleNorms, resolve_blocks
-from sparse_grad.demo import TinyLM, batches, stdlib_bytes
+from sparse_grad.demo import TinyLM, batches, lm_losses, stdlib_bytes
 
 POOL, BATCH, DENSITY, BLOCK_SIZE = 54, 16, 0.2, 256  # a pool of ceil(16 / 0.3) candidates
 
@@ -45,11 +45,6 @@ class SequenceMLP(nn.Module):
         return self.head(h)
 
 
-def per_example_loss(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
-
-
 def make_cases(model_name: str, device: torch.device, quick: bool) -> dict:
     """``{case: fn}`` for one model, and the checks of --quick in ``fn.check`` where there are any."""
     torch.manual_seed(0)
@@ -66,22 +61,22 @@ def make_cases(model_name: str, device: torch.device, quick: bool) -> dict:
     candidates = (x.to(device), y.to(device))
     train = (candidates[0][:BATCH], candidates[1][:BATCH])
     opt = SparseAdamW(model.parameters(), density=DENSITY, block_size=BLOCK_SIZE)
-    per_example_loss(model, train).mean().backward()
+    lm_losses(model, train).mean().backward()
     opt.step()  # makes the selection the "selected" case scores over
 
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
-        per_example_loss(model, candidates).mean().backward()
+        lm_losses(model, candidates).mean().backward()
 
     def train_step():
         opt.zero_grad(set_to_none=True)
-        per_example_loss(model, train).mean().backward()
+        lm_losses(model, train).mean().backward()
         opt.step()
 
-    norms = PerExampleNorms(model, per_example_loss)
+    norms = PerExampleNorms(model, lm_losses)
     hooked = [b for b in resolve_blocks(model, None, block_size=BLOCK_SIZE) if norms.routes[b.name] != "torch.func"]
-    selected = InfluenceSelector(model, per_example_loss, blocks=opt)
-    everything = InfluenceSelector(model, per_example_loss, block_size=BLOCK_SIZE)
+    selected = InfluenceSelector(model, lm_losses, blocks=opt)
+    everything = InfluenceSelector(model, lm_losses, block_size=BLOCK_SIZE)
     cases = {"model": model, "fwd+bwd": fwd_bwd, "train step": train_step,
              "score selected": lambda: selected.score(candidates),
              "score hooked": lambda: norms.block_sqnorms(candidates, hooked),
@@ -90,8 +85,8 @@ def make_cases(model_name: str, device: torch.device, quick: bool) -> dict:
         cases[f"{name} forms"] = lambda scorer=scorer: _forms(scorer.last_methods)
     if quick:  # the scores must be finite, and the same by the ghost and the explicit forms
         def check():
-            ghost = PerExampleNorms(model, per_example_loss, linear_method="ghost").block_sqnorms(candidates, hooked)
-            explicit = PerExampleNorms(model, per_example_loss, linear_method="explicit").block_sqnorms(
+            ghost = PerExampleNorms(model, lm_losses, linear_method="ghost").block_sqnorms(candidates, hooked)
+            explicit = PerExampleNorms(model, lm_losses, linear_method="explicit").block_sqnorms(
                 candidates, hooked)
             torch.testing.assert_close(ghost, explicit, rtol=1e-4, atol=1e-6 * float(explicit.max()))
             assert torch.isfinite(everything.score(candidates)).all()

@@ -20,7 +20,7 @@ from sparse_grad.data import (
     resolve_blocks,
     top_indices,
 )
-from sparse_grad.demo import batches, stdlib_bytes
+from sparse_grad.demo import batches, lm_losses, stdlib_bytes, window_sampler
 
 
 class Mixed(nn.Module):
@@ -44,13 +44,6 @@ class Mixed(nn.Module):
         h = h + 0.5 * self.up(h[..., :self.embed.embedding_dim])  # the same Linear again
         grid = self.grid(torch.stack([h, h.flip(1)], 2))  # [B, T, 2, hidden]
         return self.head(grid.sum(2))
-
-
-def token_loss(model, batch):
-    """Mean token cross-entropy of each sequence: one loss per example."""
-    x, y = batch
-    logits = model(x)
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
 
 
 def random_batch(n=6, length=5, vocab=11):
@@ -109,11 +102,11 @@ def test_block_sqnorms_match_torch_func(dtype, block_size, method):
     model = Mixed().to(dtype)
     batch = random_batch()
     blocks = random_blocks(model, block_size)
-    norms = PerExampleNorms(model, token_loss, linear_method=method)
+    norms = PerExampleNorms(model, lm_losses, linear_method=method)
     got = norms.block_sqnorms(batch, blocks)
     assert got.dtype == dtype and got.shape == (6, sum(b.block_ids.numel() for b in blocks))
     assert not got.requires_grad
-    assert_matches_reference(got, reference_sqnorms(model, token_loss, batch, blocks), dtype)
+    assert_matches_reference(got, reference_sqnorms(model, lm_losses, batch, blocks), dtype)
     assert norms.routes == {"embed.weight": "embedding", "position": "torch.func", "up.weight": "linear",
                             "up.bias": "linear", "norm.weight": "layernorm", "norm.bias": "layernorm",
                             "grid.weight": "linear", "head.weight": "linear", "head.bias": "linear"}
@@ -125,9 +118,9 @@ def test_demo_model_all_blocks_match_torch_func():
     model = tiny_lm()
     x, y = next(batches(stdlib_bytes(20_000), 1, 5, 16, seed=3))
     blocks = resolve_blocks(model, None, block_size=100)
-    norms = PerExampleNorms(model, token_loss)
+    norms = PerExampleNorms(model, lm_losses)
     got = norms.block_sqnorms((x, y), blocks)
-    assert_matches_reference(got, reference_sqnorms(model, token_loss, (x, y), blocks), torch.float32)
+    assert_matches_reference(got, reference_sqnorms(model, lm_losses, (x, y), blocks), torch.float32)
     assert {n for n, route in norms.routes.items() if route == "torch.func"} == {"position"}
     assert set(norms.last_methods.values()) <= {"ghost", "explicit", "embedding", "layernorm", "torch.func"}
 
@@ -150,9 +143,9 @@ def test_layers_called_functionally_or_by_keyword_are_still_exact():
     model = Attention()
     batch = random_batch(n=4)
     blocks = resolve_blocks(model, None, block_size=6)
-    norms = PerExampleNorms(model, token_loss)
+    norms = PerExampleNorms(model, lm_losses)
     got = norms.block_sqnorms(batch, blocks)
-    assert_matches_reference(got, reference_sqnorms(model, token_loss, batch, blocks), torch.float32)
+    assert_matches_reference(got, reference_sqnorms(model, lm_losses, batch, blocks), torch.float32)
     assert norms.routes["attn.out_proj.weight"] == "linear" and norms.routes["attn.in_proj_weight"] == "torch.func"
     assert norms.last_methods["attn.out_proj.weight"] == "torch.func"
     assert norms.last_methods["head.weight"] in ("ghost", "explicit")
@@ -178,13 +171,13 @@ def test_selector_scores_are_summed_block_norms_and_select_the_top_share():
     batch = random_batch(n=10)
     blocks = random_blocks(model, 8)
     mapping = {b.name: b.block_ids for b in blocks}
-    selector = InfluenceSelector(model, token_loss, blocks=mapping, block_size=8, data_fraction=0.3)
-    expected = reference_sqnorms(model, token_loss, batch, blocks).sqrt().sum(1)
+    selector = InfluenceSelector(model, lm_losses, blocks=mapping, block_size=8, data_fraction=0.3)
+    expected = reference_sqnorms(model, lm_losses, batch, blocks).sqrt().sum(1)
     scores = selector.score(batch)
     torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=0)
     chosen = selector.select(batch)
     assert chosen.indices.tolist() == torch.argsort(expected, descending=True)[:3].tolist()  # ceil(0.3·10)
-    chunked = InfluenceSelector(model, token_loss, blocks=mapping, block_size=8, chunk_size=3)
+    chunked = InfluenceSelector(model, lm_losses, blocks=mapping, block_size=8, chunk_size=3)
     torch.testing.assert_close(chunked.score(batch), scores, rtol=1e-6, atol=0)
 
 
@@ -249,21 +242,13 @@ def test_scoring_writes_no_parameter_grad_or_optimizer_state():
     set_grads(model)  # gradients already accumulated for the next step
     params, grads = snapshot(dict(model.named_parameters())), snapshot({n: p.grad for n, p in model.named_parameters()})
     state, selections = snapshot(opt.state_dict()), snapshot(opt.selected_blocks())
-    selector = InfluenceSelector(model, token_loss, blocks=opt)
+    selector = InfluenceSelector(model, lm_losses, blocks=opt)
     selector.select(random_batch())
     selector.norms.block_sqnorms(random_batch(), resolve_blocks(model, None, block_size=3))  # torch.func too
     assert_same(dict(model.named_parameters()), params)
     assert_same({n: p.grad for n, p in model.named_parameters()}, grads)
     assert_same(opt.state_dict(), state)
     assert_same(opt.selected_blocks(), selections)
-
-
-def draw_windows(data, context):
-    def draw(n, generator):
-        starts = torch.randint(0, data.numel() - context - 1, (n,), generator=generator)
-        windows = torch.stack([data[s:s + context + 1] for s in starts.tolist()])
-        return windows[:, :-1], windows[:, 1:]
-    return draw
 
 
 def take(sampler, n):
@@ -274,12 +259,12 @@ def take(sampler, n):
 def test_sampler_is_deterministic_and_keeps_the_top_of_each_pool():
     model = tiny_lm()
     data = stdlib_bytes(20_000)
-    selector = InfluenceSelector(model, token_loss, block_size=64, data_fraction=0.25)
+    selector = InfluenceSelector(model, lm_losses, block_size=64, data_fraction=0.25)
     draws = []
 
     def draw(n, generator):
         draws.append(n)
-        return draw_windows(data, 16)(n, generator)
+        return window_sampler(data, 16)(n, generator)
 
     with one_thread():
         sampler = InfluenceSampler(selector, draw, batch_size=3, refresh_every=2, seed=5)
@@ -288,12 +273,12 @@ def test_sampler_is_deterministic_and_keeps_the_top_of_each_pool():
         assert_same(take(InfluenceSampler(selector, draw, batch_size=3, refresh_every=2, seed=5), 4), first)
         other = take(InfluenceSampler(selector, draw, batch_size=3, refresh_every=2, seed=6), 4)
         assert not torch.equal(other[0][0], first[0][0])
-        pool = draw_windows(data, 16)(24, torch.Generator().manual_seed(5))
+        pool = window_sampler(data, 16)(24, torch.Generator().manual_seed(5))
         top = top_indices(selector.score(pool), 6)
     chosen = torch.cat([first[0][0], first[1][0]])
     assert sorted(map(tuple, chosen.tolist())) == sorted(map(tuple, pool[0][top].tolist()))
 
-    random = InfluenceSampler(selector, draw_windows(data, 16), batch_size=3, refresh_every=2, seed=5,
+    random = InfluenceSampler(selector, window_sampler(data, 16), batch_size=3, refresh_every=2, seed=5,
                               selection="random")
     batches_ = take(random, 2)
     pool_rows = {tuple(r) for r in pool[0].tolist()}  # the same pool: the generator is seeded alike
@@ -303,18 +288,18 @@ def test_sampler_is_deterministic_and_keeps_the_top_of_each_pool():
 @pytest.mark.parametrize("fraction", [0, -0.1, 1.5, float("nan")])
 def test_data_fraction_outside_0_1_is_rejected(fraction):
     with pytest.raises(ValueError, match="data_fraction"):
-        InfluenceSelector(Mixed(), token_loss, block_size=8, data_fraction=fraction)
+        InfluenceSelector(Mixed(), lm_losses, block_size=8, data_fraction=fraction)
     with pytest.raises(TypeError, match="data_fraction"):
-        InfluenceSelector(Mixed(), token_loss, block_size=8, data_fraction=True)
+        InfluenceSelector(Mixed(), lm_losses, block_size=8, data_fraction=True)
 
 
 def test_unsupported_models_and_modules_raise_clear_errors():
     with pytest.raises(ValueError, match="no nn.Linear or nn.Embedding"):
-        PerExampleNorms(nn.Sequential(nn.Conv1d(2, 2, 3)), token_loss)
+        PerExampleNorms(nn.Sequential(nn.Conv1d(2, 2, 3)), lm_losses)
     with pytest.raises(ValueError, match="max_norm"):
-        PerExampleNorms(nn.Sequential(nn.Embedding(5, 3, max_norm=1.0), nn.Linear(3, 2)), token_loss)
+        PerExampleNorms(nn.Sequential(nn.Embedding(5, 3, max_norm=1.0), nn.Linear(3, 2)), lm_losses)
     with pytest.raises(ValueError, match="scale_grad_by_freq"):
-        PerExampleNorms(nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True)), token_loss)
+        PerExampleNorms(nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True)), lm_losses)
     batch_norm = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     norms = PerExampleNorms(batch_norm, lambda m, x: m(x).sum(1))
     with pytest.raises(ValueError, match="BatchNorm in training mode"):
@@ -327,7 +312,7 @@ def test_bad_losses_batches_and_blocks_raise_clear_errors():
     model = Mixed()
     blocks = resolve_blocks(model, None, block_size=8)
     with pytest.raises(ValueError, match="one floating loss per example"):
-        PerExampleNorms(model, lambda m, b: token_loss(m, b).mean()).block_sqnorms(random_batch(), blocks)
+        PerExampleNorms(model, lambda m, b: lm_losses(m, b).mean()).block_sqnorms(random_batch(), blocks)
     inplace = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True))
     with pytest.raises(ValueError, match="modified in place"):
         PerExampleNorms(inplace, lambda m, x: m(x).sum(1)).block_sqnorms(
@@ -337,22 +322,22 @@ def test_bad_losses_batches_and_blocks_raise_clear_errors():
         PerExampleNorms(flat, lambda m, x: m(x.flatten(0, 1)).view(5, -1).sum(1)).block_sqnorms(
             torch.randn(5, 2, 3), resolve_blocks(flat, None, block_size=4))
     with pytest.raises(ValueError, match="same leading"):
-        PerExampleNorms(model, token_loss).block_sqnorms((torch.zeros(3, 5).long(), torch.zeros(4, 5).long()),
+        PerExampleNorms(model, lm_losses).block_sqnorms((torch.zeros(3, 5).long(), torch.zeros(4, 5).long()),
                                                           blocks)
     with pytest.raises(ValueError, match="not a trainable parameter"):
         resolve_blocks(model, {"nope": torch.tensor([0])}, block_size=8)
     with pytest.raises(ValueError, match="outside"):
         resolve_blocks(model, {"head.bias": torch.tensor([2])}, block_size=8)
     with pytest.raises(ValueError, match="block_size is required"):
-        InfluenceSelector(model, token_loss)
+        InfluenceSelector(model, lm_losses)
     other = SparseAdamW(nn.Linear(2, 2).parameters(), density=0.5, block_size=2)
     with pytest.raises(ValueError, match="not a trainable parameter of the model"):
-        InfluenceSelector(model, token_loss, blocks=other)
-    selector = InfluenceSelector(model, token_loss, block_size=8)
+        InfluenceSelector(model, lm_losses, blocks=other)
+    selector = InfluenceSelector(model, lm_losses, block_size=8)
     with pytest.raises(ValueError, match="batch_size"):
-        InfluenceSampler(selector, draw_windows(stdlib_bytes(1000), 5), batch_size=0)
+        InfluenceSampler(selector, window_sampler(stdlib_bytes(1000), 5), batch_size=0)
     with pytest.raises(ValueError, match="selection"):
-        InfluenceSampler(selector, draw_windows(stdlib_bytes(1000), 5), batch_size=2, selection="best")
+        InfluenceSampler(selector, window_sampler(stdlib_bytes(1000), 5), batch_size=2, selection="best")
 
 
 def test_gradients_of_heavy_tailed_weights_in_fp64():
@@ -363,9 +348,9 @@ def test_gradients_of_heavy_tailed_weights_in_fp64():
             p.copy_(heavy_tailed(p.shape, torch.float64) * 0.3)
     blocks = random_blocks(model, 6, share=0.7)
     batch = random_batch(n=4)
-    expected = reference_sqnorms(model, token_loss, batch, blocks)
+    expected = reference_sqnorms(model, lm_losses, batch, blocks)
     for method in ("ghost", "explicit"):
-        got = PerExampleNorms(model, token_loss, linear_method=method).block_sqnorms(batch, blocks)
+        got = PerExampleNorms(model, lm_losses, linear_method=method).block_sqnorms(batch, blocks)
         assert_matches_reference(got, expected, torch.float64)
 
 

@@ -2,8 +2,17 @@
 (:mod:`.model`) trained on the source of Python's own standard library (:mod:`.data`), which ships
 with every Python, so nothing has to be downloaded; English prose for adaptation comes from
 ``pydoc_data.topics``."""
-from .data import batches, prose_bytes, prose_text, stdlib_bytes, stdlib_text, train_val_split
-from .model import TinyLM, lm_loss
+from .data import (
+    batches,
+    prose_bytes,
+    prose_text,
+    stdlib_bytes,
+    stdlib_text,
+    train_val_split,
+    window_sampler,
+)
+from .model import TinyLM, lm_loss, lm_losses
 from .train import train_steps
 
-__all__ = ["TinyLM", "batches", "lm_loss", "prose_bytes", "prose_text", "stdlib_bytes", "stdlib_text", "train_steps", "train_val_split"]
+__all__ = ["TinyLM", "batches", "lm_loss", "lm_losses", "prose_bytes", "prose_text", "stdlib_bytes", "stdlib_text",
+           "train_steps", "train_val_split", "window_sampler"]

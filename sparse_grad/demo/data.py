@@ -3,12 +3,12 @@ the help topics of ``pydoc_data.topics`` (English prose)."""
 from __future__ import annotations
 
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-__all__ = ["batches", "prose_bytes", "prose_text", "stdlib_bytes", "stdlib_text", "train_val_split"]
+__all__ = ["batches", "prose_bytes", "prose_text", "stdlib_bytes", "stdlib_text", "train_val_split", "window_sampler"]
 
 
 def stdlib_text(max_bytes: int) -> bytes:
@@ -50,12 +50,22 @@ def train_val_split(data: torch.Tensor, train_fraction: float = 0.9) -> tuple[to
     return data[:split], data[split:]
 
 
+def window_sampler(data: torch.Tensor, context: int
+                   ) -> Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
+    """``draw(n, generator)``: ``n`` random windows of ``data``, as inputs ``[n, context]`` and the
+    same windows shifted by one byte as targets (the form a data sampler draws candidates in)."""
+    def draw(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, data.numel() - context - 1, (n,), generator=generator)
+        window = torch.stack([data[s:s + context + 1] for s in starts.tolist()])
+        return window[:, :-1], window[:, 1:]
+    return draw
+
+
 def batches(data: torch.Tensor, steps: int, batch: int, context: int, seed: int
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``steps`` batches of ``batch`` random windows: inputs ``[batch, context]`` and the same
-    windows shifted by one byte as targets. The same ``seed`` gives the same batches."""
+    """``steps`` batches of ``batch`` random windows (see :func:`window_sampler`). The same
+    ``seed`` gives the same batches."""
     g = torch.Generator().manual_seed(seed)
+    draw = window_sampler(data, context)
     for _ in range(steps):
-        starts = torch.randint(0, data.numel() - context - 1, (batch,), generator=g)
-        window = torch.stack([data[s:s + context + 1] for s in starts.tolist()])
-        yield window[:, :-1], window[:, 1:]
+        yield draw(batch, g)

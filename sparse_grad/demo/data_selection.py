@@ -37,13 +37,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import SparseAdamW, __version__, _checks
 from ..cpr import ResourceMeter
 from ..data import InfluenceSampler, InfluenceSelector
-from .data import batches, prose_bytes, stdlib_bytes, train_val_split
-from .model import TinyLM
+from .data import batches, prose_bytes, stdlib_bytes, train_val_split, window_sampler
+from .model import TinyLM, lm_losses
 
 __all__ = ["CONFIGS", "RUNS", "run_experiment", "to_markdown"]
 
@@ -62,25 +61,10 @@ RUNS = (("influence × influence", "norm", "influence"), ("influence params × r
         ("dense AdamW, all data", None, None))
 
 
-def per_example_loss(model, batch):
-    """Mean next-byte loss of each window: one loss per example."""
-    x, y = batch
-    return F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
-
-
-def _draw(data: torch.Tensor, context: int):
-    """``draw(n, generator)``: ``n`` random windows of ``data`` (inputs, next-byte targets)."""
-    def draw(n, generator):
-        starts = torch.randint(0, data.numel() - context - 1, (n,), generator=generator)
-        windows = torch.stack([data[s:s + context + 1] for s in starts.tolist()])
-        return windows[:, :-1], windows[:, 1:]
-    return draw
-
-
 @torch.no_grad()
 def held_out_loss(model, windows) -> float:
     x, y = windows
-    return float(torch.cat([per_example_loss(model, (x[i:i + 64], y[i:i + 64])) for i in range(0, len(x), 64)]).mean())
+    return float(torch.cat([lm_losses(model, (x[i:i + 64], y[i:i + 64])) for i in range(0, len(x), 64)]).mean())
 
 
 def _pretrained(cfg: dict, seed: int) -> TinyLM:
@@ -89,7 +73,7 @@ def _pretrained(cfg: dict, seed: int) -> TinyLM:
     train, _ = train_val_split(stdlib_bytes(400_000))
     opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=WEIGHT_DECAY)
     for x, y in batches(train, cfg["pretrain_steps"], cfg["batch"], cfg["context"], seed=seed):
-        loss = per_example_loss(model, (x, y)).mean()
+        loss = lm_losses(model, (x, y)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -99,7 +83,7 @@ def _pretrained(cfg: dict, seed: int) -> TinyLM:
 def _adapt(model, params: str | None, data: str | None, cfg: dict, train: torch.Tensor, seed: int) -> dict:
     """One run: ``cfg["steps"]`` steps from ``model``'s weights; returns what it spent."""
     steps, batch, every = cfg["steps"], cfg["batch"], cfg["refresh_every"]
-    draw = _draw(train, cfg["context"])
+    draw = window_sampler(train, cfg["context"])
     if params is None:
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
         stream = iter(batches(train, steps, batch, cfg["context"], seed=1000 + seed))
@@ -107,7 +91,7 @@ def _adapt(model, params: str | None, data: str | None, cfg: dict, train: torch.
     else:
         opt = SparseAdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, density=DENSITY,
                           block_size=BLOCK_SIZE, reselect_every=every, selection=params, seed=seed)
-        selector = InfluenceSelector(model, per_example_loss, blocks=opt, data_fraction=DATA_FRACTION)
+        selector = InfluenceSelector(model, lm_losses, blocks=opt, data_fraction=DATA_FRACTION)
         sampler = InfluenceSampler(selector, draw, batch_size=batch, refresh_every=every, seed=1000 + seed,
                                    selection=data)
         first = draw(batch, torch.Generator().manual_seed(2000 + seed))  # before the first selection
@@ -117,7 +101,7 @@ def _adapt(model, params: str | None, data: str | None, cfg: dict, train: torch.
         meter.attach(opt)
         for _ in range(steps):
             x, y = next(stream)
-            loss = per_example_loss(model, (x, y)).mean()
+            loss = lm_losses(model, (x, y)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TinyLM", "lm_loss"]
+__all__ = ["TinyLM", "lm_loss", "lm_losses"]
 
 VOCAB = 256  # bytes
 
@@ -67,3 +67,10 @@ class TinyLM(nn.Module):
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean next-byte cross-entropy (nats) of ``model`` on inputs ``x`` and targets ``y``."""
     return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def lm_losses(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per-example losses ``[batch]``: each window's mean next-byte cross-entropy (the form
+    :mod:`sparse_grad.data` scores examples by)."""
+    x, y = batch
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
