@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from sparse_grad import SparseAdamW, _sharding
+from sparse_grad import SparseAdamW
+from sparse_grad.optim import sharding as _sharding
 from sparse_grad.demo import TinyLM, batches, lm_loss, stdlib_bytes
 
 

@@ -7,7 +7,7 @@ whose cost is proportional to the density. ``SparseAdamW`` is a drop-in for
 """
 from . import ops
 from .layout import BlockLayout
-from .sparse_adamw import SparseAdamW
+from .optim import SparseAdamW
 
 __version__ = "0.1.0"
 

@@ -38,9 +38,9 @@ import io
 import torch
 import torch.distributed as dist
 
-from . import _compact, _policies, _sharding
 from .layout import num_blocks_of
-from .sparse_adamw import SparseAdamW, _check_hyperparameters, _Selection
+from .optim import SparseAdamW, compact_state, options as group_options, sharding
+from .optim.group_state import Selection
 
 __all__ = ["load_optimizer_state_dict", "optimizer_state_dict"]
 
@@ -53,21 +53,20 @@ def _check_optimizer(optimizer) -> None:
         raise TypeError(f"optimizer must be a sparse_grad.SparseAdamW, got {type(optimizer).__name__}")
 
 
-def _view(optimizer: SparseAdamW, index: int) -> _sharding.ShardedGroup:
+def _view(optimizer: SparseAdamW, index: int) -> sharding.ShardedGroup:
     """The group's params as pieces of their full tensors: this rank's shards under FSDP2, the
     whole tensors otherwise."""
     group = optimizer.param_groups[index]
-    sharded = _sharding.whole_group(optimizer, index)
+    params = group["params"]
+    sharded = sharding.whole_group(params, group["block_size"], f"param_groups[{index}]")
     if sharded is not None:
         return sharded
-    params = group["params"]
-    device = params[0].device
-    return _sharding._cached(tuple(p.numel() for p in params), tuple((0, p.numel()) for p in params),
-                             group["block_size"], device, None)
+    return sharding.cached(tuple(p.numel() for p in params), tuple((0, p.numel()) for p in params),
+                           group["block_size"], params[0].device, None)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _sharding.is_dtensor(t) else t
+    return t.to_local() if sharding.is_dtensor(t) else t
 
 
 def _keys(group: dict) -> list[str]:
@@ -81,32 +80,32 @@ def _keys(group: dict) -> list[str]:
 
 def _placeholder(key: str, p: torch.Tensor, group: dict) -> torch.Tensor:
     if key in _PER_ELEMENT:
-        return torch.zeros_like(p, dtype=_policies.state_dtype(group, p))
+        return torch.zeros_like(p, dtype=group_options.state_dtype(group, p))
     dtype = torch.int32 if key == "block_step" else torch.float32
     return torch.zeros(num_blocks_of(p.numel(), group["block_size"]), dtype=dtype, device=_local(p).device)
 
 
-def _padded(view: _sharding.ShardedGroup, pieces: list[torch.Tensor]) -> torch.Tensor:
+def _padded(view: sharding.ShardedGroup, pieces: list[torch.Tensor]) -> torch.Tensor:
     """The pieces as rows of a ``[blocks, block_size]`` slab (zeros past each piece's end)."""
-    block_size = view.layout.block_size
-    rows = pieces[0].new_zeros(view.layout.num_blocks, block_size) if pieces else None
+    block_size = view.kernel_layout.block_size
+    rows = pieces[0].new_zeros(view.kernel_layout.num_blocks, block_size) if pieces else None
     for t, piece in enumerate(pieces):
-        start, _ = view.layout.block_range(t)
+        start, _ = view.kernel_layout.block_range(t)
         rows.view(-1)[start * block_size:start * block_size + piece.numel()] = piece
     return rows
 
 
-def _unpad(view: _sharding.ShardedGroup, rows: torch.Tensor, pieces: list[torch.Tensor]) -> None:
-    block_size = view.layout.block_size
+def _unpad(view: sharding.ShardedGroup, rows: torch.Tensor, pieces: list[torch.Tensor]) -> None:
+    block_size = view.kernel_layout.block_size
     for t, piece in enumerate(pieces):
-        start, _ = view.layout.block_range(t)
+        start, _ = view.kernel_layout.block_range(t)
         piece.copy_(rows.view(-1)[start * block_size:start * block_size + piece.numel()])
 
 
 def _compact_to_dense(optimizer: SparseAdamW, index: int, entries: list[dict]) -> None:
     """Scatter the group's compact slabs into the (zeroed) dense entries."""
     group, view = optimizer.param_groups[index], _view(optimizer, index)
-    state = optimizer._compact[index]
+    state = optimizer.group_state(index).compact
     rows = state["block_of_slot"]  # this rank's piece blocks over all the group's params
     for key in ("exp_avg", "exp_avg_sq"):
         pieces = view.pieces([_local(e[key]) for e in entries])
@@ -130,7 +129,7 @@ def optimizer_state_dict(optimizer: SparseAdamW) -> dict:
     _check_optimizer(optimizer)
     state, present, pid = {}, {}, 0
     for i, group in enumerate(optimizer.param_groups):
-        compact = group["state_layout"] == "compact" and i in optimizer._compact
+        compact = group["state_layout"] == "compact" and optimizer.group_state(i).compact is not None
         entries = []
         for p in group["params"]:
             own = optimizer.state.get(p, {})
@@ -151,12 +150,17 @@ def optimizer_state_dict(optimizer: SparseAdamW) -> dict:
             _compact_to_dense(optimizer, i, entries)
     groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")} | {"num_params": len(g["params"])}
               for g in optimizer.param_groups]
-    selections = {i: {"key": s.key, "block_ids": s.block_ids.tolist(), "age": s.age, "draw": s.draw}
-                  for i, s in optimizer._selections.items()}
+    selections = {i: {**selection.state_dict(), "block_ids": selection.block_ids.tolist()}
+                  for i, selection in _selections(optimizer)}
     meta = {"format": FORMAT, "param_groups": groups, "selections": selections, "present": present}
     buffer = io.BytesIO()
     torch.save(meta, buffer)
     return {"state": state, "sparse_grad": buffer.getvalue()}
+
+
+def _selections(optimizer: SparseAdamW) -> list[tuple[int, Selection]]:
+    states = (optimizer.group_state(i) for i in range(len(optimizer.param_groups)))
+    return [(i, state.selection) for i, state in enumerate(states) if state.selection is not None]
 
 
 def load_optimizer_state_dict(optimizer: SparseAdamW, state_dict: dict) -> None:
@@ -168,7 +172,11 @@ def load_optimizer_state_dict(optimizer: SparseAdamW, state_dict: dict) -> None:
         raise ValueError("state_dict must be what sparse_grad.distributed.optimizer_state_dict returned")
     meta = state_dict["sparse_grad"]
     if isinstance(meta, (bytes, bytearray)):
-        meta = torch.load(io.BytesIO(meta), weights_only=False)
+        try:  # tensors, numbers, strings, dtypes and containers only: nothing is unpickled
+            meta = torch.load(io.BytesIO(meta), weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure means a file we did not write
+            raise ValueError(f"state_dict['sparse_grad'] cannot be read as a sparse_grad.distributed "
+                             f"checkpoint: {err}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError("state_dict['sparse_grad'] is not a sparse_grad.distributed checkpoint")
     groups = meta["param_groups"]
@@ -180,7 +188,7 @@ def load_optimizer_state_dict(optimizer: SparseAdamW, state_dict: dict) -> None:
         if saved["num_params"] != len(group["params"]):
             raise ValueError(f"{where} has {saved['num_params']} params, the optimizer's {len(group['params'])}")
         options = {k: v for k, v in saved.items() if k != "num_params"}
-        _check_hyperparameters({**optimizer.defaults, **options}, where)
+        group_options.check_group({**optimizer.defaults, **options}, where, optimizer.blueprint is not None)
         for key in ("block_size", "state_layout", "state_dtype", "score_ema", "error_feedback"):
             if options[key] != group[key] and not (key == "score_ema" and (options[key] > 0) == (group[key] > 0)):
                 raise ValueError(f"{where} was saved with {key}={options[key]!r}, the optimizer has "
@@ -192,15 +200,14 @@ def load_optimizer_state_dict(optimizer: SparseAdamW, state_dict: dict) -> None:
             for key, value in entry.items():
                 want = _placeholder(key, p, options)
                 if (not isinstance(value, torch.Tensor) or value.shape != want.shape or value.dtype != want.dtype
-                        or _sharding.is_dtensor(value) != _sharding.is_dtensor(want)):
+                        or sharding.is_dtensor(value) != sharding.is_dtensor(want)):
                     raise ValueError(f"state_dict['state'][{pid + j}][{key!r}] does not fit "
                                      f"param_groups[{i}]['params'][{j}] of shape {tuple(p.shape)}")
         pid += len(group["params"])
     # Checked: write.
     optimizer.state.clear()
-    optimizer._compact.clear()
-    optimizer._selections.clear()
-    optimizer.__dict__.get("_sharded_ids", {}).clear()
+    for i in range(len(optimizer.param_groups)):
+        optimizer.group_state(i).clear()
     pid = 0
     for i, (saved, group) in enumerate(zip(groups, optimizer.param_groups)):
         group.update({k: v for k, v in saved.items() if k != "num_params"})
@@ -208,9 +215,9 @@ def load_optimizer_state_dict(optimizer: SparseAdamW, state_dict: dict) -> None:
         if selection is not None:
             device = _local(group["params"][0]).device
             key = (tuple(selection["key"][0]), *selection["key"][1:])
-            optimizer._selections[i] = _Selection(key, torch.tensor(selection["block_ids"], dtype=torch.int64,
-                                                                    device=device),
-                                                  selection["age"], selection["draw"])
+            optimizer.group_state(i).selection = Selection(
+                key, torch.tensor(selection["block_ids"], dtype=torch.int64, device=device),
+                selection["age"], selection["draw"])
         entries = []
         for j, p in enumerate(group["params"]):
             entry, have = state_dict["state"][pid + j], meta["present"][pid + j]
@@ -228,19 +235,19 @@ def _dense_to_compact(optimizer: SparseAdamW, index: int, entries: list[dict]) -
     """Rebuild the group's compact state, for this rank's shards, from the dense form and the
     selection."""
     group, view = optimizer.param_groups[index], _view(optimizer, index)
-    selection = optimizer._selections[index]
-    ids = _compact.group_ids(selection.block_ids, tuple(p.numel() for p in group["params"]),
+    selection = optimizer.group_state(index).selection
+    ids = compact_state.group_ids(selection.block_ids, tuple(p.numel() for p in group["params"]),
                              tuple(selection.key[0]), group["block_size"])
     local = view.local_of_global[ids]
     mine = local >= 0
     local, ids = local[mine], ids[mine]
-    dtype = _policies.state_dtype(group, group["params"][0])
-    state = _compact.create(list(view.layout.numels), group["block_size"], dtype, view.piece_global.device)
-    state = _compact.reassign(state, local)
+    dtype = group_options.state_dtype(group, group["params"][0])
+    state = compact_state.create(list(view.kernel_layout.numels), group["block_size"], dtype, view.piece_global.device)
+    state = compact_state.reassign(state, local)
     for key in ("exp_avg", "exp_avg_sq"):
         pieces = view.pieces([_local(e[key]) for e in entries])
         if pieces:
             state[key].copy_(_padded(view, pieces)[local])
     steps = torch.cat([e["block_step"] for e in entries])
     state["block_step"].copy_(steps[ids])
-    optimizer._compact[index] = state
+    optimizer.group_state(index).compact = state

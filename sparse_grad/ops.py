@@ -1,4 +1,4 @@
-"""sparse_grad's kernels as functions (DESIGN §5).
+"""sparse_grad's kernels as functions (docs/design.md §5).
 
 Each function checks its arguments up front (a ``TypeError``/``ValueError`` naming the argument,
 before anything is written), resolves ``backend="auto"`` for the tensors' device and calls the
@@ -14,20 +14,65 @@ matching ``torch.ops.sparse_grad`` custom op::
 else reference), ``"reference"``, ``"triton"`` (CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``), ``"cpp"`` (CPU tensors) or ``"cuda"`` (CUDA tensors); the native ones
 need the extension ``sparse_grad._C``.
+
+:mod:`ops.unchecked <sparse_grad._unchecked>` holds the same ops without the checks, for callers
+that have checked their arguments once already (SparseAdamW's bound step); the hyper-parameters
+of the update travel as one fp64 device table, :func:`hyper_table`.
 """
 from __future__ import annotations
 
 import numbers
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
 
-from . import _checks, backends, library
+from . import _checks, _unchecked as unchecked, backends
 from .layout import BlockLayout, check_tensor
 
-__all__ = ["BlockLayout", "block_sqnorms", "num_selected", "select_blocks", "sparse_adamw_step"]
+__all__ = ["BlockLayout", "block_sqnorms", "hyper_table", "num_selected", "select_blocks", "sparse_adamw_step",
+           "unchecked"]
 
 num_selected = _checks.num_selected
+
+HYPER_KEYS = ("lr", "beta1", "beta2", "eps", "weight_decay")
+_HYPER_CACHE_SIZE = 64
+_hyper_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+def hyper_table(values: Sequence[float | torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The update's hyper-parameters ``[lr, beta1, beta2, eps, weight_decay]`` as one fp64 tensor
+    on ``device``, the form every backend reads (on device: no host sync).
+
+    Plain floats: a cached table per distinct values (a step with unchanged values copies
+    nothing; the cache keeps the last 64); treat it as read-only. Any one-element tensor among
+    them (an lr a scheduler changes in place) is read on device each call, so neither the host
+    syncs nor a compiled caller recompiles when it changes.
+    """
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        key = (device, *map(float, values))
+        table = None if torch.compiler.is_compiling() else _hyper_cache.get(key)
+        if table is None:
+            table = _upload([float(v) for v in values], device)
+            if not torch.compiler.is_compiling():
+                _hyper_cache[key] = table
+                if len(_hyper_cache) > _HYPER_CACHE_SIZE:
+                    _hyper_cache.popitem(last=False)
+        return table
+    host = _upload([0.0 if isinstance(v, torch.Tensor) else float(v) for v in values], device)
+    return torch.stack([v.to(device=device, dtype=torch.float64, non_blocking=True).reshape(())
+                        if isinstance(v, torch.Tensor) else host[i] for i, v in enumerate(values)])
+
+
+def _upload(values: list[float], device: torch.device) -> torch.Tensor:
+    """fp64 ``values`` on ``device``; to a GPU in one pinned, non-blocking copy (a plain
+    host-to-device copy waits for the device: torch.cuda.set_sync_debug_mode flags it)."""
+    host = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)  # a compiled step places the constants itself (fake tensors cannot be pinned)
 
 
 def _tensor_list(value, name: str) -> list[torch.Tensor]:
@@ -38,7 +83,7 @@ def _tensor_list(value, name: str) -> list[torch.Tensor]:
 
 def block_sqnorms(tensors: Sequence[torch.Tensor], block_size: int = 4096, *,
                   backend: str = "auto") -> torch.Tensor:
-    """Sum of squares of every block of every tensor, accumulated in fp32 (DESIGN §2).
+    """Sum of squares of every block of every tensor, accumulated in fp32 (docs/design.md §2).
 
     Args:
         tensors: contiguous floating tensors on one device (typically the grads of a group).
@@ -54,7 +99,7 @@ def block_sqnorms(tensors: Sequence[torch.Tensor], block_size: int = 4096, *,
     backend = backends.resolve(backend, layout.device)
     if not tensors:
         return torch.empty(0, dtype=torch.float32)
-    return library.block_sqnorms(tensors, layout.block_size, backend)
+    return unchecked.block_sqnorms(tensors, layout.block_size, backend)
 
 
 def _segment_sizes(segments, num_scores: int) -> list[int]:
@@ -125,7 +170,7 @@ def select_blocks(scores: torch.Tensor, k: int | Sequence[int] | None = None, *,
         raise TypeError(f"scores must be a 1-D float32 tensor, got {scores.dtype} of shape {tuple(scores.shape)}")
     sizes = _segment_sizes(segments, scores.numel())
     ks = _segment_ks(k, density, sizes, per_segment=segments is not None)
-    return library.select_blocks(scores.contiguous(), sizes, ks, backends.resolve(backend, scores.device))
+    return unchecked.select_blocks(scores.contiguous(), sizes, ks, backends.resolve(backend, scores.device))
 
 
 def _check_like(tensors: list[torch.Tensor], params: list[torch.Tensor], name: str, device) -> None:
@@ -168,7 +213,7 @@ def sparse_adamw_step(
     found_inf: torch.Tensor | None = None,
     compact: bool = False,
 ) -> None:
-    r"""AdamW, in place, on the blocks ``block_ids`` only (DESIGN §3.4).
+    r"""AdamW, in place, on the blocks ``block_ids`` only (docs/design.md §3.4).
 
     Unless ``found_inf`` is nonzero (then nothing changes), for every selected block ``b`` of
     tensor ``t`` (and nothing else)::
@@ -229,10 +274,10 @@ def sparse_adamw_step(
     backend = backends.resolve(backend, device)
     if not params or block_ids.numel() == 0:
         return
-    floats, hyper = library.hyper_table([lr, beta1, beta2, eps, weight_decay], device)
+    hyper = hyper_table([lr, beta1, beta2, eps, weight_decay], device)
     with torch.no_grad():
-        library.step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, layout.block_size,
-                     *floats, maximize, backend, grad_coef, found_inf, compact, hyper)
+        unchecked.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper,
+                                    layout.block_size, maximize, backend, grad_coef, found_inf, compact)
 
 
 def _check_moments(exp_avgs, exp_avg_sqs, block_steps, params, layout: BlockLayout, device) -> None:

@@ -211,8 +211,8 @@ def per_rank_state_dict(rank: int, world: int, options: dict, before: int, after
     train(net, opt, data[:before], rank, world)
     saved_model = copy.deepcopy(get_model_state_dict(net))
     saved_opt = copy.deepcopy(opt.state_dict())
-    capacity = int(opt._compact[0]["block_of_slot"].numel()) if opt._compact else None
-    selected = int(opt._selections[0].block_ids.numel())
+    capacity = int(opt.group_state(0).compact["block_of_slot"].numel()) if opt.group_state(0).compact is not None else None
+    selected = int(opt.group_state(0).selection.block_ids.numel())
     train(net, opt, data[before:], rank, world)
     again = fsdp(model(), world)
     set_model_state_dict(again, saved_model)

@@ -51,7 +51,8 @@ def test_compact_step_with_found_inf_changes_nothing(case):
     ids = random_ids(num_blocks(SHAPES, 8), 4, device)
     slabs = list(to_slabs(exp_avgs, exp_avg_sqs, steps, ids, 8))
     before = snapshot((params, slabs))
-    library.sparse_adamw_step(params, grads, [slabs[0]], [slabs[1]], [slabs[2]], ids, 8, *HYPER.values(),
+    hyper = ops.hyper_table([HYPER[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay")], device)
+    library.sparse_adamw_step(params, grads, [slabs[0]], [slabs[1]], [slabs[2]], ids, hyper, 8, HYPER["maximize"],
                               backend, None, torch.ones(1, device=device), True)
     assert_same((params, slabs), before)
 
@@ -73,7 +74,7 @@ def test_compact_equals_dense_while_the_selection_stays(case, dtype, state_dtype
     run(dense, params, grads)
     run(compact, other, grads)
     assert_same([p.detach() for p in other], [p.detach() for p in params])
-    slabs = compact._compact[0]
+    slabs = compact.group_state(0).compact
     layout = ops.BlockLayout(params, 8)
     ids = slabs["block_of_slot"].cpu()
     want = to_slabs([dense.state[p]["exp_avg"] for p in params], [dense.state[p]["exp_avg_sq"] for p in params],
@@ -96,7 +97,7 @@ def test_entering_blocks_start_from_zero_and_leaving_blocks_free_their_slot(case
         grads = [heavy_tailed(p.shape, device=device) for p in params]
         run(compact, other, [grads])
         run(dense, params, [grads])
-        chosen = dense._selections[0].block_ids.cpu()
+        chosen = dense.group_state(0).selection.block_ids.cpu()
         keep = torch.zeros(layout.num_blocks, dtype=torch.bool).index_fill(0, chosen, True)
         for t, p in enumerate(params):
             start, end = layout.block_range(t)
@@ -107,7 +108,7 @@ def test_entering_blocks_start_from_zero_and_leaving_blocks_free_their_slot(case
             st["exp_avg"].mul_(elems)
             st["exp_avg_sq"].mul_(elems)
         assert_same([p.detach() for p in other], [p.detach() for p in params])
-        slabs = compact._compact[0]
+        slabs = compact.group_state(0).compact
         assert torch.equal(slabs["block_of_slot"].cpu(), chosen)
         slot = slabs["slot_of_block"].cpu()
         assert torch.equal(slot[chosen], torch.arange(chosen.numel(), dtype=torch.int32))
@@ -146,7 +147,7 @@ def test_a_param_without_grad_keeps_no_slot(case):
     grads = [heavy_tailed(p.shape, device=device) for p in params]
     grads[1] = None
     run(opt, params, [grads])
-    slabs = opt._compact[0]
+    slabs = opt.group_state(0).compact
     slot = slabs["slot_of_block"].cpu()
     start, end = full.block_range(1)
     assert (slot[start:end] == -1).all()  # ids count over all params: params[1]'s blocks are skipped
@@ -165,7 +166,7 @@ def test_bad_state_layout_input_changes_nothing():
     with pytest.raises(ValueError, match=r"keeps one state dtype per group, but its params have several"):
         run(opt, mixed, [[torch.randn(8), torch.randn(8, dtype=torch.bfloat16)]])
     assert_same([p.detach() for p in mixed], before)
-    assert not opt._compact and not opt.state
+    assert opt.group_state(0).compact is None and not opt.state
     opt = SparseAdamW(params, density=0.5, block_size=8, state_layout="compact")
     run(opt, params, [[heavy_tailed(p.shape) for p in params]])
     for p in params:

@@ -27,6 +27,19 @@ if backends.unavailable_reason("triton", torch.device("cpu")) is None:  # TRITON
 STEPS = 6
 
 
+def _tolerance(options: dict, dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) for sharded vs one process. Block scores are fp32 sums whatever the dtype
+    (design §2), and a block split between ranks is summed in another order (partial sums, then
+    an all_reduce). Clipping scales every grad by a coefficient from those sums, so in fp64 the
+    coefficient differs by a few fp32 ulps, and each step moves a param by at most ~lr: after
+    STEPS steps, params differ by up to STEPS · lr · (a few fp32 ulps). Elsewhere the fp32
+    scores only rank blocks, and the arithmetic is the dtype's own."""
+    atol, rtol = TOLERANCES[dtype]
+    if dtype == torch.float64 and options.get("max_grad_norm") is not None:
+        atol = max(atol, STEPS * options["lr"] * 8 * torch.finfo(torch.float32).eps)
+    return atol, rtol
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_fsdp2_equals_one_process(world, tmp_path):
     configs = [{"options": {**BASE, **c}} for c in CONFIGS]
@@ -38,7 +51,7 @@ def test_fsdp2_equals_one_process(world, tmp_path):
     for i, config in enumerate(configs):
         dtype = config.get("dtype", torch.float32)
         expected = single_process(config["options"], STEPS, dtype, config.get("frozen", ()))
-        atol, rtol = TOLERANCES[dtype]
+        atol, rtol = _tolerance(config["options"], dtype)
         for rank, per_rank in enumerate(results):
             for name, value in expected.items():
                 torch.testing.assert_close(per_rank[i][name], value, atol=atol, rtol=rtol,
@@ -93,7 +106,7 @@ def _count_reduces(rank, world, steps):
     """all_reduce calls SparseAdamW makes per step (FSDP2's own reduce-scatter is not counted)."""
     import torch.distributed as dist
 
-    from sparse_grad import _sharding
+    from sparse_grad.optim import sharding as _sharding
     counts, calls = [], []
     real = dist.all_reduce
 

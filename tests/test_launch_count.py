@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from sparse_grad import SparseAdamW
+from sparse_grad import SparseAdamW, ops
 from sparse_grad.backends import triton_kernels
 
 from _utils import assert_same, snapshot
@@ -147,17 +147,18 @@ def test_tables_are_uploaded_once_per_set_of_tensors(triton_case, monkeypatch):
     params = model(device, 10)
     opt = SparseAdamW(params, density=0.2, block_size=16, backend="triton")
     opt.step()
-    uploads = []
-    real = tables._upload
+    uploads, hyper = [], []
+    real, real_hyper = tables._upload, ops._upload
     monkeypatch.setattr(tables, "_upload", lambda rows, dev: uploads.append(len(rows)) or real(rows, dev))
+    monkeypatch.setattr(ops, "_upload", lambda values, dev: hyper.append(len(values)) or real_hyper(values, dev))
     opt.step()
-    assert uploads == []
+    assert uploads == [] and hyper == []
     for group in opt.param_groups:  # a scheduler's new lr: only the 5 hyper-parameters travel
         group["lr"] *= 0.5
     opt.step()
-    assert uploads == [1]
+    assert uploads == [] and hyper == [5]
     for p in params:
         p.grad = p.grad.clone()
     opt.step()
     # new grads: the norm pass's pointer table and the update's pointer tables
-    assert uploads == [1, 2, 6]
+    assert uploads == [2, 6] and hyper == [5]

@@ -56,11 +56,11 @@ def test_opcheck_native_schemas():
     torch.library.opcheck(torch.ops.sparse_grad.native_select_blocks.default, (scores, [10, 0, 20], [3, 0, 20]))
     state = step_state([torch.float32] * 4, 8)
     ids = torch.tensor([0, 3, 7, 9])
+    hyper = torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.01], dtype=torch.float64)
+    torch.library.opcheck(torch.ops.sparse_grad.native_sparse_adamw_step.default, (*state, ids, hyper, 8, False))
+    extras = (torch.full((1,), 0.5), torch.zeros(1), False)
     torch.library.opcheck(torch.ops.sparse_grad.native_sparse_adamw_step.default,
-                          (*state, ids, 8, 1e-2, 0.9, 0.999, 1e-8, 0.01, False))
-    extras = (torch.full((1,), 0.5), torch.zeros(1), False, torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.01], dtype=torch.float64))
-    torch.library.opcheck(torch.ops.sparse_grad.native_sparse_adamw_step.default,
-                          (*step_state([torch.float32] * 4, 8), ids, 8, 0.0, 0.0, 0.0, 0.0, 0.0, False, *extras))
+                          (*step_state([torch.float32] * 4, 8), ids, hyper, 8, False, *extras))
 
 
 def test_public_and_native_update_schemas_agree():
@@ -122,13 +122,16 @@ def test_unknown_instruction_set_is_an_error(tmp_path):
 
 def _bad_native_calls(state, ids):
     params, grads, exp_avgs, exp_avg_sqs, steps = state
-    hyper = (1e-2, 0.9, 0.999, 1e-8, 0.01, False)
-    yield "block_size must be positive", (*state, ids, 0, *hyper)
-    yield "grads has 3 tensors, expected 4", (params, grads[:3], exp_avgs, exp_avg_sqs, steps, ids, 8, *hyper)
-    yield "block_ids must be a contiguous 1-D int64", (*state, ids.int(), 8, *hyper)
-    yield r"block_steps\[1\] must be int32", (params, grads, exp_avgs, exp_avg_sqs, [steps[0], steps[1].long(), *steps[2:]], ids, 8, *hyper)
-    yield r"exp_avgs\[0\] is Half; the state dtype", (params, grads, [exp_avgs[0].half(), *exp_avgs[1:]], [exp_avg_sqs[0].half(), *exp_avg_sqs[1:]], steps, ids, 8, *hyper)
-    yield r"params\[3\] is not contiguous", ([*params[:3], params[3].t()], grads, exp_avgs, exp_avg_sqs, steps, ids, 8, *hyper)
+    table = torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.01], dtype=torch.float64)
+    hyper = (table, 8, False)
+    yield "block_size must be positive", (*state, ids, table, 0, False)
+    yield "grads has 3 tensors, expected 4", (params, grads[:3], exp_avgs, exp_avg_sqs, steps, ids, *hyper)
+    yield "block_ids must be a contiguous 1-D int64", (*state, ids.int(), *hyper)
+    yield r"block_steps\[1\] must be int32", (params, grads, exp_avgs, exp_avg_sqs, [steps[0], steps[1].long(), *steps[2:]], ids, *hyper)
+    yield r"exp_avgs\[0\] is Half; the state dtype", (params, grads, [exp_avgs[0].half(), *exp_avgs[1:]], [exp_avg_sqs[0].half(), *exp_avg_sqs[1:]], steps, ids, *hyper)
+    yield r"params\[3\] is not contiguous", ([*params[:3], params[3].t()], grads, exp_avgs, exp_avg_sqs, steps, ids, *hyper)
+    yield "hyper must be a contiguous float64 CPU tensor of 5 values", (*state, ids, table.float(), 8, False)
+    yield "hyper must be a contiguous float64 CPU tensor of 5 values", (*state, ids, table[:4], 8, False)
 
 
 @cpp_built
@@ -149,8 +152,9 @@ def test_out_of_range_ids_touch_nothing():
     state = step_state([torch.float32] * 4, 8)
     n = sum(s.numel() for s in state[4])
     before = snapshot(state)
-    torch.ops.sparse_grad.native_sparse_adamw_step(*state, torch.tensor([-1, n, n + 100]), 8,
-                                                   1e-2, 0.9, 0.999, 1e-8, 0.01, False)
+    torch.ops.sparse_grad.native_sparse_adamw_step(
+        *state, torch.tensor([-1, n, n + 100]), torch.tensor([1e-2, 0.9, 0.999, 1e-8, 0.01], dtype=torch.float64),
+        8, False)
     assert_same(state, before)
 
 

@@ -6,7 +6,7 @@ import torch
 from _utils import snapshot
 
 from sparse_grad import SparseAdamW
-from sparse_grad._policies import random_scores
+from sparse_grad.optim.random_draws import random_scores
 from sparse_grad.layout import BlockLayout
 
 
@@ -22,7 +22,7 @@ def _fill_grads(params, seed):
 
 
 def _selected(opt):
-    return opt._selections[0].block_ids.sort().values
+    return opt.group_state(0).selection.block_ids.sort().values
 
 
 def test_draws_are_uniform_and_depend_on_seed_group_and_draw():

@@ -4,7 +4,7 @@ min_blocks_per_tensor, error_feedback (DESIGN §3–§4); state_dict round trips
 import pytest
 import torch
 
-from sparse_grad import SparseAdamW, library, ops
+from sparse_grad import SparseAdamW, ops
 from _utils import TOLERANCES, assert_same, heavy_tailed, snapshot
 from test_sparse_adamw import (SHAPES, bad_group_values_change_nothing, changed_blocks, clone_params, exact_grads,
                                make_params, resume_midway, run)
@@ -116,18 +116,18 @@ def test_error_feedback_loses_no_gradient_mass(case, monkeypatch):
     params = make_params(device, torch.float64)
     layout = ops.BlockLayout(params, 8)
     applied = [torch.zeros_like(p) for p in params]
-    real = library.step
+    real = ops.unchecked.sparse_adamw_step
 
-    def recording(ps, grads, *args):
+    def recording(ps, grads, *args, **kwargs):
         ids = args[3]
         mask = torch.zeros(layout.num_blocks, dtype=torch.bool, device=ids.device).index_fill(0, ids, True)
         for t, (a, g) in enumerate(zip(applied, grads)):
             start, end = layout.block_range(t)
             m = mask[start:end].repeat_interleave(8)[:g.numel()].view_as(g)
             a += torch.where(m, g, 0.0)
-        return real(ps, grads, *args)
+        return real(ps, grads, *args, **kwargs)
 
-    monkeypatch.setattr(library, "step", recording)
+    monkeypatch.setattr(ops.unchecked, "sparse_adamw_step", recording)
     opt = SparseAdamW(params, lr=1e-2, density=0.1, block_size=8, error_feedback=True, backend=backend)
     total = [torch.zeros_like(p) for p in params]
     magnitude = [torch.zeros_like(p) for p in params]  # Σ|g|: the scale of the rounding

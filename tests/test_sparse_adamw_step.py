@@ -207,13 +207,11 @@ INT64_SCRIPT = textwrap.dedent("""
     tensors[3] = tensors[3].abs()
     steps = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
     expected = [t.clone() for t in tensors] + [steps.clone()]
-    hyper = dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
-    kernels.sparse_adamw_step(*[[t] for t in expected], torch.tensor([0, 1, 2], device=device),
-                              block_size, maximize=False, **hyper)
+    hparams = torch.tensor([0.01, 0.9, 0.99, 1e-8, 0.1], dtype=torch.float64, device=device)
+    kernels.sparse_adamw_step(*[[t] for t in expected], torch.tensor([0, 1, 2], device=device), hparams,
+                              block_size, maximize=False)
     tables = [torch.tensor([t.data_ptr() - skip * 4], device=device) for t in tensors]
     tables.append(torch.tensor([steps.data_ptr() - skip_blocks * 4], device=device))
-    hparams = torch.tensor([hyper[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay")],
-                           dtype=torch.float64, device=device)
     kernels.launch_sparse_adamw(
         torch.tensor([0, 1, 2], device=device), hparams, tables,
         torch.tensor([skip + 150], device=device), torch.tensor([-skip_blocks], device=device),

@@ -62,16 +62,31 @@ def launch_block_sqnorms(
     )
 
 
-def block_sqnorms(tensors: Sequence[torch.Tensor], block_size: int) -> torch.Tensor:
-    """fp32 ``[num_blocks]`` sums of squares of every block of every (contiguous) tensor."""
-    device = tensors[0].device
-    bmap = block_map(tuple(t.numel() for t in tensors), block_size, device)
-    out = torch.empty(bmap.num_blocks, dtype=torch.float32, device=device)
+def block_sqnorms(tensors: Sequence[torch.Tensor], block_size: int, cache: dict | None = None) -> torch.Tensor:
+    """fp32 ``[num_blocks]`` sums of squares of every block of every (contiguous) tensor.
+
+    ``cache``: a dict the caller keeps while these tensors stay where they are (the tables built
+    on the first call are reused from it).
+    """
+    prepared = None if cache is None else cache.get("block_sqnorms")
+    if prepared is None:
+        prepared = _tables(tensors, block_size)
+        if cache is not None:
+            cache["block_sqnorms"] = prepared
+    bmap, ptrs, group_table, dtypes = prepared
+    out = torch.empty(bmap.num_blocks, dtype=torch.float32, device=tensors[0].device)
     if bmap.num_blocks == 0:
         return out
-    groups, dtypes = group_by([t.dtype for t in tensors])
-    ptrs, group_table = cached_tables((tuple(t.data_ptr() for t in tensors), tuple(groups)), device)
     for g, dtype in enumerate(dtypes):
         launch_block_sqnorms(out, ptrs, bmap.numels, bmap.first_block, bmap.block_tensor,
                              group_table, block_size, g, dtype)
     return out
+
+
+def _tables(tensors: Sequence[torch.Tensor], block_size: int):
+    """The block map, the device pointer table and the dtype groups of a list of tensors."""
+    device = tensors[0].device
+    bmap = block_map(tuple(t.numel() for t in tensors), block_size, device)
+    groups, dtypes = group_by([t.dtype for t in tensors])
+    ptrs, group_table = cached_tables((tuple(t.data_ptr() for t in tensors), tuple(groups)), device)
+    return bmap, ptrs, group_table, dtypes

@@ -111,11 +111,12 @@ def launch_select_blocks(scores: torch.Tensor, out: torch.Tensor, table: torch.T
 
 
 def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks: Sequence[int],
-                  chunk: int | None = None) -> torch.Tensor:
+                  cache: dict | None = None, chunk: int | None = None) -> torch.Tensor:
     """Same contract as :func:`sparse_grad.backends.reference.select_blocks`, in one launch.
 
     The segment table is cached on the device per (sizes, ks), so a step with the same layout
-    and density copies nothing to the device.
+    and density copies nothing to the device; ``cache``, a dict the caller keeps while sizes and
+    ks stay the same, saves building its key.
     """
     if scores.numel() > MAX_BLOCKS:
         raise ValueError(f"scores has {scores.numel()} blocks; at most {MAX_BLOCKS} are supported")
@@ -124,11 +125,15 @@ def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks
     out = torch.empty(total, dtype=torch.int64, device=device)
     if total == 0:
         return out
-    starts, out_starts = [0], [0]
-    for size, k in zip(segment_sizes, segment_ks):
-        starts.append(starts[-1] + size)
-        out_starts.append(out_starts[-1] + k)
-    table = cached_rows((tuple(starts[:-1]), tuple(segment_sizes), tuple(segment_ks), tuple(out_starts[:-1])),
-                        device)
+    table = None if cache is None else cache.get("select_blocks")
+    if table is None:
+        starts, out_starts = [0], [0]
+        for size, k in zip(segment_sizes, segment_ks):
+            starts.append(starts[-1] + size)
+            out_starts.append(out_starts[-1] + k)
+        table = cached_rows((tuple(starts[:-1]), tuple(segment_sizes), tuple(segment_ks), tuple(out_starts[:-1])),
+                            device)
+        if cache is not None:
+            cache["select_blocks"] = table
     launch_select_blocks(scores, out, table, len(segment_sizes), chunk)
     return out

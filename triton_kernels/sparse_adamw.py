@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import TL_DTYPES, block_map, launch_config, compute_dtype, cached_rows, cached_tables, float64_bits, group_by
+from .tables import TL_DTYPES, block_map, launch_config, compute_dtype, cached_tables, group_by
 
 
 @triton.jit
@@ -178,6 +178,7 @@ def launch_sparse_adamw(
 ) -> None:
     """Launch one program per id in ``block_ids``.
 
+    ``hparams`` is the fp64 table ``[lr, beta1, beta2, eps, weight_decay]`` on the device;
     ``tables`` holds the int64 pointer tables of params, grads, exp_avgs, exp_avg_sqs and
     block_steps; ``dtypes`` the (param, grad, state) dtypes of group ``group``. ``grad_coef`` and
     ``found_inf`` are optional one-element fp32 tensors, read on device.
@@ -208,36 +209,40 @@ def sparse_adamw_step(
     exp_avg_sqs: Sequence[torch.Tensor],
     block_steps: Sequence[torch.Tensor],
     block_ids: torch.Tensor,
+    hyper: torch.Tensor,
     block_size: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
     maximize: bool,
     grad_coef: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     compact: bool = False,
-    hyper: torch.Tensor | None = None,
+    cache: dict | None = None,
 ) -> None:
-    """In-place AdamW on the blocks ``block_ids`` (global ids over ``params``); see the reference."""
+    """In-place AdamW on the blocks ``block_ids`` (global ids over ``params``); see the reference.
+
+    ``cache``: a dict the caller keeps for as long as these tensors stay where they are; the
+    pointer tables built on the first call are kept there, so later calls do no per-tensor work.
+    """
     if block_ids.numel() == 0 or not params:
         return
+    prepared = None if cache is None else cache.get("sparse_adamw_step")
+    if prepared is None:
+        prepared = _step_tables(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_size, compact)
+        if cache is not None:
+            cache["sparse_adamw_step"] = prepared
+    bmap, tables, group_table, dtypes = prepared
+    for g, group_dtypes in enumerate(dtypes):
+        launch_sparse_adamw(block_ids, hyper, tables, bmap.numels, bmap.first_block, bmap.block_tensor,
+                            group_table, bmap.num_blocks, block_size, g, group_dtypes, maximize,
+                            grad_coef=grad_coef, found_inf=found_inf, compact=compact)
+
+
+def _step_tables(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_size: int, compact: bool):
+    """The block map, the device pointer tables and the dtype groups of one list of tensors."""
     device = params[0].device
     bmap = block_map(tuple(p.numel() for p in params), block_size, device)
     states = exp_avgs * len(params) if compact else exp_avgs  # a compact state's one slab serves all
     groups, dtypes = group_by([(p.dtype, g.dtype, m.dtype) for p, g, m in zip(params, grads, states)])
-    # Pointer tables and hyper-parameters are cached apart: a new lr each step (a scheduler)
-    # uploads 40 bytes and leaves the pointer tables where they are.
     *tables, group_table = cached_tables(
         tuple(tuple(x.data_ptr() for x in xs) for xs in (params, grads, exp_avgs, exp_avg_sqs, block_steps))
         + (tuple(groups),), device)
-    if hyper is not None:  # tensor hyper-parameters: the kernel reads the same fp64 table on device
-        hparams = hyper.view(torch.int64)
-    else:
-        hparams = cached_rows((tuple(float64_bits([lr, beta1, beta2, eps, weight_decay])),), device)
-    for g, group_dtypes in enumerate(dtypes):
-        launch_sparse_adamw(block_ids, hparams.view(torch.float64), tables, bmap.numels,
-                            bmap.first_block, bmap.block_tensor, group_table, bmap.num_blocks,
-                            block_size, g, group_dtypes, maximize, grad_coef=grad_coef, found_inf=found_inf,
-                            compact=compact)
+    return bmap, tables, group_table, dtypes

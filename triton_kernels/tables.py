@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Sequence
@@ -90,12 +89,6 @@ def cached_tables(rows: tuple[tuple[int, ...], ...], device: torch.device) -> li
 def clear_cache() -> None:
     """Drop every cached device table."""
     _cache.clear()
-
-
-def float64_bits(values: Sequence[float]) -> list[int]:
-    """fp64 values as their int64 bit patterns, to travel in an int64 table (with ``struct``, not a
-    tensor: a step's host work stays free of torch ops)."""
-    return list(struct.unpack(f"<{len(values)}q", struct.pack(f"<{len(values)}d", *values)))
 
 
 def group_by(keys: Sequence[Hashable]) -> tuple[list[int], list[Hashable]]:

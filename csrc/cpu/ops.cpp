@@ -158,11 +158,9 @@ AdamWBlockFn checked_update(at::TensorList params, at::TensorList grads, at::Ten
 
 void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList block_steps,
-                       const at::Tensor& block_ids, std::int64_t block_size, double lr,
-                       double beta1, double beta2, double eps, double weight_decay,
+                       const at::Tensor& block_ids, const at::Tensor& hyper, std::int64_t block_size,
                        bool maximize, const std::optional<at::Tensor>& grad_coef,
-                       const std::optional<at::Tensor>& found_inf, bool compact,
-                       const std::optional<at::Tensor>& hyper) {
+                       const std::optional<at::Tensor>& found_inf, bool compact) {
   const std::size_t num_tensors = params.size();
   const std::size_t num_states = compact ? 1 : num_tensors;
   check_list(params, "params", num_tensors);
@@ -182,12 +180,11 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
   }
   const float* coef = optional_scalar(grad_coef, "grad_coef");
   const float* inf = optional_scalar(found_inf, "found_inf");
-  if (hyper.has_value()) {  // tensor hyper-parameters replace the floats (CPU memory: no sync)
-    TORCH_CHECK(hyper->device().is_cpu() && hyper->scalar_type() == at::kDouble && hyper->numel() == 5 &&
-                hyper->is_contiguous(), "hyper must be a contiguous float64 CPU tensor of 5 values");
-    const double* h = hyper->const_data_ptr<double>();
-    lr = h[0], beta1 = h[1], beta2 = h[2], eps = h[3], weight_decay = h[4];
-  }
+  // The hyper-parameter table [lr, beta1, beta2, eps, weight_decay] (CPU memory: read, no sync).
+  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.numel() == 5 &&
+              hyper.is_contiguous(), "hyper must be a contiguous float64 CPU tensor of 5 values");
+  const double* h = hyper.const_data_ptr<double>();
+  const double lr = h[0], beta1 = h[1], beta2 = h[2], eps = h[3], weight_decay = h[4];
   const Blocks blocks(params, block_size);
   std::vector<AdamWBlockFn> update(num_tensors);
   for (std::size_t t = 0; t < num_tensors; ++t) {

@@ -199,11 +199,9 @@ const float* optional_scalar(const std::optional<at::Tensor>& t, const char* nam
 void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
                               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                               at::TensorList block_steps, const at::Tensor& block_ids,
-                              int64_t block_size, double lr, double beta1, double beta2,
-                              double eps, double weight_decay, bool maximize,
+                              const at::Tensor& hyper, int64_t block_size, bool maximize,
                               const std::optional<at::Tensor>& grad_coef,
-                              const std::optional<at::Tensor>& found_inf, bool compact,
-                              const std::optional<at::Tensor>& hyper) {
+                              const std::optional<at::Tensor>& found_inf, bool compact) {
   TORCH_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
   const size_t T = params.size();
   const size_t num_states = compact ? 1 : T;  // compact: one slab of moments, one count per id
@@ -226,10 +224,9 @@ void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
   }
   const float* coef = optional_scalar(grad_coef, "grad_coef", device);
   const float* inf = optional_scalar(found_inf, "found_inf", device);
-  TORCH_CHECK(!hyper.has_value() || (hyper->device() == device && hyper->scalar_type() == at::kDouble &&
-                                     hyper->numel() == 5 && hyper->is_contiguous()),
+  TORCH_CHECK(hyper.device() == device && hyper.scalar_type() == at::kDouble && hyper.numel() == 5 &&
+                  hyper.is_contiguous(),
               "hyper must be a contiguous float64 tensor of 5 values on ", device);
-  const double* values = hyper.has_value() ? hyper->const_data_ptr<double>() : nullptr;
   if (T == 0) return;
 
   std::vector<int64_t> numels(T);
@@ -291,7 +288,7 @@ void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
                               d + 7 * width};
   const k::BlockMap map{d + 5 * width, d + 6 * width, block_tensor.const_data_ptr<int32_t>(),
                         layout.num_blocks(), block_size};
-  const k::AdamwHyper scalars{lr, beta1, beta2, eps, weight_decay, maximize, coef, inf, compact, values};
+  const k::AdamwHyper scalars{hyper.const_data_ptr<double>(), maximize, coef, inf, compact};
   for (const auto& triple : distinct) {
     C10_CUDA_CHECK(k::launch_sparse_adamw(tables, map, block_ids.const_data_ptr<int64_t>(),
                                           block_ids.numel(), triple[0], triple[1], triple[2],

@@ -50,11 +50,9 @@ struct AdamwTables {
 };
 
 struct AdamwHyper {
-  double lr;
-  double beta1;
-  double beta2;
-  double eps;
-  double weight_decay;
+  // Device fp64 [lr, beta1, beta2, eps, weight_decay], read by the kernel: a tensor lr that a
+  // scheduler changes in place needs no host sync, and the launch arguments do not change.
+  const double* values;
   bool maximize;
   // Optional device scalars (nullptr: absent), read by the kernel so the host never syncs:
   const float* grad_coef;  // grads are multiplied by it (clip coefficient / loss scale)
@@ -62,9 +60,6 @@ struct AdamwHyper {
   // Compact state: the moment tables hold one slab [num_ids, block_size] (entry 0) and the step
   // table one count per id; row i is the state of block_ids[i].
   bool compact;
-  // Optional device fp64 [lr, beta1, beta2, eps, weight_decay] replacing the fields above
-  // (tensor hyper-parameters, e.g. an lr a scheduler changes in place); nullptr: absent.
-  const double* values;
 };
 
 // AdamW on the blocks block_ids[0 .. num_ids) (global ids, device int64) whose tensor has the

@@ -61,22 +61,17 @@ struct Scalars {
 };
 
 template <typename C>
-__device__ Scalars<C> block_scalars(AdamwHyper h, int32_t step) {
-  if (h.values != nullptr) {
-    h.lr = h.values[0];
-    h.beta1 = h.values[1];
-    h.beta2 = h.values[2];
-    h.eps = h.values[3];
-    h.weight_decay = h.values[4];
-  }
+__device__ Scalars<C> block_scalars(const AdamwHyper& h, int32_t step) {
+  const double lr = h.values[0], beta1 = h.values[1], beta2 = h.values[2], eps = h.values[3],
+               weight_decay = h.values[4];
   Scalars<C> s;
-  s.neg_step_size = static_cast<C>(__ddiv_rn(-h.lr, __dsub_rn(1.0, pow_int(h.beta1, step))));
-  s.bias_correction2_sqrt = static_cast<C>(__dsqrt_rn(__dsub_rn(1.0, pow_int(h.beta2, step))));
-  s.decay = static_cast<C>(__dsub_rn(1.0, __dmul_rn(h.lr, h.weight_decay)));
-  s.eps = static_cast<C>(h.eps);
-  s.beta2 = static_cast<C>(h.beta2);
-  s.one_minus_beta2 = static_cast<C>(__dsub_rn(1.0, h.beta2));
-  const C weight = static_cast<C>(__dsub_rn(1.0, h.beta1));
+  s.neg_step_size = static_cast<C>(__ddiv_rn(-lr, __dsub_rn(1.0, pow_int(beta1, step))));
+  s.bias_correction2_sqrt = static_cast<C>(__dsqrt_rn(__dsub_rn(1.0, pow_int(beta2, step))));
+  s.decay = static_cast<C>(__dsub_rn(1.0, __dmul_rn(lr, weight_decay)));
+  s.eps = static_cast<C>(eps);
+  s.beta2 = static_cast<C>(beta2);
+  s.one_minus_beta2 = static_cast<C>(__dsub_rn(1.0, beta2));
+  const C weight = static_cast<C>(__dsub_rn(1.0, beta1));
   s.lerp_small_weight = fabs(weight) < C(0.5);
   s.lerp_coeff = s.lerp_small_weight ? weight : sub_rn(weight, C(1));
   s.maximize = h.maximize;

@@ -1,4 +1,4 @@
-"""Backends behind the ``sparse_grad`` ops, and how ``backend="auto"`` chooses one (DESIGN §1).
+"""Backends behind the ``sparse_grad`` ops, and how ``backend="auto"`` chooses one (docs/design.md §1).
 
 A backend is a module with ``block_sqnorms``, ``select_blocks`` and ``sparse_adamw_step``, all
 with the reference backend's signatures.
@@ -9,18 +9,13 @@ import importlib
 import importlib.util
 import os
 import sys
+from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Callable
 
 import torch
 
 from .._checks import choice
-
-BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
-
-
-def check_backend(backend, name: str = "backend") -> str:
-    return choice(backend, BACKENDS, name)
-
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -74,18 +69,60 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return f"the Triton backend supports CUDA tensors (and CPU tensors when interpreted), not {device.type}"
 
 
+@dataclass(frozen=True)
+class Backend:
+    """One backend: where it runs, why it cannot, and how ``backend="auto"`` ranks it.
+
+    ``module`` names the module implementing the kernels (:data:`KERNEL_NAMES`, with the
+    reference backend's signatures); ``auto_priority`` maps a device type to its rank among the
+    backends ``"auto"`` tries there (lower first; absent: never chosen automatically).
+    """
+
+    name: str
+    device_types: tuple[str, ...]
+    module: str
+    auto_priority: dict = field(default_factory=dict)
+    reason: Callable[[str, torch.device], str | None] = lambda name, device: None
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        if device.type not in self.device_types:
+            return f"backend={self.name!r} runs on {' or '.join(self.device_types)} tensors, not {device.type}"
+        return self.reason(self.name, device)
+
+
+def _triton_reason(name: str, device: torch.device) -> str | None:
+    return triton_unavailable_reason(device)
+
+
+def _native_reason(name: str, device: torch.device) -> str | None:
+    from . import native
+    return native.unavailable_reason(name, device)
+
+
+# The one registry: every concrete backend, in the order they are listed to users. The
+# reference always runs, and is what "auto" falls back to.
+REGISTRY = {b.name: b for b in (
+    Backend("reference", ("cpu", "cuda", "meta"), "reference"),
+    Backend("triton", ("cuda", "cpu"), "triton_backend", {"cuda": 0}, _triton_reason),
+    Backend("cpp", ("cpu",), "native", {"cpu": 0}, _native_reason),
+    Backend("cuda", ("cuda",), "native", {"cuda": 1}, _native_reason),
+)}
+BACKENDS = ("auto", *REGISTRY)
+# What "auto" tries, in order, per device type (derived from the registry).
+AUTO_ORDER = {device: tuple(sorted((b.name for b in REGISTRY.values() if device in b.auto_priority),
+                                   key=lambda name: REGISTRY[name].auto_priority[device]))
+              for device in ("cuda", "cpu")}
+# The entry points through which an optimizer step reaches a backend's kernels.
+KERNEL_NAMES = ("block_sqnorms", "select_blocks", "sparse_adamw_step")
+
+
+def check_backend(backend, name: str = "backend") -> str:
+    return choice(backend, BACKENDS, name)
+
+
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why the concrete backend ``backend`` cannot run on ``device``, or ``None`` if it can."""
-    if backend == "reference":
-        return None
-    if backend == "triton":
-        return triton_unavailable_reason(device)
-    from . import native
-    return native.unavailable_reason(backend, device)
-
-
-# What backend="auto" tries, in order, per device type (DESIGN §1); the reference always runs.
-AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
+    return REGISTRY[backend].unavailable_reason(device)
 
 
 def resolve(backend: str, device: torch.device | None) -> str:
@@ -105,14 +142,14 @@ def resolve(backend: str, device: torch.device | None) -> str:
 
 
 def get(backend: str) -> ModuleType:
-    """The module implementing the concrete backend ``backend``."""
-    if backend == "reference":
-        from . import reference
-        return reference
-    if backend == "triton":
-        from . import triton_backend
-        return triton_backend
-    if backend in ("cpp", "cuda"):
-        from . import native
-        return native
-    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS[1:]}")
+    """The module implementing the concrete backend ``backend`` (its :data:`KERNEL_NAMES`)."""
+    module = _MODULES.get(backend)
+    if module is None:
+        entry = REGISTRY.get(backend)
+        if entry is None:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {tuple(REGISTRY)}")
+        module = _MODULES[backend] = importlib.import_module(f"{__name__}.{entry.module}")
+    return module
+
+
+_MODULES: dict[str, ModuleType] = {}

@@ -67,19 +67,18 @@ def cpu_isa() -> str:
     return importlib.import_module("sparse_grad._C").cpu_isa()
 
 
-def block_sqnorms(tensors, block_size):
+def block_sqnorms(tensors, block_size, cache=None):
     return torch.ops.sparse_grad.native_block_sqnorms(tensors, block_size)
 
 
-def select_blocks(scores, segment_sizes, segment_ks):
+def select_blocks(scores, segment_sizes, segment_ks, cache=None):
     if scores.device.type == "cpu":
         return torch.ops.sparse_grad.native_select_blocks(scores, list(segment_sizes), list(segment_ks))
     return topk_select.select_blocks(scores, segment_sizes, segment_ks)
 
 
-def sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size,
-                      lr, beta1, beta2, eps, weight_decay, maximize, grad_coef=None, found_inf=None,
-                      compact=False, hyper=None):
+def sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper, block_size,
+                      maximize, grad_coef=None, found_inf=None, compact=False, cache=None):
     torch.ops.sparse_grad.native_sparse_adamw_step(
-        params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, block_size,
-        lr, beta1, beta2, eps, weight_decay, maximize, grad_coef, found_inf, compact, hyper)
+        params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper, block_size, maximize,
+        grad_coef, found_inf, compact)

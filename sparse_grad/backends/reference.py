@@ -20,7 +20,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def block_sqnorms(tensors: Sequence[torch.Tensor], block_size: int) -> torch.Tensor:
+def block_sqnorms(tensors: Sequence[torch.Tensor], block_size: int, cache: dict | None = None) -> torch.Tensor:
     """Sum of squares of every block of every tensor, as fp32 ``[num_blocks]``."""
     parts = []
     for t in tensors:
@@ -33,7 +33,8 @@ def block_sqnorms(tensors: Sequence[torch.Tensor], block_size: int) -> torch.Ten
     return torch.cat(parts)
 
 
-def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks: Sequence[int]) -> torch.Tensor:
+def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks: Sequence[int],
+                  cache: dict | None = None) -> torch.Tensor:
     """The ``segment_ks[s]`` highest-scoring blocks of each segment, as ascending int64 global ids.
 
     Segments are consecutive runs of ``segment_sizes[s]`` blocks. Within a segment blocks are
@@ -58,25 +59,22 @@ def sparse_adamw_step(
     exp_avg_sqs: Sequence[torch.Tensor],
     block_steps: Sequence[torch.Tensor],
     block_ids: torch.Tensor,
+    hyper: torch.Tensor,
     block_size: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
     maximize: bool,
     grad_coef: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     compact: bool = False,
-    hyper: torch.Tensor | None = None,
+    cache: dict | None = None,
 ) -> None:
     """AdamW on the selected blocks only, in place; every other element is left untouched.
 
     ``compact=True``: the moments are one slab each, ``exp_avgs[0]`` and ``exp_avg_sqs[0]`` of
     ``[len(block_ids), block_size]`` elements, and the counts ``block_steps[0]`` one per id; row
     ``i`` is the state of block ``block_ids[i]`` (a partial block uses the front of its row).
-    ``hyper``: an fp64 tensor ``[lr, beta1, beta2, eps, weight_decay]`` on the params' device
-    that replaces the five floats (tensor hyper-parameters, read on device by the kernels).
+    ``hyper``: the fp64 tensor ``[lr, beta1, beta2, eps, weight_decay]`` on the params' device
+    (read on device by the kernels; here, read back). ``cache``: a dict the caller keeps while
+    the tensors stay the same (other backends keep derived tables there); unused here.
 
     ``found_inf`` (a one-element tensor, GradScaler's): nonzero means the call changes nothing.
     Otherwise, for each selected block ``b`` of tensor ``t``: ``block_steps[t][b] += 1`` and, with
@@ -93,8 +91,7 @@ def sparse_adamw_step(
     """
     if found_inf is not None and found_inf.item() != 0:  # the oracle reads it; kernels do not sync
         return
-    if hyper is not None:
-        lr, beta1, beta2, eps, weight_decay = hyper.tolist()
+    lr, beta1, beta2, eps, weight_decay = hyper.tolist()
     if compact:
         _compact_step(params, grads, exp_avgs[0], exp_avg_sqs[0], block_steps[0], block_ids, block_size,
                       lr, beta1, beta2, eps, weight_decay, maximize, grad_coef)
@@ -170,9 +167,9 @@ def _compact_step(params, grads, exp_avg, exp_avg_sq, block_step, block_ids, blo
 
     dense_m = [m[:n] for m, n in zip(per_tensor(moments[0], block_size), numels)]
     dense_v = [v[:n] for v, n in zip(per_tensor(moments[1], block_size), numels)]
+    hyper = torch.tensor([lr, beta1, beta2, eps, weight_decay], dtype=torch.float64)
     sparse_adamw_step([p.view(-1) for p in params], [g.reshape(-1) for g in grads], dense_m, dense_v,
-                      per_tensor(steps, 1), block_ids, block_size, lr, beta1, beta2, eps, weight_decay,
-                      maximize, grad_coef)
+                      per_tensor(steps, 1), block_ids, hyper, block_size, maximize, grad_coef)
     exp_avg.view(-1).copy_(moments[0][rows])
     exp_avg_sq.view(-1).copy_(moments[1][rows])
     block_step.copy_(steps[block_ids])

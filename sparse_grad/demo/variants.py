@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sparse_adamw import SparseAdamW
+from ..optim import SparseAdamW
 
 __all__ = ["FAMILIES", "Variant", "dense_adamw", "fixed_layers", "sparse", "standard_variants"]
 

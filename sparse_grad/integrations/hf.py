@@ -23,7 +23,7 @@ import re
 import torch
 from torch import nn
 
-from ..sparse_adamw import SparseAdamW
+from ..optim import SparseAdamW
 
 __all__ = ["create_optimizer", "create_optimizer_and_scheduler", "decay_parameter_names"]
 

@@ -1,4 +1,4 @@
-"""``state_layout="compact"`` (DESIGN §4): moments only for the selected blocks of a param group.
+"""``state_layout="compact"`` (docs/design.md §4): moments only for the selected blocks of a param group.
 
 A group's compact state is a slot table and moment slabs::
 
@@ -22,7 +22,8 @@ import functools
 
 import torch
 
-from .layout import num_blocks_of
+from ..layout import num_blocks_of
+from . import options, sharding
 
 KEYS = ("slot_of_block", "block_of_slot", "exp_avg", "exp_avg_sq", "block_step", "param_numels")
 
@@ -121,3 +122,28 @@ def check_saved(state: dict, numels: list[int], block_size: int, dtype: torch.dt
 
 def nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def check_compact(state: dict | None, group: dict, where: str) -> None:
+    """Raise unless a group's compact state (if any) fits its layout option, block size and
+    state dtype."""
+    if group["state_layout"] == "dense":
+        if state is not None:
+            raise ValueError(f"{where}['state_layout'] is 'dense', but the group has compact state")
+        return
+    dtypes = {options.state_dtype(group, p) for p in group["params"]}
+    if len(dtypes) > 1:
+        raise ValueError(f"{where}['state_layout'] is 'compact', which keeps one state dtype per group, "
+                         f"but its params have several ({sorted(map(str, dtypes))}): set state_dtype")
+    if state is None:
+        return
+    blocks = sum(num_blocks_of(p.numel(), group["block_size"]) for p in group["params"])
+    whole = sharding.whole_group(group["params"], group["block_size"], where)
+    if whole is not None:  # slots of this rank's blocks only
+        blocks = whole.kernel_layout.num_blocks
+    if state["exp_avg"].shape[1] != group["block_size"] or state["slot_of_block"].numel() != blocks:
+        raise ValueError(f"{where}['block_size'] is {group['block_size']}, but the group's compact "
+                         "state was made with another block size")
+    if state["exp_avg"].dtype not in dtypes:
+        raise ValueError(f"{where}['state_dtype'] is {group['state_dtype']}, but the group's compact "
+                         f"state is {state['exp_avg'].dtype}")

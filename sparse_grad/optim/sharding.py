@@ -11,7 +11,8 @@ is cut at the global block boundaries into at most two *pieces*, both views of t
 
 Every kernel already handles a tensor whose last block is partial, so the unchanged kernels of
 every backend (reference, triton, cpp, cuda) run on the pieces; each local piece block maps to
-exactly one global block. A step:
+exactly one global block. A step (the functional step of :mod:`.functional`, through this view;
+docs/design.md §8):
 
 1. norm pass over the grads' pieces → partial scores, scattered into the group's global score
    vector (zeros elsewhere); one ``all_reduce`` (sum) on the mesh's process group makes it equal
@@ -32,8 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import _compact, _policies, library
-from .layout import BlockLayout, num_blocks_of
+from ..layout import BlockLayout, num_blocks_of
+from ..ops import unchecked
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -79,11 +80,16 @@ class _Piece:
 
 
 class ShardedGroup:
-    """A param group's local pieces and how their blocks map to the group's global blocks."""
+    """A param group's local pieces and how their blocks map to the group's global blocks: the
+    group view (see :mod:`.group_view`) of FSDP2-sharded params."""
+
+    sharded = True
 
     def __init__(self, numels: tuple[int, ...], ranges: tuple[tuple[int, int], ...], block_size: int,
                  device: torch.device, process_group):
         self.global_layout = BlockLayout.of_numels(numels, block_size, device)
+        self.layout = self.global_layout  # the selection's blocks (full tensors)
+        self.device = device
         self.process_group = process_group
         pieces, global_ids = [], []
         for t, (a, n) in enumerate(ranges):
@@ -96,11 +102,35 @@ class ShardedGroup:
                 offset = self.global_layout.block_range(t)[0]
                 global_ids.extend(range(offset + first, offset + first + num_blocks_of(length, block_size)))
         self.pieces_of = tuple(pieces)
-        self.layout = BlockLayout.of_numels([q.length for q in pieces], block_size, device)
+        self.kernel_layout = BlockLayout.of_numels([q.length for q in pieces], block_size, device)
+        self.compact_numels = list(self.kernel_layout.numels)
         self.piece_global = torch.tensor(global_ids, dtype=torch.int64, device=device)
         self.local_of_global = torch.full((self.global_layout.num_blocks,), -1, dtype=torch.int64, device=device)
         self.local_of_global[self.piece_global] = torch.arange(len(global_ids), dtype=torch.int64, device=device)
         self.touched = self.local_of_global >= 0
+
+    def local(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The local shards of DTensors (plain tensors as they are)."""
+        return [t.to_local() if is_dtensor(t) else t for t in tensors]
+
+    def kernel_tensors(self, local: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.pieces(local)
+
+    def has_work(self) -> bool:
+        return bool(self.pieces_of)
+
+    def kernel_ids(self, block_ids: torch.Tensor, cache: dict) -> torch.Tensor:
+        """:meth:`local_ids`, computed once per selection (the sync happens at a reselection only)."""
+        hit = cache.get("kernel_ids")
+        if hit is None or hit[0] is not block_ids:
+            hit = cache["kernel_ids"] = (block_ids, self.local_ids(block_ids))
+        return hit[1]
+
+    def compact_ids(self, group_ids: torch.Tensor) -> torch.Tensor:
+        return self.local_ids(group_ids)
+
+    def block_steps(self, per_param: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.block_pieces(per_param)
 
     def pieces(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The pieces of local tensors shaped like the local shards (views)."""
@@ -109,15 +139,15 @@ class ShardedGroup:
 
     def block_pieces(self, per_block: list[torch.Tensor]) -> list[torch.Tensor]:
         """The pieces' entries of per-tensor, per-global-block tensors (replicated step counts)."""
-        return [per_block[q.tensor][q.first_block:q.first_block + num_blocks_of(q.length, self.layout.block_size)]
+        return [per_block[q.tensor][q.first_block:q.first_block + num_blocks_of(q.length, self.kernel_layout.block_size)]
                 for q in self.pieces_of]
 
-    def block_sqnorms(self, grads: list[torch.Tensor], backend: str) -> torch.Tensor:
+    def block_sqnorms(self, grads: list[torch.Tensor], backend: str, cache: dict | None = None) -> torch.Tensor:
         """The group's global block sums of squares, equal on every rank: local partial sums,
         scattered into the global vector and summed over the ranks (one all_reduce)."""
         scores = torch.zeros(self.global_layout.num_blocks, dtype=torch.float32, device=self.piece_global.device)
         if self.pieces_of:
-            partial = library.block_sqnorms(self.pieces(grads), self.layout.block_size, backend)
+            partial = unchecked.block_sqnorms(self.pieces(grads), self.kernel_layout.block_size, backend)
             scores.index_add_(0, self.piece_global, partial)
         dist.all_reduce(scores, op=dist.ReduceOp.SUM, group=self.process_group)
         return scores
@@ -140,7 +170,7 @@ class ShardedGroup:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached(numels, ranges, block_size, device, process_group) -> ShardedGroup:
+def cached(numels, ranges, block_size, device, process_group) -> ShardedGroup:
     return ShardedGroup(numels, ranges, block_size, device, process_group)
 
 
@@ -178,89 +208,9 @@ def of_params(params: list, where: str, positions: list[int], block_size: int) -
             raise ValueError(f"{name} lives on another device mesh than {names[0]}; one mesh per param group")
     ranges = tuple(local_range(p, name) for p, name in zip(params, names))
     device = params[0].to_local().device
-    return _cached(tuple(p.numel() for p in params), ranges, block_size, device, mesh.get_group())
+    return cached(tuple(p.numel() for p in params), ranges, block_size, device, mesh.get_group())
 
 
-def _cached_local(opt, key, sharding: ShardedGroup, ids: torch.Tensor) -> torch.Tensor:
-    """:meth:`ShardedGroup.local_ids`, computed once per selection (the sync happens at a
-    reselection only)."""
-    cache = opt.__dict__.setdefault("_sharded_ids", {})
-    hit = cache.get(key)
-    if hit is None or hit[0] is not ids:
-        hit = cache[key] = (ids, sharding.local_ids(ids))
-    return hit[1]
-
-
-def apply(opt, plan, grad_scale, found_inf) -> None:
-    """SparseAdamW._apply for a group of DTensor params (see the module doc)."""
-    group, sharding = plan.group, plan.sharding
-    block_size = group["block_size"]
-    scaling = _policies.Scaling.of(grad_scale, found_inf, sharding.piece_global.device)
-    dtypes = [_policies.state_dtype(group, p) for p in plan.params]
-    compact = group["state_layout"] == "compact"
-    for p, dtype in zip(plan.params, dtypes):
-        state = opt.state[p]
-        if not compact:
-            _policies.init_dense_state(state, p, dtype, block_size, sharding.piece_global.device)
-        if group["error_feedback"] and "error" not in state:
-            state["error"] = torch.zeros_like(p, dtype=dtype)
-    states = [opt.state[p] for p in plan.params]
-    grads, inv_scale = plan.grads, scaling.inv_scale  # local shards
-    if group["error_feedback"]:
-        grads = _policies.add_error(grads, [{"error": s["error"].to_local()} for s in states], dtypes, scaling)
-        inv_scale = None
-    block_ids, scores, reselected = opt._select(plan, grads, inv_scale, scaling.skip)
-    grad_coef = inv_scale
-    if group["max_grad_norm"] is not None:
-        grad_coef = _policies.clip_coef(scores, group["max_grad_norm"])  # global: scores are reduced
-        grad_coef = grad_coef if inv_scale is None else grad_coef * inv_scale
-    local_ids = _cached_local(opt, (plan.index, "step"), sharding, block_ids)
-    if compact:
-        slabs = _compact_state(opt, plan, block_ids, reselected)
-        moments = [slabs["exp_avg"]], [slabs["exp_avg_sq"]], [slabs["block_step"]]
-    else:
-        moments = (sharding.pieces([s["exp_avg"].to_local() for s in states]),
-                   sharding.pieces([s["exp_avg_sq"].to_local() for s in states]),
-                   sharding.block_pieces([s["block_step"] for s in states]))
-    beta1, beta2 = group["betas"]
-    floats, hyper = library.hyper_table([group["lr"], beta1, beta2, group["eps"], group["weight_decay"]],
-                                        sharding.piece_global.device)
-    if sharding.pieces_of and local_ids.numel():
-        library.step(sharding.pieces([p.to_local() for p in plan.params]), sharding.pieces(grads), *moments,
-                     local_ids, block_size, *floats, group["maximize"], plan.backend, grad_coef,
-                     scaling.found_inf, compact, hyper)
-    if not compact:
-        sharding.count_remote_steps([s["block_step"] for s in states], block_ids, scaling.skip)
-    if group["error_feedback"] and sharding.pieces_of:
-        _policies.keep_error(sharding.pieces(grads), local_ids, sharding.layout, scaling.skip)
-    for hook in list(opt._score_hooks.values()):
-        hook(opt, plan.index, plan.params, scores, block_ids)
-
-
-def whole_group(opt, index: int) -> ShardedGroup:
-    """The sharded view of all the group's params (compact state counts blocks over all)."""
-    group = opt.param_groups[index]
-    params = group["params"]
-    return of_params(params, f"param_groups[{index}]", list(range(len(params))), group["block_size"])
-
-
-def _compact_state(opt, plan, block_ids: torch.Tensor, reselected: bool) -> dict:
-    """The group's compact state over this rank's piece blocks, its slots reassigned to a new
-    selection (the same policy as one process: staying blocks keep their moments)."""
-    group = plan.group
-    everything = whole_group(opt, plan.index)
-    state = opt._compact.get(plan.index)
-    if state is None:
-        state = _compact.create(list(everything.layout.numels), group["block_size"],
-                                _policies.state_dtype(group, plan.params[0]), everything.piece_global.device)
-        reselected = True
-    if reselected:
-        ids = _compact.group_ids(block_ids, tuple(p.numel() for p in group["params"]),
-                                 tuple(plan.positions), group["block_size"])
-        state = opt._compact[plan.index] = _compact.reassign(state, everything.local_ids(ids))
-    return state
-
-
-def compact_blocks(opt, index: int) -> int:
-    """How many blocks a sharded group's compact slot table has on this rank."""
-    return whole_group(opt, index).layout.num_blocks
+def whole_group(params: list, block_size: int, where: str) -> ShardedGroup | None:
+    """The sharded view of all of a group's params (compact state counts blocks over all)."""
+    return of_params(params, where, list(range(len(params))), block_size)

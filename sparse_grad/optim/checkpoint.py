@@ -1,4 +1,4 @@
-"""What SparseAdamW.load_state_dict checks before it changes anything (DESIGN §4).
+"""What SparseAdamW.load_state_dict checks before it changes anything (docs/design.md §4).
 
 Each check names the first parameter (or state entry) that does not fit the optimizer's params.
 """
@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from . import _compact, _policies, _sharding
-from .layout import num_blocks_of
+from ..layout import num_blocks_of
+from . import compact_state, options, sharding
 
 
 def check_param_state(state: dict, p: torch.Tensor, group: dict, name: str) -> None:
     """Raise unless a saved per-param state fits param ``p`` under the saved ``group``."""
     blocks = num_blocks_of(p.numel(), group["block_size"])
-    dtype = _policies.state_dtype(group, p)
+    dtype = options.state_dtype(group, p)
     expected = {"exp_avg": (tuple(p.shape), dtype), "exp_avg_sq": (tuple(p.shape), dtype),
                 "error": (tuple(p.shape), dtype), "block_step": ((blocks,), torch.int32),
                 "score_ema": ((blocks,), torch.float32)}
@@ -41,13 +41,13 @@ def check_param_state(state: dict, p: torch.Tensor, group: dict, name: str) -> N
 def loaded_compact(state: dict, saved_group: dict, params: list, index: int) -> dict:
     """A saved group's compact state, checked against this group's params and on their device."""
     name = f"state_dict['compact'][{index}]"
-    if _sharding.is_dtensor(params[0]):
+    if sharding.is_dtensor(params[0]):
         raise ValueError(f"{name} is compact state of FSDP2-sharded params, which state_dict() keeps per rank: "
                          "checkpoint it with sparse_grad.distributed.optimizer_state_dict / "
                          "load_optimizer_state_dict (any world size)")
     if saved_group["state_layout"] != "compact":
         raise ValueError(f"{name} is given, but the saved group's state_layout is {saved_group['state_layout']!r}")
-    dtype = _policies.state_dtype(saved_group, params[0])
-    _compact.check_saved(state, [p.numel() for p in params], saved_group["block_size"], dtype, name,
+    dtype = options.state_dtype(saved_group, params[0])
+    compact_state.check_saved(state, [p.numel() for p in params], saved_group["block_size"], dtype, name,
                          lambda j: f"param_groups[{index}]['params'][{j}]")
     return {key: value.to(device=params[0].device, copy=True) for key, value in state.items()}

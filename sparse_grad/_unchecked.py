@@ -1,0 +1,56 @@
+"""``sparse_grad.ops.unchecked``: the ops for callers that have checked their arguments already.
+
+The checked functions of :mod:`sparse_grad.ops` re-check every tensor on every call (shapes,
+dtypes, devices, contiguity); an optimizer whose param group was checked once and has not
+changed since (docs/design.md §9) calls these instead. Arguments must be exactly what the
+checked functions would pass on: concrete backend names, a hyper-parameter table from
+:func:`sparse_grad.ops.hyper_table`, contiguous tensors on one device. Nothing here checks.
+
+Under ``torch.compile`` each call is the ``torch.library`` custom op (traced through its fake
+impl); in eager mode it is the backend's kernel called directly: ``custom_op`` handles a
+mutating op in Python on every call (defaults, alias checks, one version bump per mutated
+tensor), about 0.9 ms for 194 tensors on a 2-core CPU. Here the mutated tensors' versions are
+bumped in one call, as the op would (autograd still sees the in-place change).
+
+``cache``: a dict the caller keeps for as long as the tensors it passes stay the same tensors
+at the same addresses; a backend may keep what it derived from them there (the Triton
+backend's device pointer tables), so a repeated call does no per-tensor work on the host.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backends, library
+
+__all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step"]
+
+
+def block_sqnorms(tensors: list[torch.Tensor], block_size: int, backend: str,
+                  cache: dict | None = None) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return library.block_sqnorms(tensors, block_size, backend)
+    return backends.get(backend).block_sqnorms(tensors, block_size, cache)
+
+
+def select_blocks(scores: torch.Tensor, segment_sizes: list[int], segment_ks: list[int], backend: str,
+                  cache: dict | None = None) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return library.select_blocks(scores, segment_sizes, segment_ks, backend)
+    return backends.get(backend).select_blocks(scores, segment_sizes, segment_ks, cache)
+
+
+def sparse_adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                      exp_avg_sqs: list[torch.Tensor], block_steps: list[torch.Tensor], block_ids: torch.Tensor,
+                      hyper: torch.Tensor, block_size: int, maximize: bool, backend: str,
+                      grad_coef: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+                      compact: bool = False, cache: dict | None = None, mutated: list | None = None) -> None:
+    """``mutated``: the list ``[*params, *exp_avgs, *exp_avg_sqs, *block_steps]`` if the caller
+    keeps one (built here otherwise)."""
+    if torch.compiler.is_compiling():
+        library.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper,
+                                  block_size, maximize, backend, grad_coef, found_inf, compact)
+        return
+    backends.get(backend).sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper,
+                                            block_size, maximize, grad_coef, found_inf, compact, cache)
+    torch._C._increment_version(mutated if mutated is not None
+                                else [*params, *exp_avgs, *exp_avg_sqs, *block_steps])

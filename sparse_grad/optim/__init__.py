@@ -1,0 +1,13 @@
+"""The optimizer: :class:`SparseAdamW` and its parts (docs/design.md §1, §3, §4, §9).
+
+Modules, each named for what it holds: ``sparse_adamw`` (the thin ``torch.optim.Optimizer``
+class), ``options`` (group options and their checks), ``binding`` (a group checked once and
+bound), ``functional`` (one step of one group), ``group_view`` / ``sharding`` (plain and
+FSDP2-sharded groups behind one interface), ``group_state`` (selection, compact slabs),
+``selection`` and ``random_draws`` (what a reselection ranks and takes), ``gradients``
+(AMP scaling, clipping, error feedback), ``dense_state`` / ``compact_state`` (the two state
+layouts) and ``checkpoint`` (what a load checks). Only ``SparseAdamW`` is public API.
+"""
+from .sparse_adamw import SparseAdamW
+
+__all__ = ["SparseAdamW"]

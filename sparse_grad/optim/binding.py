@@ -1,0 +1,195 @@
+"""A param group's step, checked once and then bound (docs/design.md §9).
+
+:func:`bind` checks a group in full (options, every param and grad, their state) without
+writing anything, and returns a :class:`BoundStep`: the lists, layouts, counts and kernel caches
+a step needs. :func:`reuse` answers, from a fingerprint that costs no Python call per tensor,
+whether the bound step still describes the group:
+
+    the group's param list (same list object, same length) and its shaping options
+    (density, block_size, scope, ... : every option but the update's hyper-parameters),
+    which params have a grad, the params' data pointers, shapes and contiguity, the
+    optimizer's state mapping, and the group state (a load or clear drops the bound step).
+
+A grad re-allocated at another address is checked again (type, layout, dtype, device, shape,
+contiguity, with C-level maps) and the kernel tables built from the old addresses are dropped;
+any other change binds the group again, with the full check and its messages. The update's
+hyper-parameters (lr, betas, eps, weight_decay) are checked on every step: they may change
+on any step, and travel in the step's fp64 table.
+
+Not bound (checked in full every step, as before binding existed): FSDP2-sharded groups,
+groups with a non-contiguous grad (the step runs on a contiguous copy), and compiled steps.
+"""
+from __future__ import annotations
+
+from operator import attrgetter
+
+import torch
+
+from .. import backends
+from ..layout import cached_layout, check_tensor, num_blocks_of
+from . import options, sharding
+from .compact_state import check_compact
+from .group_state import GroupState
+from .group_view import PlainGroup
+from .selection import Counts
+
+_data_ptr = torch.Tensor.data_ptr
+_shape, _dtype, _device, _layout = attrgetter("shape"), attrgetter("dtype"), attrgetter("device"), attrgetter("layout")
+
+
+class BoundStep:
+    """A checked param group, ready to step; nothing has been written yet."""
+
+    def __init__(self, index: int, group: dict, positions: list[int], params: list[torch.Tensor],
+                 grads: list[torch.Tensor], view, backend: str, blueprint_scores: torch.Tensor | None,
+                 state: GroupState, opt_state: dict, reusable: bool):
+        self.index, self.group, self.state = index, group, state
+        self.positions, self.params, self.grads = positions, params, grads
+        self.view, self.backend = view, backend
+        self.blueprint_scores = blueprint_scores  # fp32 [num_blocks] on device; None: no blend
+        self.compact = group["state_layout"] == "compact"
+        self.dtypes = [options.state_dtype(group, p) for p in params]
+        self.counts = Counts.of(view.layout, group)
+        # What a selection depends on besides the scores: a change of any of it reselects.
+        self.selection_key = (tuple(positions), group["block_size"], group["density"], group["scope"],
+                              group["score"], group["min_blocks_per_tensor"], group["selection"], group["seed"])
+        # The compact slot table counts blocks over all the group's params.
+        self.compact_view = view
+        self.all_numels = tuple(p.numel() for p in group["params"])
+        if view.sharded:
+            self.compact_view = sharding.whole_group(group["params"], group["block_size"], f"param_groups[{index}]")
+        self.caches = {"norms": {}, "select": {}, "update": {}}  # kernel tables (see ops.unchecked)
+        self.param_states: list[dict] | None = None  # filled on the first apply (it writes state)
+        self.dense: tuple | None = None  # kernel lists of dense moments and counts, and all of them
+        self.errors: list[torch.Tensor] | None = None  # error-feedback buffers (local)
+        # The fingerprint.
+        self.reusable = reusable
+        self.opt_state = opt_state
+        self.param_list = group["params"]
+        self.num_params = len(group["params"])
+        self.options = options.shaping_values(group)
+        self.has_grad = [p.grad is not None for p in group["params"]]
+        self.all_have_grads = all(self.has_grad)
+        if reusable:
+            self.param_ptrs = list(map(_data_ptr, params))
+            self.param_shapes = list(map(_shape, params))
+            self.grad_ptrs = list(map(_data_ptr, grads))
+            self.grad_shapes = list(map(_shape, grads))
+            self.grad_dtypes = list(map(_dtype, grads))
+
+    def states(self) -> list[dict]:
+        """The per-param state dicts of the params that take part (created empty if new)."""
+        if self.param_states is None:
+            self.param_states = [self.opt_state[p] for p in self.params]
+        return self.param_states
+
+
+def reuse(bound: BoundStep | None, group: dict, opt_state: dict) -> bool:
+    """Whether ``bound`` still describes ``group``; if only grads moved, it is updated to them."""
+    if (bound is None or not bound.reusable or group["params"] is not bound.param_list
+            or len(group["params"]) != bound.num_params or opt_state is not bound.opt_state
+            or options.shaping_values(group) != bound.options):
+        return False
+    grads = [p.grad for p in group["params"]]
+    if bound.has_grad != [g is not None for g in grads]:
+        return False
+    if not bound.all_have_grads:
+        grads = [grads[j] for j in bound.positions]
+    params = bound.params  # a param's .data may be replaced (another address, shape or layout)
+    try:
+        if (list(map(_data_ptr, params)) != bound.param_ptrs or list(map(_shape, params)) != bound.param_shapes
+                or not all(map(torch.Tensor.is_contiguous, params))):
+            return False
+        ptrs = list(map(_data_ptr, grads))
+    except RuntimeError:  # a tensor without storage (sparse, meta): the full check names it
+        return False
+    if ptrs != bound.grad_ptrs:
+        if not _grads_fit(grads, bound):
+            return False  # bind again: the full check says what is wrong
+        bound.grad_ptrs = ptrs
+        bound.caches["norms"].clear()
+        bound.caches["update"].clear()
+    bound.grads = grads
+    return True
+
+
+def _grads_fit(grads: list[torch.Tensor], bound: BoundStep) -> bool:
+    """The checks of :func:`bind` on new grads, without a Python call per tensor."""
+    device = bound.view.device
+    return (set(map(type, grads)) == {torch.Tensor} and set(map(_layout, grads)) == {torch.strided}
+            and set(map(_device, grads)) == {device} and list(map(_dtype, grads)) == bound.grad_dtypes
+            and list(map(_shape, grads)) == bound.grad_shapes and all(map(torch.Tensor.is_contiguous, grads)))
+
+
+def bind(index: int, group: dict, state: GroupState, opt_state: dict, blueprint) -> BoundStep | None:
+    """Check one group and what stepping it needs, without writing anything; None if no param
+    of the group has a grad."""
+    where = f"param_groups[{index}]"
+    options.check_group(group, where, blueprint is not None)
+    positions, params, grads = [], [], []
+    device = None
+    reusable = not torch.compiler.is_compiling()
+    for j, p in enumerate(group["params"]):
+        if p.grad is None:
+            continue
+        name = f"{where}['params'][{j}]"
+        if device is None:
+            device = p.device
+        check_tensor(p, name, device)
+        if p.grad.layout != torch.strided:
+            raise TypeError(f"{name}.grad is sparse; SparseAdamW needs dense gradients")
+        grad = p.grad.contiguous()
+        reusable = reusable and grad is p.grad
+        check_tensor(grad, f"{name}.grad", device)
+        if sharding.is_dtensor(p):  # the kernels run on the local shards (see .sharding)
+            grad = grad.to_local() if sharding.is_dtensor(grad) else grad
+        _check_param_state(opt_state.get(p, {}), p, group, where, name)
+        positions.append(j)
+        params.append(p)
+        grads.append(grad)
+    if not params:
+        return None
+    sharded = sharding.of_params(params, where, positions, group["block_size"])
+    if sharded is not None:
+        device = sharded.device
+        view = sharded
+        reusable = False
+    else:
+        layout = cached_layout(tuple(p.numel() for p in params), group["block_size"], device)
+        view = PlainGroup(layout, tuple(p.numel() for p in group["params"]))
+    check_compact(state.compact, group, where)
+    backend = backends.resolve(group["backend"], device)
+    blueprint_scores = _blueprint_scores(blueprint, state, index, group, positions, params)
+    return BoundStep(index, group, positions, params, grads, view, backend, blueprint_scores, state, opt_state,
+                     reusable)
+
+
+def _check_param_state(state: dict, p: torch.Tensor, group: dict, where: str, name: str) -> None:
+    if "block_step" in state and group["state_layout"] == "compact":
+        raise ValueError(f"{where}['state_layout'] is 'compact', but {name} has dense state")
+    if "block_step" in state and state["block_step"].numel() != num_blocks_of(p.numel(), group["block_size"]):
+        raise ValueError(f"{where}['block_size'] is {group['block_size']}, but the state of "
+                         f"{name} was made with another block size")
+    if "exp_avg" in state and state["exp_avg"].dtype != options.state_dtype(group, p):
+        raise ValueError(f"{where}['state_dtype'] is {group['state_dtype']}, but the state of "
+                         f"{name} is {state['exp_avg'].dtype}")
+
+
+def _blueprint_scores(blueprint, state: GroupState, index: int, group: dict, positions: list[int],
+                      params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The blueprint's scores for these params' blocks, on their device (cached per params taking
+    part and block size, so a step copies nothing to the device)."""
+    if blueprint is None or group["blueprint_weight"] == 0.0:
+        return None
+    key = (tuple(positions), group["block_size"])
+    if key not in state.blueprint_scores:
+        names = group.get("param_names")
+        names = None if names is None else [names[j] for j in positions]
+        scores = blueprint.block_scores(params, names, group["block_size"])
+        expected = sum(num_blocks_of(p.numel(), group["block_size"]) for p in params)
+        if not isinstance(scores, torch.Tensor) or scores.shape != (expected,):
+            raise ValueError(f"blueprint.block_scores returned {type(scores).__name__} "
+                             f"{tuple(getattr(scores, 'shape', ()))} for param_groups[{index}], "
+                             f"expected a tensor of {expected} block scores")
+        state.blueprint_scores[key] = scores.to(device=params[0].device, dtype=torch.float32)
+    return state.blueprint_scores[key]

@@ -1,0 +1,54 @@
+"""A param group's own state beside the per-param state (docs/design.md §4): the current
+selection, compact moment slabs, and caches derived from them.
+
+Per-param state (moments, block step counts, score EMAs, error buffers) lives in
+``optimizer.state`` as torch keeps it; what belongs to the group as a whole lives here, one
+:class:`GroupState` per param group, which saves and restores its own part of a state dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Selection:
+    """The block ids a param group updates until its next reselection."""
+
+    key: tuple  # (positions of params with a grad, block_size, density, scope, score, minima, selection, seed)
+    block_ids: torch.Tensor
+    age: int  # steps taken with these ids
+    draw: int = 0  # how many selections the group has made (selection="random" hashes it)
+
+    def state_dict(self) -> dict:
+        return {"key": self.key, "block_ids": self.block_ids, "age": self.age, "draw": self.draw}
+
+    @classmethod
+    def from_state_dict(cls, saved: dict, device: torch.device) -> "Selection":
+        key = (tuple(saved["key"][0]), *saved["key"][1:])
+        return cls(key, saved["block_ids"].to(device), int(saved["age"]), int(saved.get("draw", 0)))
+
+
+class GroupState:
+    """The selection, compact slabs and caches of one param group.
+
+    Replacing the state (load, clear) drops the group's bound step, which holds tensors of the
+    old state (docs/design.md §9).
+    """
+
+    def __init__(self) -> None:
+        self.selection: Selection | None = None
+        self.compact: dict[str, torch.Tensor] | None = None  # see compact_state
+        self.blueprint_scores: dict[tuple, torch.Tensor] = {}  # (positions, block_size) → fp32 scores
+        self.caches: dict = {}  # derived from the selection (a sharded group's local ids)
+        self.bound = None  # the group's bound step (see .binding), valid while this state is
+
+    def clear(self) -> None:
+        """Forget the selection and compact state (the blueprint's scores stay valid)."""
+        self.selection, self.compact, self.caches, self.bound = None, None, {}, None
+
+    def set(self, selection: Selection | None, compact: dict | None) -> None:
+        """Replace the selection and compact state (a checked load)."""
+        self.clear()
+        self.selection, self.compact = selection, compact

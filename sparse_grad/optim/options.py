@@ -1,0 +1,93 @@
+"""SparseAdamW's group options: their defaults, their checks, and what a bound step compares.
+
+Hyper-parameters of the update (``lr``, ``betas``, ``eps``, ``weight_decay``) may change on any
+step (a scheduler) and travel in the step's fp64 table; every other option shapes the step
+(which blocks, how many, what state) and is part of a bound step's fingerprint
+(docs/design.md §9): a change by hand makes the next step check the group again.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks, backends
+
+SCOPES = ("global", "tensor")
+STATE_LAYOUTS = ("dense", "compact")
+SCORES = ("l2", "rms")
+SELECTIONS = ("norm", "random")
+STATE_DTYPES = (None, torch.float32)
+
+HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
+# Every other option, in a fixed order: their values, as a tuple, are compared on every step.
+SHAPING_KEYS = ("maximize", "density", "block_size", "scope", "reselect_every", "backend", "blueprint_weight",
+                "state_dtype", "score", "score_ema", "min_blocks_per_tensor", "error_feedback",
+                "max_grad_norm", "state_layout", "selection", "seed")
+
+
+def shaping_values(group: dict) -> tuple:
+    """The values of a group's shaping options (no per-option Python call: one C-level map)."""
+    return tuple(map(group.__getitem__, SHAPING_KEYS))
+
+
+def _namer(where: str):
+    return (lambda key: f"{where}[{key!r}]") if where else (lambda key: key)
+
+
+def check_hyper(group: dict, where: str = "") -> None:
+    """The update's hyper-parameters; cheap, so checked on every step."""
+    if torch.compiler.is_compiling():
+        return  # checked when the group was added; a compiled step trusts it (no graph breaks)
+    name = _namer(where)
+    _checks.tensor_or(_checks.non_negative, group["lr"], name("lr"))
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"{name('betas')} must be a pair (beta1, beta2), got {betas!r}")
+    _checks.tensor_or(_checks.beta, betas[0], f"{name('betas')}[0]")
+    _checks.tensor_or(_checks.beta, betas[1], f"{name('betas')}[1]")
+    _checks.non_negative(group["eps"], name("eps"))
+    _checks.tensor_or(_checks.non_negative, group["weight_decay"], name("weight_decay"))
+
+
+def check_group(group: dict, where: str = "", has_blueprint: bool = False) -> None:
+    """Every option of a group; ``where`` prefixes the key in a message (``param_groups[1]``)."""
+    if torch.compiler.is_compiling():
+        return
+    check_hyper(group, where)
+    name = _namer(where)
+    _checks.density(group["density"], name("density"))
+    _checks.positive_int(group["block_size"], name("block_size"))
+    _checks.choice(group["scope"], SCOPES, name("scope"))
+    _checks.positive_int(group["reselect_every"], name("reselect_every"))
+    _checks.flag(group["maximize"], name("maximize"))
+    backends.check_backend(group["backend"], name("backend"))
+    _checks.unit_interval(group["blueprint_weight"], name("blueprint_weight"))
+    _checks.choice(group["score"], SCORES, name("score"))
+    _checks.choice(group["selection"], SELECTIONS, name("selection"))
+    _checks.non_negative_int(group["seed"], name("seed"))
+    if group["selection"] == "random" and group["score_ema"] != 0.0:
+        raise ValueError(f"{name('score_ema')} is {group['score_ema']}, but selection='random' ranks "
+                         "no scores: set score_ema=0")
+    _checks.beta(group["score_ema"], name("score_ema"))
+    _checks.non_negative_int(group["min_blocks_per_tensor"], name("min_blocks_per_tensor"))
+    _checks.flag(group["error_feedback"], name("error_feedback"))
+    if group["max_grad_norm"] is not None:
+        _checks.positive(group["max_grad_norm"], name("max_grad_norm"))
+    if group["state_dtype"] not in STATE_DTYPES:
+        raise ValueError(f"{name('state_dtype')} must be None (the param's dtype) or torch.float32, "
+                         f"got {group['state_dtype']!r}")
+    _checks.choice(group["state_layout"], STATE_LAYOUTS, name("state_layout"))
+    check_blueprint_weight(group, name("blueprint_weight"), has_blueprint)
+
+
+def check_blueprint_weight(group: dict, name: str, has_blueprint: bool) -> None:
+    if not has_blueprint and group["blueprint_weight"] != 0.0:
+        raise ValueError(f"{name} is {group['blueprint_weight']}, but SparseAdamW has no blueprint "
+                         "to blend (pass blueprint=...)")
+    if group["selection"] == "random" and group["blueprint_weight"] != 0.0:
+        raise ValueError(f"{name} is {group['blueprint_weight']}, but selection='random' blends no "
+                         "blueprint: set blueprint_weight=0")
+
+
+def state_dtype(group: dict, param: torch.Tensor) -> torch.dtype:
+    """The dtype of a param's float state (moments, error buffer)."""
+    return group["state_dtype"] or param.dtype

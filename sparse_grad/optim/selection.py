@@ -1,0 +1,125 @@
+"""SparseAdamW's selection (docs/design.md §3.2, §3.3), on device, no host sync: what a
+reselection ranks (this step's scores, their EMA, the blend with a blueprint) and which blocks
+it takes (density, scope, minima). The random draws are in :mod:`.random_draws`.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from ..ops import unchecked
+from ..layout import BlockLayout
+
+
+@functools.lru_cache(maxsize=64)
+def _block_numels(numels: tuple[int, ...], block_size: int, device: torch.device) -> torch.Tensor:
+    return BlockLayout.of_numels(numels, block_size).block_numels(device).float()
+
+
+def scores_of(sqnorms: torch.Tensor, layout: BlockLayout, kind: str) -> torch.Tensor:
+    """A block's score: ``"l2"`` its sum of squares (ranks like the L2 norm), ``"rms"`` its mean
+    square (ranks like the RMS: a tensor's short last block is not penalized for its size)."""
+    if kind == "l2":
+        return sqnorms
+    return sqnorms / _block_numels(layout.numels, layout.block_size, sqnorms.device)
+
+
+_get_ema = operator.methodcaller("get", "score_ema")
+
+
+def update_ema(states: list[dict], scores: torch.Tensor, layout: BlockLayout, beta: float,
+               skip: torch.Tensor | None = None) -> torch.Tensor:
+    """``s ← β·s + (1 − β)·score`` per block, kept per param in ``state["score_ema"]``.
+
+    A param's first observation initializes its EMA (no bias towards zero). ``skip``: a device
+    bool scalar (an overflowed AMP step) that keeps the old values. Returns the group's EMA.
+    Once every param has one, the group is updated as one vector (a constant number of ops
+    whatever the number of params), with the same arithmetic per block.
+    """
+    olds = list(map(_get_ema, states))
+    if type(None) not in set(map(type, olds)):
+        old = torch.cat(olds)
+        new = old * beta + scores * (1.0 - beta)
+        if skip is not None:
+            new = torch.where(skip, old, new)
+        # In place: a step captured in a CUDA graph must leave its results in the same tensors.
+        torch._foreach_copy_(olds, list(new.split(layout.block_counts)))
+        return new
+    parts = []
+    for t, state in enumerate(states):
+        start, end = layout.block_range(t)
+        current = scores[start:end]
+        old = state.get("score_ema")
+        if old is None:
+            state["score_ema"] = old = current.clone()
+        else:
+            new = old * beta + current * (1.0 - beta)
+            # In place: a step captured in a CUDA graph must leave its results in the same tensors.
+            old.copy_(new if skip is None else torch.where(skip, old, new))
+        parts.append(old)
+    return torch.cat(parts)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """How many blocks a reselection takes, worked out once per bound step (sizes known on the
+    host: the selection never syncs).
+
+    ``scope="tensor"``: ``ks[t]`` of tensor ``t``'s ``sizes[t]`` blocks. ``"global"``: ``k`` of
+    the ``num_blocks``; with ``min_blocks_per_tensor``, ``minima[t]`` of each tensor first.
+    """
+
+    per_tensor: bool
+    sizes: list[int]
+    ks: list[int]
+    num_blocks: int
+    k: int
+    minima: list[int] | None
+
+    @classmethod
+    def of(cls, layout: BlockLayout, group: dict) -> "Counts":
+        density, minimum = group["density"], group["min_blocks_per_tensor"]
+        sizes = list(layout.block_counts)
+        if group["scope"] == "tensor":
+            ks = [max(ops.num_selected(density, n), min(minimum, n)) for n in sizes]
+            return cls(True, sizes, ks, layout.num_blocks, sum(ks), None)
+        k = ops.num_selected(density, layout.num_blocks)
+        if minimum == 0:
+            return cls(False, sizes, [k], layout.num_blocks, k, None)
+        minima = [min(minimum, n) for n in sizes]
+        return cls(False, sizes, [max(k, sum(minima))], layout.num_blocks, max(k, sum(minima)), minima)
+
+
+def select(scores: torch.Tensor, counts: Counts, backend: str, cache: dict | None = None) -> torch.Tensor:
+    """The ids to update: ``ceil(density·n)`` of the group (``scope="global"``) or of every tensor
+    (``"tensor"``), and at least ``min(min_blocks_per_tensor, its blocks)`` of every tensor.
+
+    Global scope with a minimum: every tensor's own top blocks are guaranteed (scored +inf), then
+    ``max(ceil(density·n), Σ minima)`` blocks are taken over the group.
+    """
+    def part(name):
+        return None if cache is None else cache.setdefault(name, {})
+
+    if counts.per_tensor:
+        return unchecked.select_blocks(scores, counts.sizes, counts.ks, backend, part("per_tensor"))
+    if counts.minima is None:
+        return unchecked.select_blocks(scores, [counts.num_blocks], counts.ks, backend, part("global"))
+    guaranteed = unchecked.select_blocks(scores, counts.sizes, counts.minima, backend, part("minima"))
+    boosted = scores.index_fill(0, guaranteed, float("inf"))
+    return unchecked.select_blocks(boosted, [counts.num_blocks], counts.ks, backend, part("global"))
+
+
+def normalized(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` divided by their sum, on device. NaN is left out of the sum, so a NaN block
+    stays NaN and still ranks first; an all-zero vector stays zero."""
+    return scores / torch.nansum(scores).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def blend(blueprint: torch.Tensor, scores: torch.Tensor, weight: float) -> torch.Tensor:
+    """``α · b / Σb + (1 − α) · s / Σs``: both normalized, so they weigh the same whatever their scale."""
+    return weight * normalized(blueprint) + (1.0 - weight) * normalized(scores)
+

@@ -1,0 +1,335 @@
+"""SparseAdamW: a drop-in for torch.optim.AdamW that updates only the blocks that matter.
+
+The class keeps torch's optimizer contract (param groups, ``state``, ``state_dict``, hooks) and
+little else: each step binds every param group (:mod:`.binding`: checked once, reused while a
+cheap fingerprint holds) and runs the functional step (:mod:`.functional`) on it. Per-group
+state (selection, compact slabs) lives in one :class:`~.group_state.GroupState` per group.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from .. import backends
+from ..layout import check_tensor
+from . import binding, checkpoint, options
+from .functional import sparse_adamw
+from .gradients import check_scaling
+from .group_state import GroupState, Selection
+
+__all__ = ["SparseAdamW"]
+
+
+def _split_names(params: list) -> tuple[list, list[str] | None]:
+    """Tensors and names of a group's params, given as tensors or ``named_parameters()`` pairs."""
+    if params and all(isinstance(p, tuple) and len(p) == 2 for p in params):
+        return [p for _, p in params], [name for name, _ in params]
+    return params, None
+
+
+class SparseAdamW(Optimizer):
+    r"""AdamW on the blocks with the largest gradients; at ``density=1.0`` it is ``torch.optim.AdamW``.
+
+    Each param group's parameters are viewed flat and cut into blocks of ``block_size`` elements
+    (docs/design.md §2). Per group, ``step()`` does::
+
+        params with a grad → blocks numbered globally (params whose grad is None take no part)
+        g = grad (+ error buffer, with error_feedback)
+        if a reselection is due (every reselect_every steps, or the set of params with a grad,
+        the block size, density, scope, score or min_blocks_per_tensor changed):
+            scores = sum of squares of g over each block (score="rms": / block elements)
+            scores = β · ema + (1 − β) · scores                     (score_ema = β > 0)
+            scores = α · blueprint/Σ + (1 − α) · scores/Σ      (only with a blueprint, α > 0)
+            (selection="random": scores = a hash of (seed, group, draw, block id) instead)
+            ids    = the ceil(density · n) highest-scoring blocks, ties to the lower id;
+                     scope="tensor": ceil(density · blocks of t) blocks of every tensor t;
+                     each tensor gets at least min(min_blocks_per_tensor, its blocks)
+            (density 1.0: all blocks, no pass over the grads unless a score hook or
+            max_grad_norm wants them)
+        c = min(1, max_grad_norm / (‖g‖ + 1e-6)) / loss scale  (a device scalar the kernel reads)
+        for every selected block b, with per-block step count s_b += 1, g_b ← c · g_b:
+            θ_b ← θ_b · (1 − lr·λ)
+            m_b ← β₁ m_b + (1 − β₁) g_b
+            v_b ← β₂ v_b + (1 − β₂) g_b²
+            θ_b ← θ_b − lr / (1 − β₁^s_b) · m_b / (√v_b / √(1 − β₂^s_b) + ε)
+
+    ``params`` may be ``model.named_parameters()`` (torch stores the names in each group's
+    ``param_names``; a blueprint uses them). Score hooks (:meth:`register_score_hook`) see every
+    step's block scores, e.g. for a :class:`sparse_grad.analysis.GradientMonitor`.
+
+    Blocks not selected keep their parameters and moments bit for bit. Bias correction uses the
+    block's own step count, so a block that was idle catches up like a freshly started AdamW.
+
+    Args:
+        params: iterable of parameters or param-group dicts; each group may set any of the
+            options below.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.AdamW``
+            (``amsgrad=True`` is not supported).
+        density: fraction of blocks updated per step, in (0, 1].
+        block_size: elements per block (positive int; powers of two are fastest).
+        scope: ``"global"`` (top blocks of the whole group) or ``"tensor"`` (of every tensor).
+        reselect_every: reselect the blocks every this many steps; in between the same blocks
+            are updated and no pass over the grads is made.
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpp"`` or ``"cuda"`` (see
+            :mod:`sparse_grad.ops`).
+        blueprint: per-block scores from an earlier run that guide the selection, usually a
+            :class:`sparse_grad.blueprint.Blueprint` (any object with a
+            ``block_scores(params, names, block_size)`` method returning fp32 scores for those
+            params' blocks). Parameters are matched by name: build the optimizer from
+            ``model.named_parameters()``, or bind the blueprint first (``bp.bind(model)``).
+            Checked when each param group is added (a mismatch names the parameter).
+        blueprint_weight: α in [0, 1] (per group; default 0.5 with a blueprint, 0 without).
+            Selection ranks ``α · b / Σb + (1 − α) · s / Σs``, where ``b`` are the blueprint's
+            and ``s`` this step's block scores, each normalized to sum 1 over the group's blocks
+            that take part, so both weigh the same whatever their scale. ``α = 0`` selects
+            exactly as without a blueprint; ``α = 1`` selects from the blueprint alone (a fixed
+            mask, equal to ``blueprint.to_mask``) and needs no norm pass. A new α takes effect
+            at the next reselection.
+
+        state_dtype: ``None`` (the param's dtype) or ``torch.float32`` (fp32 moments and error
+            buffer beside bf16/fp16 params; no master copy of the params).
+        score: ``"l2"`` (block sum of squares) or ``"rms"`` (mean square per element).
+        score_ema: β in [0, 1): rank an EMA of the scores, updated at each reselection (0: off).
+        min_blocks_per_tensor: every tensor keeps at least this many of its top blocks.
+        error_feedback: keep the gradient of unselected blocks and add it to the next step's.
+        max_grad_norm: clip the group's gradient like ``torch.nn.utils.clip_grad_norm_``, with
+            the norm from the same norm pass and the coefficient applied inside the update kernel.
+        state_layout: ``"dense"`` (moments like the params) or ``"compact"`` (moments only for
+            the selected blocks, see :mod:`sparse_grad.optim.compact_state`).
+        selection: ``"norm"`` (rank blocks by their scores, above) or ``"random"``: the same
+            number of blocks, under the same scope and minima, drawn uniformly at random at
+            each reselection — the control an informed selection must beat. No norm pass;
+            ``score_ema`` must be 0 and a blueprint is not blended in.
+        seed: the random draws' seed (``selection="random"``); draw ``r`` of group ``i`` hashes
+            (seed, i, r, block id) on device, so a resumed run draws the same blocks.
+
+    ``lr``, ``betas`` and ``weight_decay`` may be one-element tensors (read on device: a
+    scheduler changing them neither syncs nor recompiles ``torch.compile(opt.step)``).
+    Under ``torch.amp.GradScaler`` the kernels unscale the grads and an overflowed step changes
+    nothing (``_step_supports_amp_scaling``).
+
+    State per parameter (dense): ``exp_avg``, ``exp_avg_sq`` (like the parameter, in the state
+    dtype) and ``block_step`` (int32, one count per block); with the options, ``score_ema``
+    (fp32 per block) and ``error``. ``state_dict()`` also holds each group's current selection
+    and compact state, so a run resumed mid-interval continues bit for bit.
+    """
+
+    # torch.amp.GradScaler.step then sets self.grad_scale / self.found_inf instead of unscaling
+    # the grads itself: the update kernel unscales them and skips an overflowed step on device.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        density: float = 0.05,
+        block_size: int = 4096,
+        scope: str = "global",
+        reselect_every: int = 1,
+        backend: str = "auto",
+        blueprint: Any = None,
+        blueprint_weight: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        score: str = "l2",
+        score_ema: float = 0.0,
+        min_blocks_per_tensor: int = 0,
+        error_feedback: bool = False,
+        max_grad_norm: float | None = None,
+        state_layout: str = "dense",
+        selection: str = "norm",
+        seed: int = 0,
+    ):
+        if amsgrad is not False:
+            raise ValueError("amsgrad=True is not supported by SparseAdamW")
+        if blueprint is not None and not callable(getattr(blueprint, "block_scores", None)):
+            raise TypeError("blueprint must have a block_scores(params, names, block_size) method "
+                            f"(a sparse_grad.blueprint.Blueprint), got {type(blueprint).__name__}")
+        if blueprint_weight is None:
+            blueprint_weight = 0.0 if blueprint is None else 0.5
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "maximize": maximize,
+                    "density": density, "block_size": block_size, "scope": scope,
+                    "reselect_every": reselect_every, "backend": backend, "blueprint_weight": blueprint_weight,
+                    "state_dtype": state_dtype, "score": score, "score_ema": score_ema,
+                    "min_blocks_per_tensor": min_blocks_per_tensor, "error_feedback": error_feedback,
+                    "max_grad_norm": max_grad_norm, "state_layout": state_layout, "selection": selection,
+                    "seed": seed}
+        options.check_group(defaults, has_blueprint=blueprint is not None)
+        self._blueprint = blueprint
+        self._group_states: list[GroupState] = []
+        self._score_hooks: OrderedDict[int, Callable] = OrderedDict()
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_blueprint", None)
+        self.__dict__.setdefault("_score_hooks", OrderedDict())
+        self.__dict__.setdefault("_group_states", [])
+        self._group_states.extend(GroupState() for _ in range(len(self.param_groups) - len(self._group_states)))
+        for group in self.param_groups:  # state dicts saved before these options existed
+            group.setdefault("selection", "norm")
+            group.setdefault("seed", 0)
+
+    def register_score_hook(self, hook: Callable[..., None]) -> RemovableHandle:
+        """Call ``hook(optimizer, group_index, params, scores, block_ids)`` after every group step.
+
+        ``params`` are the group's params that took part (those with a grad), ``scores`` their
+        fp32 block scores ``[num_blocks]`` (this step's sums of squares of the grads, before any
+        blend with a blueprint) and ``block_ids`` the int64 ids of the blocks updated, all on the
+        params' device; block ids follow :class:`~sparse_grad.BlockLayout` over ``params``.
+        The hook must not modify them.
+
+        Cost: while any score hook is registered, every step runs the norm pass, also where it
+        would skip it (density 1.0, steps between reselections, ``blueprint_weight=1``): one
+        extra read of the grads, about ``4 / (4 + 28 · density)`` of a step's memory traffic.
+
+        Returns:
+            a handle whose ``remove()`` unregisters the hook.
+        """
+        if not callable(hook):
+            raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        handle = RemovableHandle(self._score_hooks)
+        self._score_hooks[handle.id] = hook
+        return handle
+
+    def selected_blocks(self) -> list[tuple[int, list[torch.Tensor], torch.Tensor, int]]:
+        """The blocks each param group updates now: ``[(group_index, params, block_ids,
+        block_size)]`` for every group that has made a selection (none before the first step).
+
+        ``params`` are the group's params that took part in the selection (those with a grad
+        then), ``block_ids`` the ascending int64 ids on their device, numbered by
+        :class:`~sparse_grad.BlockLayout` over ``params`` with ``block_size``. Read-only views
+        of the optimizer's own selection: do not modify them.
+        """
+        selected = []
+        for index, state in enumerate(self._group_states):
+            selection = state.selection
+            if selection is None:
+                continue
+            positions, block_size = selection.key[0], selection.key[1]
+            params = [self.param_groups[index]["params"][j] for j in positions]
+            selected.append((index, params, selection.block_ids, block_size))
+        return selected
+
+    @property
+    def blueprint(self) -> Any:
+        """The blueprint the selection blends in (``blueprint=``), or None."""
+        return self._blueprint
+
+    def group_state(self, index: int) -> GroupState:
+        """The state of param group ``index`` beside its per-param state: its current selection
+        and compact slabs (:class:`~sparse_grad.optim.group_state.GroupState`). For tools that
+        save or rebuild it (``sparse_grad.distributed``); a step owns it otherwise."""
+        return self._group_states[index]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        where = f"param_groups[{len(self.param_groups)}]"
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else params
+        if isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections")
+        params = list(params)
+        tensors, names = _split_names(params)
+        group = {**self.defaults, **param_group}
+        options.check_group(group, where, self._blueprint is not None)
+        device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
+        for j, p in enumerate(tensors):
+            check_tensor(p, f"{where}['params'][{j}]", device)
+        if self._blueprint is not None and group["blueprint_weight"] > 0.0 and tensors:
+            self._blueprint.block_scores(tensors, names, group["block_size"])  # raises on a mismatch
+        if device is not None:  # load the backend now (an import), not inside a compiled step
+            backends.unavailable_reason(backends.resolve("auto", device) if group["backend"] == "auto"
+                                        else group["backend"], device)
+        super().add_param_group({**param_group, "params": params})
+        self._group_states.append(GroupState())
+
+    def _bind(self, index: int, group: dict) -> binding.BoundStep | None:
+        """The group's bound step: the last one if its fingerprint holds, else a new one (checked
+        in full). Writes nothing but the group's cache of it."""
+        state = self._group_states[index]
+        bound = state.bound
+        if binding.reuse(bound, group, self.state):
+            options.check_hyper(group, f"param_groups[{index}]")  # they may change on any step
+            return bound
+        bound = binding.bind(index, group, state, self.state, self._blueprint)
+        state.bound = bound if bound is not None and bound.reusable else None
+        return bound
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One optimizer step over every param group; returns ``closure()``'s loss if given.
+
+        Every group is checked before any parameter or state is written, so bad input leaves
+        the optimizer and the model as they were.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Set by torch.amp.GradScaler.step (see _step_supports_amp_scaling), else absent.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        check_scaling(grad_scale, "grad_scale")
+        check_scaling(found_inf, "found_inf")
+        steps = [self._bind(i, group) for i, group in enumerate(self.param_groups)]
+        hooks = list(self._score_hooks.values())
+        for step in steps:
+            if step is not None:
+                sparse_adamw(step, grad_scale, found_inf, hooks, self)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        states = list(enumerate(self._group_states))
+        state_dict["selections"] = {i: s.selection.state_dict() for i, s in states if s.selection is not None}
+        state_dict["compact"] = {i: dict(s.compact) for i, s in states if s.compact is not None}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`; checked in full before anything changes."""
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer "
+                             f"{len(self.param_groups)}")
+        own_dtypes, compact = {}, {}
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict's param group {i} has {len(saved['params'])} params, "
+                                 f"the optimizer's {len(group['params'])}")
+            options.check_group({**self.defaults, **saved}, f"state_dict['param_groups'][{i}]",
+                                self._blueprint is not None)
+            for j, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
+                if saved_id not in saved_state:
+                    continue
+                state = saved_state[saved_id]
+                name = f"param_groups[{i}]['params'][{j}]"
+                checkpoint.check_param_state(state, p, {**self.defaults, **saved}, name)
+                own_dtypes[p] = state
+            if i in state_dict.get("compact", {}):
+                compact[i] = checkpoint.loaded_compact(state_dict["compact"][i], {**self.defaults, **saved},
+                                                       group["params"], i)
+        selections = {}
+        for i, s in state_dict.get("selections", {}).items():
+            if not 0 <= int(i) < len(self.param_groups):
+                raise ValueError(f"state_dict has a selection for param group {i}, which does not exist")
+            selections[int(i)] = Selection.from_state_dict(s, self.param_groups[int(i)]["params"][0].device)
+        super().load_state_dict({"state": saved_state, "param_groups": saved_groups})
+        # Optimizer.load_state_dict casts every state tensor to the param's dtype; the counts are
+        # int32, and state_dtype / score EMAs may be fp32 beside 16-bit params: keep their dtypes.
+        for p, state in own_dtypes.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+        for i, state in enumerate(self._group_states):
+            state.set(selections.get(i), compact.get(i))

@@ -1,0 +1,109 @@
+"""Host work per steady-state SparseAdamW step (docs/design.md §9): Python calls counted with
+cProfile (deterministic, unlike a timer), at 48, 192 and 768 tensors, on every backend's host
+path. Target: at most 3 calls per tensor + 300, and in fact a count that does not grow with the
+number of tensors. Kernels are excluded: the reference backend's kernels and Triton's
+interpreter are Python, and they are not the host path.
+"""
+from __future__ import annotations
+
+import contextlib
+import cProfile
+import importlib
+import pstats
+
+import pytest
+import torch
+
+from sparse_grad import SparseAdamW, backends
+from _utils import backend_cases
+
+COUNTS = (48, 192, 768)
+OPTIONS = [
+    {},
+    {"scope": "tensor", "state_layout": "compact", "max_grad_norm": 1.0},
+    {"min_blocks_per_tensor": 1, "reselect_every": 2, "weight_decay": torch.tensor(0.01)},
+    {"score_ema": 0.5, "error_feedback": True, "score": "rms"},
+    {"selection": "random", "seed": 3, "state_layout": "compact"},
+    {"density": 1.0},
+]
+TRITON_LAUNCHERS = (("block_sqnorms", "launch_block_sqnorms"), ("select_blocks", "launch_select_blocks"),
+                    ("sparse_adamw", "launch_sparse_adamw"))
+
+
+def kernels_of(backend: str) -> list[tuple[object, str]]:
+    """Where the backend's device work starts: what the count leaves out."""
+    if backend == "triton":  # the launchers: what runs under them is the interpreter
+        package = backends.triton_kernels().__name__
+        return [(importlib.import_module(f"{package}.{module}"), name) for module, name in TRITON_LAUNCHERS]
+    if backend == "reference":  # its kernels are PyTorch, written per tensor to be read
+        return [(backends.get("reference"), name) for name in backends.KERNEL_NAMES]
+    return []  # cpp / cuda: one torch.ops call each, counted in full
+
+
+@contextlib.contextmanager
+def profiled_without(kernels):
+    """A cProfile.Profile that does not see inside ``kernels`` (each still counts as one call)."""
+    profile = cProfile.Profile()
+    saved = []
+    for module, name in kernels:
+        real = getattr(module, name)
+
+        def unprofiled(*args, _real=real, **kwargs):
+            profile.disable()
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                profile.enable()
+
+        saved.append((module, name, real))
+        setattr(module, name, unprofiled)
+    try:
+        yield profile
+    finally:
+        for module, name, real in saved:
+            setattr(module, name, real)
+
+
+def make_params(num_tensors: int, device: str) -> list[torch.nn.Parameter]:
+    sizes = torch.randint(1, 64, (num_tensors,), generator=torch.Generator().manual_seed(num_tensors))
+    params = [torch.nn.Parameter(torch.randn(int(n), device=device)) for n in sizes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def calls_per_step(num_tensors: int, device: str, backend: str, options: dict) -> int:
+    opt = SparseAdamW(make_params(num_tensors, device), block_size=16, backend=backend, **{"density": 0.05, **options})
+    for _ in range(3):  # state created, selection made, the step bound
+        opt.step()
+    with profiled_without(kernels_of(backend)) as profile:
+        profile.enable()
+        opt.step()
+        profile.disable()
+    return pstats.Stats(profile).total_calls
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "defaults")
+def test_python_calls_per_step_do_not_grow_with_the_tensors(case, options):
+    device, backend = case
+    calls = [calls_per_step(n, device, backend, options) for n in COUNTS]
+    for n, c in zip(COUNTS, calls):
+        assert c <= 3 * n + 300, f"{c} Python calls for a step over {n} tensors ({backend}, {options})"
+    assert calls[0] == calls[-1], f"calls per step grow with the tensors: {dict(zip(COUNTS, calls))}"
+
+
+def test_the_count_sees_per_tensor_work(monkeypatch):
+    """The harness is not blind: a per-tensor Python call in the step shows up in the count."""
+    from sparse_grad.optim import functional
+    real = functional.sparse_adamw
+
+    def per_tensor(step, *args):
+        for p in step.params:
+            p.numel()
+        return real(step, *args)
+
+    monkeypatch.setattr(functional, "sparse_adamw", per_tensor)
+    monkeypatch.setattr("sparse_grad.optim.sparse_adamw.sparse_adamw", per_tensor)
+    device, backend = backend_cases()[0]
+    small, large = (calls_per_step(n, device, backend, {}) for n in (COUNTS[0], COUNTS[-1]))
+    assert large - small == COUNTS[-1] - COUNTS[0]
