@@ -12,12 +12,13 @@ backend, so the suite cannot rot unnoticed.
 """
 from __future__ import annotations
 
+import math
 import platform
 
 import pytest
 import torch
 
-from sparse_grad.bench import SHAPE_SETS, shapes
+from sparse_grad.bench import SHAPE_SETS, HostTime, host_time, pipelined_time, python_calls_per_step, shapes
 from _report import RESULTS
 
 QUICK_SCALE = 0.0005
@@ -75,6 +76,33 @@ def timed(benchmark, device, quick):
     return run_timed
 
 
+@pytest.fixture
+def step_extras(device, quick):
+    """``step_extras(optimizer, kernels=None)``: what a full step costs beyond its synced median,
+    as keyword arguments for ``record``: the pipelined time per step (10 steps back to back, one
+    sync at the end, median of 3 runs), the host time per step with the kernels excluded (CPU:
+    needs ``kernels``, the backend module, else NaN; CUDA: wall of an unsynchronized step) and
+    the host time before the first kernel call (CUDA with ``kernels``), and the Python calls of
+    one step. In quick mode each is taken once, so the code runs without costing time."""
+    steps, runs, rounds = (1, 1, 1) if quick else (10, 3, 7)
+
+    def measure(optimizer, kernels=None):
+        extras = dict(pipelined=pipelined_time(optimizer.step, device, steps, runs, warmup=0))
+        host = (host_time(optimizer.step, device, kernels, rounds, warmup=0)
+                if kernels is not None or device.type == "cuda" else HostTime(math.nan, math.nan))
+        extras.update(host=host.seconds, host_before_launch=host.before_launch_seconds,
+                      python_calls=python_calls_per_step(optimizer))
+        return extras
+    return measure
+
+
+def _column(value, scale: float, spec: str, width: int, suffix: str = "") -> str:
+    """A column of the closing table; blank where not measured (None or NaN)."""
+    if value is None or value != value:
+        return f"{'':>{width}}"
+    return f"{format(value if scale == 1.0 else scale * value, spec)}{suffix}".rjust(width)
+
+
 def pytest_terminal_summary(terminalreporter):
     if not RESULTS:
         return
@@ -84,7 +112,8 @@ def pytest_terminal_summary(terminalreporter):
           f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     baselines = {(r["group"], r["name"]): r for r in RESULTS if r["name"] in ("copy", "read")}
     fused = {r["group"]: r for r in RESULTS if r["name"] == "torch AdamW fused"}
-    write(f"{'group':<10} {'case':<40} {'median ms':>10} {'GB/s':>8} {'% of BW':>13} {'vs fused':>9}")
+    write(f"{'group':<10} {'case':<40} {'median ms':>10} {'GB/s':>8} {'% of BW':>13} {'vs fused':>9} "
+          f"{'pipelined ms':>12} {'vs fused':>9} {'host µs':>9} {'py calls':>8}")
     for r in RESULTS:
         gbps = r["ideal_bytes"] / r["median"] / 1e9
         bw = baselines.get((r["group"], r["baseline"]))
@@ -92,4 +121,13 @@ def pytest_terminal_summary(terminalreporter):
                    if bw else f"{'':>13}")
         base = fused.get(r["group"])
         ratio = f"{base['median'] / r['median']:>8.2f}x" if base and r["name"].startswith(("SparseAdamW", "torch", "copy")) else f"{'':>9}"
-        write(f"{r['group']:<10} {r['name']:<40} {1e3 * r['median']:>10.3f} {gbps:>8.1f} {bw_text} {ratio}")
+        pipelined = r.get("pipelined")
+        piped_ratio = (base["pipelined"] / pipelined if base and base.get("pipelined") and pipelined else None)
+        write(f"{r['group']:<10} {r['name']:<40} {1e3 * r['median']:>10.3f} {gbps:>8.1f} {bw_text} {ratio} "
+              f"{_column(pipelined, 1e3, '.3f', 12)} {_column(piped_ratio, 1.0, '.2f', 9, 'x')} "
+              f"{_column(r.get('host'), 1e6, '.1f', 9)} {_column(r.get('python_calls'), 1.0, 'd', 8)}".rstrip())
+    if any("pipelined" in r for r in RESULTS):
+        write("median ms: each call timed alone, synchronized; pipelined ms: per step of 10 steps back to back, one "
+              "sync at the end;")
+        write("host µs: host time per step, kernels excluded; py calls: Python calls of one step "
+              "(sparse_grad.bench.timing)")

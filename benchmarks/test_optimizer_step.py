@@ -1,12 +1,14 @@
 """A full optimizer step: torch AdamW (foreach, fused) vs SparseAdamW.step per backend and
 density, with a plain copy of all parameters (8 B/param) as the bandwidth baseline. Ideal bytes
-per DESIGN §7 (sparse_grad.bench.ideal_bytes): 4 B/param for the norm pass + 28 B/param·density."""
+per DESIGN §7 (sparse_grad.bench.ideal_bytes): 4 B/param for the norm pass + 28 B/param·density.
+The optimizer steps also record their pipelined time, host time and Python calls per step
+(conftest.step_extras), after the checks: they take more steps."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sparse_grad import SparseAdamW
+from sparse_grad import SparseAdamW, backends
 from sparse_grad.bench import ideal_bytes
 from _cases import TIMED_BACKENDS, assert_close, params_of, skip_unless_timed
 from _report import record
@@ -23,7 +25,7 @@ def test_copy(benchmark, timed, device, shape_set, shape_list):
 
 
 @pytest.mark.parametrize("variant", ["foreach", "fused"])
-def test_torch_adamw(benchmark, timed, device, shape_set, shape_list, variant):
+def test_torch_adamw(benchmark, timed, step_extras, device, shape_set, shape_list, variant):
     params = params_of(shape_list, device)
     before = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-3, **{variant: True})
@@ -31,12 +33,12 @@ def test_torch_adamw(benchmark, timed, device, shape_set, shape_list, variant):
     timed(opt.step)
     assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(params, before))
     n = sum(p.numel() for p in params)
-    record(benchmark, f"torch AdamW {variant}", shape_set, n, 28 * n)
+    record(benchmark, f"torch AdamW {variant}", shape_set, n, 28 * n, extras=step_extras(opt))
 
 
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("backend", TIMED_BACKENDS)
-def test_sparse_adamw(benchmark, timed, device, quick, shape_set, shape_list, backend, density):
+def test_sparse_adamw(benchmark, timed, step_extras, device, quick, shape_set, shape_list, backend, density):
     skip_unless_timed(backend, device)
     params = params_of(shape_list, device)
     options = dict(lr=1e-3, density=density, block_size=4096)
@@ -50,4 +52,5 @@ def test_sparse_adamw(benchmark, timed, device, quick, shape_set, shape_list, ba
         opt_ref.step()
         assert_close([p.detach() for p in params], [p.detach() for p in reference])
     n = sum(p.numel() for p in params)
-    record(benchmark, f"SparseAdamW {backend} d={density:g}", shape_set, n, ideal_bytes(n, density))
+    record(benchmark, f"SparseAdamW {backend} d={density:g}", shape_set, n, ideal_bytes(n, density),
+           extras=step_extras(opt, backends.get(backend)))

@@ -2,14 +2,16 @@
 import csv
 import json
 import math
+import types
 
 import pytest
 import torch
 
 from _models import one_thread
 
-from sparse_grad import backends
-from sparse_grad.bench import Result, ideal_bytes, make_params, median_time, run, shapes
+from sparse_grad import SparseAdamW, backends
+from sparse_grad.bench import (Result, host_time, ideal_bytes, kernels_timed, make_params, median_time, pipelined_time,
+                               python_calls, python_calls_per_step, run, shapes)
 from sparse_grad.bench import suite, timing
 from sparse_grad.cli import main
 
@@ -69,6 +71,16 @@ def test_derived_columns():
     assert sparse.gbps == pytest.approx(540 / 0.5 / 1e9)
     assert sparse.pct_ideal == pytest.approx(100 * (540 / 400) / 0.5)  # copy moves 400 B/s
     assert fused.pct_ideal == pytest.approx(100 * 7 / 4)
+    assert math.isnan(sparse.speedup_pipelined)  # not timed pipelined: no ratio made up
+
+
+def test_pipelined_speedup_comes_from_the_pipelined_times():
+    rows = [Result("s", "copy", None, None, 2.0, 800.0, seconds_pipelined=1.0),
+            Result("s", "torch AdamW fused", None, None, 4.0, 2800.0, seconds_pipelined=3.0),
+            Result("s", "SparseAdamW cpp", "cpp", 0.05, 0.5, 540.0, seconds_pipelined=0.25)]
+    suite._derive(rows)
+    assert [r.speedup_pipelined for r in rows] == [3.0, 1.0, 12.0]
+    assert [r.speedup for r in rows] == [2.0, 1.0, 8.0]  # the synced ratios stay as they were
 
 
 def cpu_backends():
@@ -79,7 +91,8 @@ def test_run_times_every_case_once_per_backend_and_density():
     progress = []
     with one_thread():
         results, info = run("many-small", "cpu", scale=0.001, densities=[1.0, 0.05], rounds=1, warmup=0,
-                            progress=lambda done, total, what: progress.append((done, total)))
+                            progress=lambda done, total, what: progress.append((done, total)),
+                            pipeline_steps=2, pipeline_runs=1)
     names = [(r.case, r.density) for r in results]
     expected = ["copy", "torch AdamW foreach", "torch AdamW fused"]
     assert names == [(c, None) for c in expected] + [(f"SparseAdamW {b}", d) for b in cpu_backends()
@@ -87,6 +100,31 @@ def test_run_times_every_case_once_per_backend_and_density():
     assert progress[-1] == (len(results), len(results)) and progress[0] == (0, len(results))
     assert info["tensors"] == 1000 and info["params"] == numel(shapes("many-small", 0.001))
     assert all(r.seconds > 0 and r.gbps > 0 for r in results)
+    assert info["pipeline_steps"] == 2 and info["pipeline_runs"] == 1
+
+
+def test_run_fills_pipelined_host_and_python_call_columns_where_they_apply():
+    with one_thread():
+        results, _ = run("one-flat", "cpu", scale=0.005, densities=[1.0, 0.05], rounds=3, warmup=1,
+                         pipeline_steps=3, pipeline_runs=2)
+    by_case = {(r.case, r.density): r for r in results}
+    assert all(math.isfinite(r.seconds_pipelined) and r.seconds_pipelined > 0 for r in results)
+    assert all(math.isfinite(r.speedup_pipelined) and r.speedup_pipelined > 0 for r in results)
+    assert all(math.isnan(r.host_before_launch_seconds) for r in results)  # CUDA only
+    copy = by_case["copy", None]
+    assert math.isnan(copy.host_seconds) and copy.python_calls is None  # not an optimizer step
+    for variant in ("foreach", "fused"):  # torch's kernels cannot be told apart from its host work on CPU
+        torch_row = by_case[f"torch AdamW {variant}", None]
+        assert math.isnan(torch_row.host_seconds)
+        assert isinstance(torch_row.python_calls, int) and torch_row.python_calls > 0
+    sparse = [r for r in results if r.case.startswith("SparseAdamW")]
+    assert len(sparse) == 2 * len(cpu_backends())
+    for r in sparse:
+        assert math.isfinite(r.host_seconds) and r.host_seconds > 0
+        assert isinstance(r.python_calls, int) and r.python_calls > 0
+    for density in (1.0, 0.05):  # 2M params through the reference's torch ops: kernels dominate by far
+        reference = by_case["SparseAdamW reference", density]
+        assert reference.host_seconds < reference.seconds and reference.host_seconds < reference.seconds_pipelined
 
 
 def test_run_rejects_what_it_cannot_time():
@@ -98,6 +136,10 @@ def test_run_rejects_what_it_cannot_time():
         run("one-flat", "cpu", scale=1e-6, densities=[0.0])
     with pytest.raises(ValueError, match="warmup must be an int"):
         run("one-flat", "cpu", scale=1e-6, warmup=-1)
+    with pytest.raises(ValueError, match="pipeline_steps must be a positive int"):
+        run("one-flat", "cpu", scale=1e-6, pipeline_steps=0)
+    with pytest.raises(TypeError, match="pipeline_runs must be a positive int"):
+        run("one-flat", "cpu", scale=1e-6, pipeline_runs=1.5)
 
 
 def test_cli_bench_prints_and_writes_table_csv_json_png(tmp_path, capsys):
@@ -108,9 +150,19 @@ def test_cli_bench_prints_and_writes_table_csv_json_png(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert status == 0
     assert "SparseAdamW reference" in out and "vs fused" in out and "1000 tensors" in out
+    header = next(line for line in out.splitlines() if line.startswith("shapes"))
+    for column in ("synced ms", "pipelined ms", "pipelined vs fused", "host µs", "py calls"):
+        assert column in header
+    assert "pre-launch µs" not in header  # measured on CUDA only
+    copy_row = next(line for line in out.splitlines() if " copy " in line)
+    assert copy_row.split()[-2:] == ["-", "-"]  # no host time, no Python calls: not an optimizer step
     assert "5/5 done" in err  # the progress bar reached the end: 3 baselines + 2 densities
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["results"]) == 2 * 5
+    copy_json = data["results"][0]
+    assert copy_json["case"] == "copy" and copy_json["host_seconds"] is None and copy_json["python_calls"] is None
+    assert all(r["python_calls"] > 0 and r["host_seconds"] > 0 for r in data["results"]
+               if r["case"].startswith("SparseAdamW"))
     meta = data["meta"]
     assert meta["versions"]["torch"] == torch.__version__ and meta["date"] and meta["cpu"]
     assert "--shapes one-flat,many-small --scale 0.0005" in meta["command"]
@@ -119,6 +171,12 @@ def test_cli_bench_prints_and_writes_table_csv_json_png(tmp_path, capsys):
     assert len(rows) == 10 and rows[0]["case"] == "copy" and rows[0]["torch_version"] == torch.__version__
     fused = [r for r in rows if r["case"] == "torch AdamW fused"]
     assert [float(r["speedup"]) for r in fused] == [1.0, 1.0]
+    assert [float(r["speedup_pipelined"]) for r in fused] == [1.0, 1.0]
+    for column in ("seconds_pipelined", "host_seconds", "host_before_launch_seconds", "python_calls"):
+        assert column in rows[0]
+    sparse = [r for r in rows if r["case"] == "SparseAdamW reference"]
+    assert all(float(r["seconds_pipelined"]) > 0 and float(r["host_seconds"]) > 0 and int(r["python_calls"]) > 0
+               for r in sparse)
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG
 
 
@@ -137,3 +195,175 @@ def test_make_params_is_seeded_and_leaves_the_global_random_state_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(x, y) and torch.equal(x.grad, y.grad) for x, y in zip(a, b))
     assert not torch.equal(make_params([(7,)], "cpu", seed=1)[0], make_params([(7,)], "cpu", seed=2)[0])
+
+
+class FakeClock:
+    """``time.perf_counter`` for the timing module that moves only when told to."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def fake_backend(clock):
+    """A module with the three kernel entry points: each advances the clock by a known amount;
+    select_blocks calls block_sqnorms through the module, as a kernel might."""
+    module = types.ModuleType("fake_backend")
+
+    def block_sqnorms(tensors, block_size):
+        clock.advance(5.0)
+        return ("norms", tensors, block_size)
+
+    def select_blocks(scores, sizes, ks):
+        clock.advance(1.0)
+        module.block_sqnorms([scores], 1)  # nested: its 5 s are already inside these 3 + 5
+        clock.advance(2.0)
+        return ("ids", scores, sizes, ks)
+
+    def sparse_adamw_step(*args, **kwargs):
+        clock.advance(4.0)
+        return None
+
+    module.block_sqnorms, module.select_blocks, module.sparse_adamw_step = block_sqnorms, select_blocks, sparse_adamw_step
+    return module
+
+
+def test_pipelined_time_runs_steps_back_to_back_and_takes_the_median_per_step(monkeypatch):
+    clock = iter([0.0, 3.0, 10.0, 16.0, 20.0, 50.0])  # runs of 3, 6 and 30 s, 3 steps each
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert pipelined_time(lambda: calls.append(1), torch.device("cpu"), steps=3, runs=3, warmup=1) == 2.0
+    assert len(calls) == 1 + 3 * 3
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(steps=0), ValueError, "steps must be a positive int"), (dict(runs=True), TypeError, "runs must be"),
+    (dict(warmup=-1), ValueError, "warmup must be"), (dict(device="cpu"), TypeError, "device must be a torch.device")])
+def test_pipelined_time_checks_its_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pipelined_time(lambda: None, **{"device": torch.device("cpu"), **kwargs})
+
+
+def test_host_time_on_cpu_is_wall_minus_the_time_inside_the_kernels(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    module = fake_backend(clock)
+
+    def step():  # 1 + 2 + 0.5 s of host work around 5 + (1 + 5 + 2) + 4 s of kernels
+        clock.advance(1.0)
+        module.block_sqnorms([], 4)
+        clock.advance(2.0)
+        module.select_blocks("scores", [3], [1])
+        module.sparse_adamw_step(1, 2, lr=3)
+        clock.advance(0.5)
+
+    host = host_time(step, torch.device("cpu"), module, rounds=3, warmup=1)
+    assert host.seconds == 3.5
+    assert math.isnan(host.before_launch_seconds)  # CUDA only
+
+
+def test_kernels_timed_forwards_arguments_and_results_and_counts_calls():
+    clock = FakeClock()
+    module = fake_backend(clock)
+    originals = (module.block_sqnorms, module.select_blocks, module.sparse_adamw_step)
+    with kernels_timed(module) as kernel_clock:
+        assert module.block_sqnorms is not originals[0]
+        assert module.block_sqnorms(["t"], block_size=7) == ("norms", ["t"], 7)
+        assert module.select_blocks("s", [2], ks=[1]) == ("ids", "s", [2], [1])
+        assert module.sparse_adamw_step(1, flag=True) is None
+    assert kernel_clock.calls == 4  # the nested block_sqnorms counted as a call
+    assert (module.block_sqnorms, module.select_blocks, module.sparse_adamw_step) == originals
+
+
+def test_kernels_timed_restores_the_originals_after_an_exception():
+    module = fake_backend(FakeClock())
+    originals = (module.block_sqnorms, module.select_blocks, module.sparse_adamw_step)
+    with pytest.raises(KeyError, match="inside"):
+        with kernels_timed(module):
+            raise KeyError("inside")
+    assert (module.block_sqnorms, module.select_blocks, module.sparse_adamw_step) == originals
+
+
+def test_kernels_timed_rejects_a_module_without_the_entry_points():
+    with pytest.raises(ValueError, match="no kernel entry point .*sparse_adamw_step"):
+        with kernels_timed(types.ModuleType("empty")):
+            pass
+    with pytest.raises(TypeError, match="module must be a backend module"):
+        with kernels_timed("reference"):
+            pass
+
+
+def test_host_time_restores_the_backend_after_a_step_that_raises(monkeypatch):
+    reference = backends.get("reference")
+
+    def broken_update(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(reference, "sparse_adamw_step", broken_update)
+    before = {name: getattr(reference, name) for name in timing.kernel_names()}
+    opt = SparseAdamW(make_params([(300,), (50, 7)], "cpu"), lr=1e-3, density=0.5, block_size=64, backend="reference")
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        host_time(opt.step, torch.device("cpu"), reference, rounds=2, warmup=0)
+    assert {name: getattr(reference, name) for name in timing.kernel_names()} == before
+
+
+def test_host_time_of_a_real_step_is_positive_and_below_its_wall_time():
+    params = make_params(shapes("one-flat", 0.005), "cpu")  # 2M params: the reference's kernels dominate
+    opt = SparseAdamW(params, lr=1e-3, density=0.2, block_size=4096, backend="reference")
+    with one_thread():
+        host = host_time(opt.step, torch.device("cpu"), backends.get("reference"), rounds=3, warmup=1)
+        wall = median_time(opt.step, torch.device("cpu"), rounds=3, warmup=0)
+    assert 0 < host.seconds < wall
+
+
+def test_host_time_on_cpu_needs_the_kernel_module():
+    with pytest.raises(ValueError, match="module: on CPU"):
+        host_time(lambda: None, torch.device("cpu"))
+
+
+def test_python_calls_counts_each_call():
+    def inner():
+        pass
+
+    def once():
+        inner()
+
+    def twice():
+        inner()
+        inner()
+    assert python_calls(twice) - python_calls(once) == 1
+    with pytest.raises(TypeError, match="fn must be callable"):
+        python_calls(3)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_python_calls_per_step_is_a_positive_int_and_the_same_every_step(backend):
+    opt = SparseAdamW(make_params([(300,), (50, 7), (9,)], "cpu"), lr=1e-3, density=0.5, block_size=64,
+                      backend=backend)
+    first, second = python_calls_per_step(opt), python_calls_per_step(opt)
+    assert isinstance(first, int) and first > 0 and first == second
+    # more tensors, more Python work per step: the count sees the optimizer's work, not a constant
+    bigger = SparseAdamW(make_params([(300,), (50, 7), (9,)] * 4, "cpu"), lr=1e-3, density=0.5, block_size=64,
+                         backend=backend)
+    assert python_calls_per_step(bigger) > first
+    with pytest.raises(TypeError, match="opt must be an optimizer"):
+        python_calls_per_step(object())
+
+
+def test_table_marks_unmeasured_values_and_shows_pre_launch_only_when_measured():
+    from sparse_grad.bench.report import table
+    rows = [Result("s", "copy", None, None, 2e-3, 800.0, seconds_pipelined=1e-3),
+            Result("s", "SparseAdamW cuda", "cuda", 0.05, 5e-4, 540.0, seconds_pipelined=4e-4, host_seconds=1.5e-4,
+                   python_calls=321)]
+    text = table(rows)
+    assert "pre-launch" not in text and "nan" not in text
+    assert text.splitlines()[2].split()[-2:] == ["150.0", "321"]
+    rows[1].host_before_launch_seconds = 2.5e-5
+    with_launch = table(rows).splitlines()
+    assert "pre-launch µs" in with_launch[0] and with_launch[2].split()[-2:] == ["25.0", "321"]
+    assert with_launch[1].split()[-3:] == ["-", "-", "-"]

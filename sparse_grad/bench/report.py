@@ -5,6 +5,7 @@ import csv
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -46,13 +47,30 @@ def machine_info(device: torch.device) -> dict:
     }
 
 
+def _number(value: float | None, width: int, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    """``value`` formatted to ``width``, or "-" where it was not measured (NaN or None)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"{'-':>{width}}"
+    return f"{format(value if scale == 1.0 else scale * value, spec)}{suffix}".rjust(width)
+
+
 def table(results: Sequence[Result]) -> str:
-    lines = [f"{'shapes':<10} {'case':<22} {'density':>7} {'median ms':>10} {'GB/s':>8} {'% ideal':>8} "
-             f"{'vs fused':>9}"]
+    """One row per result: synced and pipelined ms per step, the rate and % of ideal (synced),
+    the speed-up vs torch fused AdamW both ways, host µs per step and Python calls per step;
+    the host time before the first kernel launch where it was measured (CUDA). "-": not
+    measured for that case."""
+    before_launch = any(not math.isnan(r.host_before_launch_seconds) for r in results)
+    lines = [f"{'shapes':<10} {'case':<22} {'density':>7} {'synced ms':>10} {'pipelined ms':>12} {'GB/s':>8} "
+             f"{'% ideal':>8} {'vs fused':>9} {'pipelined vs fused':>18} {'host µs':>9}"
+             + (f" {'pre-launch µs':>13}" if before_launch else "") + f" {'py calls':>8}"]
     for r in results:
         density = "" if r.density is None else f"{r.density:g}"
-        lines.append(f"{r.shapes:<10} {r.case:<22} {density:>7} {1e3 * r.seconds:>10.3f} {r.gbps:>8.1f} "
-                     f"{r.pct_ideal:>7.0f}% {r.speedup:>8.2f}x")
+        lines.append(f"{r.shapes:<10} {r.case:<22} {density:>7} {_number(r.seconds, 10, '.3f', 1e3)} "
+                     f"{_number(r.seconds_pipelined, 12, '.3f', 1e3)} {_number(r.gbps, 8, '.1f')} "
+                     f"{_number(r.pct_ideal, 8, '.0f', suffix='%')} {_number(r.speedup, 9, '.2f', suffix='x')} "
+                     f"{_number(r.speedup_pipelined, 18, '.2f', suffix='x')} {_number(r.host_seconds, 9, '.1f', 1e6)}"
+                     + (f" {_number(r.host_before_launch_seconds, 13, '.1f', 1e6)}" if before_launch else "")
+                     + f" {_number(r.python_calls, 8, 'd')}")
     return "\n".join(lines)
 
 
@@ -67,9 +85,16 @@ def write_csv(path: Path, results: Sequence[Result], meta: dict) -> None:
         writer.writerows(rows)
 
 
+def _null_for_nan(row: dict) -> dict:
+    """``row`` with NaN (not measured) as None: JSON has no NaN, and strict readers refuse it."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
 def write_json(path: Path, results: Sequence[Result], meta: dict) -> None:
+    """The run's description and one object per result; unmeasured values are null."""
     with open(path, "w") as f:
-        json.dump({"meta": meta, "results": [r.as_dict() for r in results]}, f, indent=1)
+        json.dump({"meta": meta, "results": [_null_for_nan(r.as_dict()) for r in results]}, f, indent=1,
+                  allow_nan=False)
 
 
 def plot(path: Path, results: Sequence[Result], title: str) -> None:

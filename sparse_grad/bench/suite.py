@@ -1,5 +1,8 @@
 """One benchmark run: a plain copy (the bandwidth), torch AdamW foreach and fused, and a full
-``SparseAdamW.step`` per backend and density, on one shape set; ideal bytes per DESIGN §7."""
+``SparseAdamW.step`` per backend and density, on one shape set; ideal bytes per DESIGN §7.
+
+Each case is timed synchronized per step and pipelined (steps back to back); the optimizer
+steps also get their host time per step and their Python calls per step (``timing``)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +15,7 @@ from .. import SparseAdamW, backends
 from .._checks import density as check_density
 from .._checks import positive_int
 from .shapes import shapes as shape_set
-from .timing import median_time
+from .timing import host_time, median_time, pipelined_time, python_calls_per_step
 
 __all__ = ["Result", "ideal_bytes", "make_params", "plan_cases", "run"]
 
@@ -30,11 +33,16 @@ class Result:
     case: str  # "copy", "torch AdamW foreach", "torch AdamW fused" or "SparseAdamW <backend>"
     backend: str | None
     density: float | None
-    seconds: float  # median
+    seconds: float  # median of steps timed alone, synchronized ("synced")
     ideal_bytes: float
-    gbps: float = math.nan  # ideal bytes per second
-    pct_ideal: float = math.nan  # time the ideal bytes take at copy bandwidth / time taken
-    speedup: float = math.nan  # torch AdamW fused's time / time taken
+    gbps: float = math.nan  # ideal bytes per second (synced)
+    pct_ideal: float = math.nan  # time the ideal bytes take at copy bandwidth / time taken (synced)
+    speedup: float = math.nan  # torch AdamW fused's time / time taken (synced)
+    seconds_pipelined: float = math.nan  # per step, steps back to back with one sync at the end
+    host_seconds: float = math.nan  # host time per step, kernels excluded (NaN: copy; torch AdamW on CPU)
+    host_before_launch_seconds: float = math.nan  # host time before the first kernel call (CUDA SparseAdamW)
+    python_calls: int | None = None  # Python calls of one steady-state step (None: copy)
+    speedup_pipelined: float = math.nan  # torch AdamW fused's time / time taken (pipelined)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -80,29 +88,65 @@ def plan_cases(backend_names: Sequence[str], densities: Sequence[float]) -> list
     return cases + [(f"SparseAdamW {b}", b, d) for b in backend_names for d in densities]
 
 
-def _step_timer(case: str, backend: str | None, density: float | None, params, block_size: int):
-    """A callable that runs one step of ``case`` (its state created already)."""
+@dataclass
+class _Case:
+    """What one case runs: ``step`` (its state created already), the optimizer behind it
+    (None for the copy), and the backend module whose kernels the step calls (None unless
+    SparseAdamW)."""
+    step: Callable[[], object]
+    optimizer: torch.optim.Optimizer | None = None
+    kernels: object = None
+
+
+def _make_case(case: str, backend: str | None, density: float | None, params, block_size: int) -> _Case:
     if case == "copy":
         src = torch.cat([p.detach().reshape(-1) for p in params])
         dst = torch.empty_like(src)
-        return lambda: dst.copy_(src)
+        return _Case(lambda: dst.copy_(src))
     if case.startswith("torch AdamW"):
         opt = torch.optim.AdamW(params, lr=1e-5, **{case.split()[-1]: True})
+        kernels = None
     else:
         opt = SparseAdamW(params, lr=1e-5, density=density, block_size=block_size, backend=backend)
+        kernels = backends.get(backend)
     opt.step()  # the state, outside the timing
-    return opt.step
+    return _Case(opt.step, opt, kernels)
+
+
+def _measure(result: Result, case: _Case, device: torch.device, rounds: int, warmup: int,
+             pipeline_steps: int, pipeline_runs: int) -> None:
+    """Time ``case`` synced (with the warm-up), then pipelined, then its host side, into ``result``.
+
+    Host time needs the kernels told apart from the host: on CPU by wrapping SparseAdamW's
+    kernel entry points, which torch's AdamW does not have (its host time stays NaN there).
+    """
+    result.seconds = median_time(case.step, device, rounds, warmup)
+    result.seconds_pipelined = pipelined_time(case.step, device, pipeline_steps, pipeline_runs, warmup=0)
+    if case.optimizer is None:
+        return
+    if case.kernels is not None or device.type == "cuda":
+        host = host_time(case.step, device, case.kernels, rounds, warmup=0)
+        result.host_seconds = host.seconds
+        result.host_before_launch_seconds = host.before_launch_seconds
+    result.python_calls = python_calls_per_step(case.optimizer)
 
 
 def run(shapes: str, device: torch.device | str, scale: float = 1.0, densities: Sequence[float] = (1.0, 0.2, 0.05, 0.01),
         backend_names: Sequence[str] | None = None, block_size: int = 4096, rounds: int = 7, warmup: int = 2,
-        progress: Callable[[int, int, str], None] | None = None) -> tuple[list[Result], dict]:
+        progress: Callable[[int, int, str], None] | None = None, pipeline_steps: int = 10,
+        pipeline_runs: int = 3) -> tuple[list[Result], dict]:
     """Time every case on ``shapes`` at ``scale``; returns the results and a description of the
-    run (parameter and tensor counts). ``progress(done, total, case)`` is called before each case."""
+    run (parameter and tensor counts). ``progress(done, total, case)`` is called before each case.
+
+    Per case: the median of ``rounds`` synced steps after ``warmup``; the median over
+    ``pipeline_runs`` runs of ``pipeline_steps`` steps back to back; for the optimizers the
+    median host time of ``rounds`` steps and the Python calls of one step."""
     device = torch.device(device)
     densities = [check_density(d, "densities") for d in densities]
     block_size = positive_int(block_size, "block_size")
     rounds = positive_int(rounds, "rounds")
+    pipeline_steps = positive_int(pipeline_steps, "pipeline_steps")
+    pipeline_runs = positive_int(pipeline_runs, "pipeline_runs")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     names = available_backends(device) if backend_names is None else check_backends(backend_names, device)
@@ -113,21 +157,23 @@ def run(shapes: str, device: torch.device | str, scale: float = 1.0, densities: 
     for i, (case, backend, density) in enumerate(cases):
         if progress is not None:
             progress(i, len(cases), case if density is None else f"{case} d={density:g}")
-        step = _step_timer(case, backend, density, params, block_size)
-        seconds = median_time(step, device, rounds, warmup)
         moved = 8 * num_params if case == "copy" else ideal_bytes(num_params, 1.0 if density is None else density)
-        results.append(Result(shapes, case, backend, density, seconds, moved))
-        del step
+        result = Result(shapes, case, backend, density, math.nan, moved)
+        _measure(result, _make_case(case, backend, density, params, block_size), device, rounds, warmup,
+                 pipeline_steps, pipeline_runs)
+        results.append(result)
     if progress is not None:
         progress(len(cases), len(cases), "done")
     _derive(results)
     info = {"shapes": shapes, "scale": scale, "params": num_params, "tensors": len(params),
-            "block_size": block_size, "rounds": rounds, "warmup": warmup, "device": str(device)}
+            "block_size": block_size, "rounds": rounds, "warmup": warmup, "pipeline_steps": pipeline_steps,
+            "pipeline_runs": pipeline_runs, "device": str(device)}
     return results, info
 
 
 def _derive(results: list[Result]) -> None:
-    """Fill in GB/s, % of ideal (at the copy's bandwidth) and speed-up vs fused AdamW."""
+    """Fill in GB/s, % of ideal (at the copy's bandwidth) and speed-up vs fused AdamW from the
+    synced times, and the speed-up vs fused AdamW from the pipelined times."""
     copy = next(r for r in results if r.case == "copy")
     fused = next(r for r in results if r.case == "torch AdamW fused")
     bandwidth = copy.ideal_bytes / copy.seconds
@@ -135,3 +181,4 @@ def _derive(results: list[Result]) -> None:
         r.gbps = r.ideal_bytes / r.seconds / 1e9
         r.pct_ideal = 100 * (r.ideal_bytes / bandwidth) / r.seconds
         r.speedup = fused.seconds / r.seconds
+        r.speedup_pipelined = fused.seconds_pipelined / r.seconds_pipelined

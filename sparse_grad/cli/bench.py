@@ -1,9 +1,14 @@
 """``python -m sparse_grad bench``: time a SparseAdamW step against torch's AdamW in one run.
 
 Measures a plain device copy of all parameters (the bandwidth), torch AdamW foreach and fused,
-and a full SparseAdamW.step for every backend and density; prints a table with the median time,
-the achieved rate of the ideal bytes (4 B/param for the norm pass + 28 B/param·density, DESIGN
-§7), that as a % of the copy's bandwidth, and the speed-up vs torch fused AdamW; writes
+and a full SparseAdamW.step for every backend and density; prints a table with the median time
+of a step timed alone and synchronized ("synced ms") and per step of --pipeline-steps steps run
+back to back with one sync at the end ("pipelined ms"), the achieved rate of the ideal bytes
+(4 B/param for the norm pass + 28 B/param·density, DESIGN §7), that as a % of the copy's
+bandwidth, the speed-up vs torch fused AdamW (synced and pipelined), the host time per step with
+the kernels excluded ("host µs"; CPU: wall minus the time inside the backend's kernel entry
+points, so torch AdamW has none; CUDA: wall of an unsynchronized step, with the time before the
+first kernel call as "pre-launch µs") and the Python calls of one step (cProfile); writes
 bench.csv and bench.json (with the machine, card, versions and date) and bench.png (speed-up vs
 density, one line per backend, the ideal curve drawn in) to --out.
 """
@@ -36,6 +41,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--block-size", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=7, help="timed runs per case; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before them")
+    parser.add_argument("--pipeline-steps", type=int, default=10,
+                        help="steps back to back per pipelined run (median of 3 runs; default 10)")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for bench.csv/.json/.png")
     parser.add_argument("--no-plot", action="store_true", help="write no PNG (no matplotlib needed)")
     parser.set_defaults(run=run)
@@ -73,19 +80,20 @@ def run(args: argparse.Namespace) -> int:
     results, infos = [], []
     for name in shape_sets:
         rows, info = run_suite(name, device, scale, densities, backend_names, args.block_size,
-                               args.rounds, args.warmup, progress=progress_bar)
+                               args.rounds, args.warmup, progress=progress_bar, pipeline_steps=args.pipeline_steps)
         results += rows
         infos.append(info)
     command = (f"python -m sparse_grad bench --device {device} --shapes {','.join(shape_sets)} --scale {scale:g} "
                f"--densities {','.join(f'{d:g}' for d in densities)} --block-size {args.block_size} "
-               f"--rounds {args.rounds} --warmup {args.warmup}"
+               f"--rounds {args.rounds} --warmup {args.warmup} --pipeline-steps {args.pipeline_steps}"
                + (f" --backends {','.join(backend_names)}" if backend_names else ""))
     meta = {**machine_info(device), "command": command, "runs": infos}
     print(f"{meta['cpu']} ({meta['cpu_count']} CPUs, {meta['torch_threads']} torch threads)"
           + (f", {meta['card']}" if meta["card"] else "") + f"; torch {torch.__version__}; {meta['date']}")
     for info in infos:
         print(f"{info['shapes']}: {info['params']:,} params in {info['tensors']} tensors (scale {info['scale']:g}), "
-              f"block size {info['block_size']}, median of {info['rounds']} runs")
+              f"block size {info['block_size']}, median of {info['rounds']} runs (pipelined: of "
+              f"{info['pipeline_runs']} runs of {info['pipeline_steps']} steps)")
     print(table(results))
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "bench.csv", results, meta)
