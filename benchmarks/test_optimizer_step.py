@@ -1,6 +1,6 @@
 """A full optimizer step: torch AdamW (foreach, fused) vs SparseAdamW.step per backend and
 density, with a plain copy of all parameters (8 B/param) as the bandwidth baseline. Ideal bytes
-per DESIGN §7 (sparse_grad.bench.ideal_bytes): 4 B/param for the norm pass + 28 B/param·density.
+per docs/design.md §7 (sparse_grad.bench.ideal_bytes): 4 B/param for the norm pass + 28 B/param·density.
 The optimizer steps also record their pipelined time, host time and Python calls per step
 (conftest.step_extras), after the checks: they take more steps."""
 from __future__ import annotations

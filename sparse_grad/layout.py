@@ -1,4 +1,4 @@
-"""Global block numbering over a list of tensors (DESIGN §2).
+"""Global block numbering over a list of tensors (docs/design.md §2).
 
 Every tensor is viewed flat and cut into blocks of ``block_size`` elements; the last block of a
 tensor may be partial and blocks never span tensors. Blocks are numbered globally in list order:

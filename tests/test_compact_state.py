@@ -1,4 +1,4 @@
-"""Compact optimizer state (DESIGN §4): moments only for the selected blocks, in slabs."""
+"""Compact optimizer state (docs/design.md §4): moments only for the selected blocks, in slabs."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Tensor hyper-parameters and torch.compile(opt.step, fullgraph=True) (DESIGN §3.4, §5)."""
+"""Tensor hyper-parameters and torch.compile(opt.step, fullgraph=True) (docs/design.md §3.4, §5)."""
 import copy
 
 import pytest

@@ -1,4 +1,4 @@
-"""SparseAdamW.step on CUDA tensors: no host sync, and capturable in a CUDA graph (DESIGN §3).
+"""SparseAdamW.step on CUDA tensors: no host sync, and capturable in a CUDA graph (docs/design.md §3).
 
 Skipped without a GPU: the CPU suite cannot see a host sync or a graph capture.
 """

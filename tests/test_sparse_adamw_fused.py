@@ -1,5 +1,5 @@
 """What the update kernel reads on device: the clip coefficient (max_grad_norm) and GradScaler's
-grad_scale / found_inf (DESIGN §3.4)."""
+grad_scale / found_inf (docs/design.md §3.4)."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
 """SparseAdamW's state and selection options: state_dtype, score, score_ema,
-min_blocks_per_tensor, error_feedback (DESIGN §3–§4); state_dict round trips with every option."""
+min_blocks_per_tensor, error_feedback (docs/design.md §3–§4); state_dict round trips with every option."""
 
 import pytest
 import torch

@@ -125,15 +125,20 @@ def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks
     out = torch.empty(total, dtype=torch.int64, device=device)
     if total == 0:
         return out
-    table = None if cache is None else cache.get("select_blocks")
-    if table is None:
+    prepared = None if cache is None else cache.get("select_blocks")
+    if prepared is None:
         starts, out_starts = [0], [0]
         for size, k in zip(segment_sizes, segment_ks):
             starts.append(starts[-1] + size)
             out_starts.append(out_starts[-1] + k)
         table = cached_rows((tuple(starts[:-1]), tuple(segment_sizes), tuple(segment_ks), tuple(out_starts[:-1])),
                             device)
+        interpreted = None  # the interpreter's chunk: no wider than the longest segment needs
+        if device.type == "cpu":
+            interpreted = min(1 << 16, max(16, triton.next_power_of_2(max(segment_sizes))))
+        prepared = (table, interpreted)
         if cache is not None:
-            cache["select_blocks"] = table
-    launch_select_blocks(scores, out, table, len(segment_sizes), chunk)
+            cache["select_blocks"] = prepared
+    table, interpreted = prepared
+    launch_select_blocks(scores, out, table, len(segment_sizes), chunk or interpreted)
     return out

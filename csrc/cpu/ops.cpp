@@ -38,7 +38,7 @@ void check_list(at::TensorList tensors, const char* list, std::size_t size) {
   }
 }
 
-// Global block numbering of a list of tensors (DESIGN §2).
+// Global block numbering of a list of tensors (docs/design.md §2).
 struct Blocks {
   std::int64_t block_size;
   std::vector<std::int64_t> numel;

@@ -1,5 +1,5 @@
 """One benchmark run: a plain copy (the bandwidth), torch AdamW foreach and fused, and a full
-``SparseAdamW.step`` per backend and density, on one shape set; ideal bytes per DESIGN §7.
+``SparseAdamW.step`` per backend and density, on one shape set; ideal bytes per docs/design.md §7.
 
 Each case is timed synchronized per step and pipelined (steps back to back); the optimizer
 steps also get their host time per step and their Python calls per step (``timing``)."""

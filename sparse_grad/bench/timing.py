@@ -33,7 +33,7 @@ __all__ = ["L2_FLUSH_BYTES", "HostTime", "KernelClock", "host_time", "kernel_nam
 # (H100: 50 MB, H200: 60 MB), as triton.testing.do_bench does.
 L2_FLUSH_BYTES = 256 << 20
 
-# The backend-module attributes an optimizer step calls its kernels through (DESIGN §1), for a
+# The backend-module attributes an optimizer step calls its kernels through (docs/design.md §1), for a
 # sparse_grad without backends.KERNEL_NAMES.
 _DEFAULT_KERNEL_NAMES = ("block_sqnorms", "select_blocks", "sparse_adamw_step")
 

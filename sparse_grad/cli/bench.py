@@ -4,7 +4,7 @@ Measures a plain device copy of all parameters (the bandwidth), torch AdamW fore
 and a full SparseAdamW.step for every backend and density; prints a table with the median time
 of a step timed alone and synchronized ("synced ms") and per step of --pipeline-steps steps run
 back to back with one sync at the end ("pipelined ms"), the achieved rate of the ideal bytes
-(4 B/param for the norm pass + 28 B/param·density, DESIGN §7), that as a % of the copy's
+(4 B/param for the norm pass + 28 B/param·density, docs/design.md §7), that as a % of the copy's
 bandwidth, the speed-up vs torch fused AdamW (synced and pipelined), the host time per step with
 the kernels excluded ("host µs"; CPU: wall minus the time inside the backend's kernel entry
 points, so torch AdamW has none; CUDA: wall of an unsynchronized step, with the time before the

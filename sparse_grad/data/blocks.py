@@ -1,5 +1,5 @@
 """Which parameter blocks data selection scores against: the optimizer's current selection, a
-blueprint's mask, explicit ids, or every block (DESIGN §2 block numbering)."""
+blueprint's mask, explicit ids, or every block (docs/design.md §2 block numbering)."""
 from __future__ import annotations
 
 from collections.abc import Mapping

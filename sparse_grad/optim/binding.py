@@ -91,17 +91,17 @@ def reuse(bound: BoundStep | None, group: dict, opt_state: dict) -> bool:
             or options.shaping_values(group) != bound.options):
         return False
     grads = [p.grad for p in group["params"]]
-    if bound.has_grad != [g is not None for g in grads]:
-        return False
-    if not bound.all_have_grads:
+    if not bound.all_have_grads:  # (when all had one, a None now fails the pointer map below)
+        if bound.has_grad != [g is not None for g in grads]:
+            return False
         grads = [grads[j] for j in bound.positions]
     params = bound.params  # a param's .data may be replaced (another address, shape or layout)
     try:
+        ptrs = list(map(_data_ptr, grads))
         if (list(map(_data_ptr, params)) != bound.param_ptrs or list(map(_shape, params)) != bound.param_shapes
                 or not all(map(torch.Tensor.is_contiguous, params))):
             return False
-        ptrs = list(map(_data_ptr, grads))
-    except RuntimeError:  # a tensor without storage (sparse, meta): the full check names it
+    except (RuntimeError, TypeError):  # a grad gone (None), or without storage: the full check says
         return False
     if ptrs != bound.grad_ptrs:
         if not _grads_fit(grads, bound):
