@@ -87,6 +87,10 @@ def keep_error(errors: list[torch.Tensor], block_ids: torch.Tensor, layout: Bloc
     block_size = layout.block_size
     mask = applied.repeat_interleave(block_size, output_size=layout.num_blocks * block_size)
     parts = mask.split([n * block_size for n in layout.block_counts])  # each tensor's blocks, padded
+    if torch.compiler.is_compiling():  # dynamo traces plain loops, not C-level maps
+        for error, part in zip(errors, parts):
+            error.masked_fill_(part[:error.numel()].view_as(error), 0.0)
+        return
     # Per tensor, through C-level maps (no Python frame per tensor): its elements' mask, then
     # masked_fill_ (not mul: inf·0 is NaN).
     masks = map(torch.Tensor.view_as, map(torch.Tensor.narrow, parts, repeat(0), repeat(0), layout.numels), errors)

@@ -40,8 +40,13 @@ def update_ema(states: list[dict], scores: torch.Tensor, layout: BlockLayout, be
     Once every param has one, the group is updated as one vector (a constant number of ops
     whatever the number of params), with the same arithmetic per block.
     """
-    olds = list(map(_get_ema, states))
-    if type(None) not in set(map(type, olds)):
+    if torch.compiler.is_compiling():  # dynamo traces plain loops, not C-level maps
+        olds = [state.get("score_ema") for state in states]
+        complete = all(old is not None for old in olds)
+    else:
+        olds = list(map(_get_ema, states))
+        complete = type(None) not in set(map(type, olds))
+    if complete:
         old = torch.cat(olds)
         new = old * beta + scores * (1.0 - beta)
         if skip is not None:
