@@ -47,9 +47,19 @@ def test_density_one_matches_torch_adamw(case, dtype, block_size):
     run(ours, params, grads)
     run(adamw, theirs, grads)
     atol, rtol = TOLERANCES[dtype]
-    for p, q in zip(params, theirs):
+    for t, (p, q) in enumerate(zip(params, theirs)):
         torch.testing.assert_close(p, q, atol=atol, rtol=rtol)
-        torch.testing.assert_close(ours.state[p]["exp_avg"], adamw.state[q]["exp_avg"], atol=atol, rtol=rtol)
+        ours_m, theirs_m = ours.state[p]["exp_avg"], adamw.state[q]["exp_avg"]
+        if dtype == torch.bfloat16:
+            # Both round exp_avg to bf16 once per step, from fp32 computed in another order: a
+            # stored value may round the other way, one bf16 ulp (2^-7 of its magnitude, which
+            # never exceeds max_t |g_t|), and later steps carry that on, scaled by beta1 each step:
+            # at most 2^-7 · max_t |g_t| / (1 - beta1) per element.
+            largest = torch.stack([g[t].abs().float() for g in grads]).amax(0)
+            bound = largest * 2.0**-7 / (1 - hyper["betas"][0]) + atol
+            assert ((ours_m.float() - theirs_m.float()).abs() <= bound).all()
+        else:
+            torch.testing.assert_close(ours_m, theirs_m, atol=atol, rtol=rtol)
 
 
 def test_density_one_matches_torch_adamw_with_options_and_scheduler(case):

@@ -36,7 +36,7 @@ def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks
     total = sum(segment_ks)
     if total == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
-    if all(k == n for k, n in zip(segment_ks, segment_sizes)):
+    if list(segment_ks) == list(segment_sizes):  # every block (compared without a Python call per segment)
         return torch.arange(scores.numel(), dtype=torch.int64, device=device)
     keys = rank_keys(scores)
     if len(segment_sizes) == 1:
