@@ -52,3 +52,13 @@ class GroupState:
         """Replace the selection and compact state (a checked load)."""
         self.clear()
         self.selection, self.compact = selection, compact
+
+    def state_dict(self) -> dict:
+        """This group's part of ``SparseAdamW.state_dict()``: ``{"selection": ..., "compact": ...}``,
+        each present only if the group has one."""
+        saved = {}
+        if self.selection is not None:
+            saved["selection"] = self.selection.state_dict()
+        if self.compact is not None:
+            saved["compact"] = dict(self.compact)
+        return saved

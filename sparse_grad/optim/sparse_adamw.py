@@ -291,9 +291,9 @@ class SparseAdamW(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
-        states = list(enumerate(self._group_states))
-        state_dict["selections"] = {i: s.selection.state_dict() for i, s in states if s.selection is not None}
-        state_dict["compact"] = {i: dict(s.compact) for i, s in states if s.compact is not None}
+        parts = [(i, state.state_dict()) for i, state in enumerate(self._group_states)]
+        state_dict["selections"] = {i: part["selection"] for i, part in parts if "selection" in part}
+        state_dict["compact"] = {i: part["compact"] for i, part in parts if "compact" in part}
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
