@@ -164,3 +164,60 @@ def test_the_count_sees_per_tensor_work(monkeypatch):
     device, backend = backend_cases()[0]
     small, large = (calls_per_step(n, device, backend, {}) for n in (COUNTS[0], COUNTS[-1]))
     assert large - small == COUNTS[-1] - COUNTS[0]
+
+
+def _stepped(params: list[torch.nn.Parameter], backend: str):
+    opt = SparseAdamW(params, block_size=BLOCK, backend=backend, lr=1e-2, density=0.25)
+    for _ in range(2):
+        opt.step()
+    return params, opt
+
+
+def _twins(device: str) -> tuple[list, list]:
+    params = make_params(12, device)
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, twin):
+        q.grad = p.grad.clone()
+    return params, twin
+
+
+def test_a_bound_step_sees_changes_made_by_hand(case):
+    """Each change the fingerprint covers is honoured on the next step: the same result as a
+    fresh optimizer given the same state (so nothing stale was reused)."""
+    from _utils import assert_same
+    device, backend = case
+    changes = [
+        lambda params, opt: opt.param_groups[0].update(density=0.5),
+        lambda params, opt: opt.param_groups[0].update(lr=3e-2, weight_decay=0.2),
+        lambda params, opt: setattr(params[3], "data", params[3].data.clone()),
+        lambda params, opt: opt.param_groups[0]["params"].__setitem__(5, params[5]),  # same object: no-op
+        lambda params, opt: [setattr(p, "grad", p.grad.clone()) for p in params],
+        lambda params, opt: setattr(params[7], "grad", None),
+    ]
+    for change in changes:
+        params, twin_params = _twins(device)
+        params, opt = _stepped(params, backend)
+        twin_params, twin = _stepped(twin_params, backend)
+        change(params, opt)
+        change(twin_params, twin)
+        fresh = SparseAdamW(twin_params, block_size=BLOCK, backend=backend, lr=1e-2, density=0.25)
+        fresh.load_state_dict(twin.state_dict())  # a load drops every bound step
+        fresh.param_groups[0].update({k: v for k, v in twin.param_groups[0].items() if k != "params"})
+        opt.step()
+        fresh.step()
+        assert_same([p.detach() for p in params], [p.detach() for p in twin_params])
+
+
+def test_a_param_replaced_in_the_group_is_bound_again(case):
+    device, backend = case
+    params = make_params(12, device)
+    opt = SparseAdamW(params, block_size=BLOCK, backend=backend, lr=1e-2, density=1.0)
+    opt.step()
+    opt.step()
+    new = torch.nn.Parameter(params[2].detach().clone())
+    new.grad = torch.randn_like(new)
+    opt.param_groups[0]["params"][2] = new
+    before, old = new.detach().clone(), params[2].detach().clone()
+    opt.step()
+    assert not torch.equal(new.detach(), before)  # the new param was updated (density 1)
+    assert torch.equal(params[2].detach(), old) and len(opt.state[new]["block_step"]) == 1  # not the old one

@@ -5,7 +5,7 @@ writing anything, and returns a :class:`BoundStep`: the lists, layouts, counts a
 a step needs. :func:`reuse` answers, from a fingerprint that costs no Python call per tensor,
 whether the bound step still describes the group:
 
-    the group's param list (same list object, same length) and its shaping options
+    the group's param list (same list object, same length, the same param objects) and its shaping options
     (density, block_size, scope, ... : every option but the update's hyper-parameters),
     which params have a grad, the params' data pointers, shapes and contiguity, the
     optimizer's state mapping, and the group state (a load or clear drops the bound step).
@@ -18,10 +18,13 @@ on any step, and travel in the step's fp64 table.
 
 Not bound (checked in full every step, as before binding existed): FSDP2-sharded groups,
 groups with a non-contiguous grad (the step runs on a contiguous copy), and compiled steps.
+Not seen: a grad replaced by another view of the same memory (same address, other strides),
+and an entry of ``optimizer.state[p]`` replaced by hand; ``load_state_dict`` is the way to
+replace state.
 """
 from __future__ import annotations
 
-from operator import attrgetter
+from operator import attrgetter, is_
 
 import torch
 
@@ -66,6 +69,7 @@ class BoundStep:
         self.reusable = reusable
         self.opt_state = opt_state
         self.param_list = group["params"]
+        self.all_params = list(group["params"])  # the objects: one may be replaced in place
         self.num_params = len(group["params"])
         self.options = options.shaping_values(group)
         self.has_grad = [p.grad is not None for p in group["params"]]
@@ -88,7 +92,8 @@ def reuse(bound: BoundStep | None, group: dict, opt_state: dict) -> bool:
     """Whether ``bound`` still describes ``group``; if only grads moved, it is updated to them."""
     if (bound is None or not bound.reusable or group["params"] is not bound.param_list
             or len(group["params"]) != bound.num_params or opt_state is not bound.opt_state
-            or options.shaping_values(group) != bound.options):
+            or options.shaping_values(group) != bound.options
+            or not all(map(is_, group["params"], bound.all_params))):
         return False
     grads = [p.grad for p in group["params"]]
     if not bound.all_have_grads:  # (when all had one, a None now fails the pointer map below)
