@@ -96,3 +96,26 @@ def test_per_rank_state_dict_and_local_compact_state(tmp_path):
     assert all(0 < c < selected for c in capacities) and sum(capacities) >= selected, (capacities, selected)
     for message, _, _ in compact:
         assert "sparse_grad.distributed" in message
+
+
+class _Payload:
+    """An object a tampered checkpoint could smuggle in: unpickling it would run its __reduce__."""
+
+    def __reduce__(self):
+        return (exec, ("import sys; sys.modules['sparse_grad'].TAMPERED = True",))
+
+
+def test_tampered_metadata_is_refused_without_unpickling():
+    import io
+    import sparse_grad
+    model = _distributed.model()
+    opt = SparseAdamW(model.parameters(), **BASE)
+    _steps(model, opt, 1)
+    state = optimizer_state_dict(opt)
+    buffer = io.BytesIO()
+    torch.save({"format": 1, "payload": _Payload()}, buffer)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=r"state_dict\['sparse_grad'\] cannot be read"):
+        load_optimizer_state_dict(opt, {"state": state["state"], "sparse_grad": buffer.getvalue()})
+    assert not hasattr(sparse_grad, "TAMPERED")
+    assert_same(opt.state_dict(), before)
