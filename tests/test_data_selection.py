@@ -81,8 +81,9 @@ def reference_sqnorms(model, loss, batch, blocks):
 
 
 def random_blocks(model, block_size, share=0.5):
-    return resolve_blocks(model, {n: torch.rand(math.ceil(p.numel() / block_size)) < share
-                                  for n, p in model.named_parameters()}, block_size=block_size)
+    masks = {n: torch.rand(math.ceil(p.numel() / block_size)) < share for n, p in model.named_parameters()}
+    next(iter(masks.values()))[0] = True  # never none at all (a draw of few blocks can miss every one)
+    return resolve_blocks(model, masks, block_size=block_size)
 
 
 def assert_matches_reference(got, expected, dtype):
