@@ -45,7 +45,7 @@ class BoundStep:
 
     def __init__(self, index: int, group: dict, positions: list[int], params: list[torch.Tensor],
                  grads: list[torch.Tensor], view, backend: str, blueprint_scores: torch.Tensor | None,
-                 state: GroupState, opt_state: dict, reusable: bool):
+                 state: GroupState, opt_state: dict, reusable: bool, compact_view=None):
         self.index, self.group, self.state = index, group, state
         self.positions, self.params, self.grads = positions, params, grads
         self.view, self.backend = view, backend
@@ -57,10 +57,8 @@ class BoundStep:
         self.selection_key = (tuple(positions), group["block_size"], group["density"], group["scope"],
                               group["score"], group["min_blocks_per_tensor"], group["selection"], group["seed"])
         # The compact slot table counts blocks over all the group's params.
-        self.compact_view = view
+        self.compact_view = compact_view or view
         self.all_numels = tuple(p.numel() for p in group["params"])
-        if view.sharded:
-            self.compact_view = sharding.whole_group(group["params"], group["block_size"], f"param_groups[{index}]")
         self.caches = {"norms": {}, "select": {}, "update": {}}  # kernel tables (see ops.unchecked)
         self.param_states: list[dict] | None = None  # filled on the first apply (it writes state)
         self.dense: tuple | None = None  # kernel lists of dense moments and counts, and all of them
@@ -162,11 +160,15 @@ def bind(index: int, group: dict, state: GroupState, opt_state: dict, blueprint)
     else:
         layout = cached_layout(tuple(p.numel() for p in params), group["block_size"], device)
         view = PlainGroup(layout, tuple(p.numel() for p in group["params"]))
-    check_compact(state.compact, group, where)
+    # All the group's params, sharded (compact state counts blocks over all): made once here.
+    whole = None
+    if sharded is not None or (state.compact is not None and group["state_layout"] == "compact"):
+        whole = sharding.whole_group(group["params"], group["block_size"], where)
+    check_compact(state.compact, group, where, whole)
     backend = backends.resolve(group["backend"], device)
     blueprint_scores = _blueprint_scores(blueprint, state, index, group, positions, params)
     return BoundStep(index, group, positions, params, grads, view, backend, blueprint_scores, state, opt_state,
-                     reusable)
+                     reusable, whole)
 
 
 def _check_param_state(state: dict, p: torch.Tensor, group: dict, where: str, name: str) -> None:

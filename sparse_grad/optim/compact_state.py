@@ -23,7 +23,7 @@ import functools
 import torch
 
 from ..layout import num_blocks_of
-from . import options, sharding
+from . import options
 
 KEYS = ("slot_of_block", "block_of_slot", "exp_avg", "exp_avg_sq", "block_step", "param_numels")
 
@@ -124,9 +124,9 @@ def nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def check_compact(state: dict | None, group: dict, where: str) -> None:
+def check_compact(state: dict | None, group: dict, where: str, whole=None) -> None:
     """Raise unless a group's compact state (if any) fits its layout option, block size and
-    state dtype."""
+    state dtype. ``whole``: the sharded view of all the group's params (FSDP2), else None."""
     if group["state_layout"] == "dense":
         if state is not None:
             raise ValueError(f"{where}['state_layout'] is 'dense', but the group has compact state")
@@ -138,7 +138,6 @@ def check_compact(state: dict | None, group: dict, where: str) -> None:
     if state is None:
         return
     blocks = sum(num_blocks_of(p.numel(), group["block_size"]) for p in group["params"])
-    whole = sharding.whole_group(group["params"], group["block_size"], where)
     if whole is not None:  # slots of this rank's blocks only
         blocks = whole.kernel_layout.num_blocks
     if state["exp_avg"].shape[1] != group["block_size"] or state["slot_of_block"].numel() != blocks:

@@ -52,7 +52,3 @@ class PlainGroup:
     def block_steps(self, per_param: list[torch.Tensor]) -> list[torch.Tensor]:
         """The kernel tensors' per-block step counts, from the params' (dense state)."""
         return per_param
-
-    def count_remote_steps(self, block_steps: list[torch.Tensor], block_ids: torch.Tensor,
-                           skip: torch.Tensor | None) -> None:
-        """Count the selected blocks no kernel tensor of this process holds (here: none)."""
