@@ -74,15 +74,14 @@ class Counts:
     """How many blocks a reselection takes, worked out once per bound step (sizes known on the
     host: the selection never syncs).
 
-    ``scope="tensor"``: ``ks[t]`` of tensor ``t``'s ``sizes[t]`` blocks. ``"global"``: ``k`` of
-    the ``num_blocks``; with ``min_blocks_per_tensor``, ``minima[t]`` of each tensor first.
+    ``scope="tensor"``: ``ks[t]`` of tensor ``t``'s ``sizes[t]`` blocks. ``"global"``: ``ks[0]``
+    of the ``num_blocks``; with ``min_blocks_per_tensor``, ``minima[t]`` of each tensor first.
     """
 
     per_tensor: bool
     sizes: list[int]
     ks: list[int]
     num_blocks: int
-    k: int
     minima: list[int] | None
 
     @classmethod
@@ -91,12 +90,12 @@ class Counts:
         sizes = list(layout.block_counts)
         if group["scope"] == "tensor":
             ks = [max(ops.num_selected(density, n), min(minimum, n)) for n in sizes]
-            return cls(True, sizes, ks, layout.num_blocks, sum(ks), None)
+            return cls(True, sizes, ks, layout.num_blocks, None)
         k = ops.num_selected(density, layout.num_blocks)
         if minimum == 0:
-            return cls(False, sizes, [k], layout.num_blocks, k, None)
+            return cls(False, sizes, [k], layout.num_blocks, None)
         minima = [min(minimum, n) for n in sizes]
-        return cls(False, sizes, [max(k, sum(minima))], layout.num_blocks, max(k, sum(minima)), minima)
+        return cls(False, sizes, [max(k, sum(minima))], layout.num_blocks, minima)
 
 
 def select(scores: torch.Tensor, counts: Counts, backend: str, cache: dict | None = None) -> torch.Tensor:
