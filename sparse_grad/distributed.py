@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .layout import num_blocks_of
-from .optim import SparseAdamW, compact_state, options as group_options, sharding
+from .optim import SparseAdamW, checkpoint, compact_state, options as group_options, sharding
 from .optim.group_state import Selection
 
 __all__ = ["load_optimizer_state_dict", "optimizer_state_dict"]
@@ -182,7 +182,7 @@ def load_optimizer_state_dict(optimizer: SparseAdamW, state_dict: dict) -> None:
     groups = meta["param_groups"]
     if len(groups) != len(optimizer.param_groups):
         raise ValueError(f"state_dict has {len(groups)} param groups, the optimizer {len(optimizer.param_groups)}")
-    pid = 0
+    pid, selections = 0, {}
     for i, (saved, group) in enumerate(zip(groups, optimizer.param_groups)):
         where = f"state_dict param group {i}"
         if saved["num_params"] != len(group["params"]):
@@ -203,6 +203,8 @@ def load_optimizer_state_dict(optimizer: SparseAdamW, state_dict: dict) -> None:
                         or sharding.is_dtensor(value) != sharding.is_dtensor(want)):
                     raise ValueError(f"state_dict['state'][{pid + j}][{key!r}] does not fit "
                                      f"param_groups[{i}]['params'][{j}] of shape {tuple(p.shape)}")
+        if meta["selections"].get(i) is not None:
+            selections[i] = _loaded_selection(meta["selections"][i], group["params"], f"{where}'s selection")
         pid += len(group["params"])
     # Checked: write.
     optimizer.state.clear()
@@ -211,13 +213,7 @@ def load_optimizer_state_dict(optimizer: SparseAdamW, state_dict: dict) -> None:
     pid = 0
     for i, (saved, group) in enumerate(zip(groups, optimizer.param_groups)):
         group.update({k: v for k, v in saved.items() if k != "num_params"})
-        selection = meta["selections"].get(i)
-        if selection is not None:
-            device = _local(group["params"][0]).device
-            key = (tuple(selection["key"][0]), *selection["key"][1:])
-            optimizer.group_state(i).selection = Selection(
-                key, torch.tensor(selection["block_ids"], dtype=torch.int64, device=device),
-                selection["age"], selection["draw"])
+        selection, compact = selections.get(i), None
         entries = []
         for j, p in enumerate(group["params"]):
             entry, have = state_dict["state"][pid + j], meta["present"][pid + j]
@@ -227,15 +223,23 @@ def load_optimizer_state_dict(optimizer: SparseAdamW, state_dict: dict) -> None:
             if own:
                 optimizer.state[p] = own
         if group["state_layout"] == "compact" and selection is not None:
-            _dense_to_compact(optimizer, i, entries)
+            compact = _dense_to_compact(optimizer, i, selection, entries)
+        optimizer.group_state(i).set(selection, compact)
         pid += len(group["params"])
 
 
-def _dense_to_compact(optimizer: SparseAdamW, index: int, entries: list[dict]) -> None:
-    """Rebuild the group's compact state, for this rank's shards, from the dense form and the
+def _loaded_selection(saved, params: list, name: str) -> Selection:
+    """A selection as :func:`optimizer_state_dict` saved it (ids as a list), checked."""
+    ids = saved.get("block_ids") if isinstance(saved, dict) else None
+    if not isinstance(ids, list) or not all(type(b) is int for b in ids):
+        raise ValueError(f"{name}['block_ids'] must be a list of ints")
+    return checkpoint.loaded_selection({**saved, "block_ids": torch.tensor(ids, dtype=torch.int64)}, params, name)
+
+
+def _dense_to_compact(optimizer: SparseAdamW, index: int, selection: Selection, entries: list[dict]) -> dict:
+    """The group's compact state, for this rank's shards, rebuilt from the dense form and the
     selection."""
     group, view = optimizer.param_groups[index], _view(optimizer, index)
-    selection = optimizer.group_state(index).selection
     ids = compact_state.group_ids(selection.block_ids, tuple(p.numel() for p in group["params"]),
                              tuple(selection.key[0]), group["block_size"])
     local = view.local_of_global[ids]
@@ -250,4 +254,4 @@ def _dense_to_compact(optimizer: SparseAdamW, index: int, entries: list[dict]) -
             state[key].copy_(_padded(view, pieces)[local])
     steps = torch.cat([e["block_step"] for e in entries])
     state["block_step"].copy_(steps[ids])
-    optimizer.group_state(index).compact = state
+    return state

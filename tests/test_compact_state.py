@@ -131,7 +131,7 @@ def test_compact_state_bytes_scale_with_density():
             opt.zero_grad()
         state = opt.state_dict()
         tensors = [t for s in state["state"].values() for t in s.values()]
-        tensors += [t for c in state["compact"].values() for t in c.values()]
+        tensors += [t for group in state["param_groups"] for t in group["sparse_grad"].get("compact", {}).values()]
         measured[layout, density] = sum(t.numel() * t.element_size() for t in tensors) / numel
     assert measured["compact", 0.05] <= 8 * 0.05 + 0.1
     assert measured["compact", 0.01] <= 8 * 0.01 + 0.1
@@ -176,8 +176,9 @@ def test_bad_state_layout_input_changes_nothing():
         ("block_size", 4, ValueError, r"\['block_size'\] is 4, but the group's compact state")])
     before = snapshot(([p.detach() for p in params], opt.state_dict()))
     bad = snapshot(opt.state_dict())
-    bad["compact"][0]["exp_avg"] = bad["compact"][0]["exp_avg"][:, :4]
-    with pytest.raises(ValueError, match=r"state_dict\['compact'\]\[0\]\['exp_avg'\] does not fit"):
+    compact = bad["param_groups"][0]["sparse_grad"]["compact"]
+    compact["exp_avg"] = compact["exp_avg"][:, :4]
+    with pytest.raises(ValueError, match=r"\['sparse_grad'\]\['compact'\]\['exp_avg'\] does not fit"):
         opt.load_state_dict(bad)
     assert_same(([p.detach() for p in params], opt.state_dict()), before)
 

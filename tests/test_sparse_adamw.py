@@ -312,7 +312,7 @@ def test_bad_step_input_changes_nothing():
 
     def observable():  # what a step writes: parameters, per-param state, selections
         state_dict = opt.state_dict()
-        return [p.detach() for p in params], state_dict["state"], state_dict["selections"]
+        return [p.detach() for p in params], state_dict["state"], [g["sparse_grad"] for g in state_dict["param_groups"]]
 
     before = snapshot(observable())
     grad4, data3 = params[4].grad, params[3].data

@@ -55,11 +55,11 @@ def _process_rss_bytes() -> tuple[int, str]:
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of all tensors in ``optimizer.state``, plus SparseAdamW's compact moment slabs, which
-    live per param group outside ``optimizer.state`` (its ``state_dict()["compact"]``)."""
+    live per param group beside ``optimizer.state`` (each saved group's ``"sparse_grad"`` entry)."""
     tensors = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
     if any(g.get("state_layout") == "compact" for g in optimizer.param_groups):
-        tensors += [t for c in optimizer.state_dict().get("compact", {}).values() for t in c.values()
-                    if isinstance(t, torch.Tensor)]
+        tensors += [t for group in optimizer.state_dict()["param_groups"]
+                    for t in group.get("sparse_grad", {}).get("compact", {}).values() if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

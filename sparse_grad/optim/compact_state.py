@@ -118,6 +118,14 @@ def check_saved(state: dict, numels: list[int], block_size: int, dtype: torch.dt
             raise ValueError(f"{name}[{key!r}] does not fit: expected {want} of shape {shape}, got "
                              f"{getattr(value, 'dtype', type(value).__name__)} "
                              f"{tuple(getattr(value, 'shape', ()))}")
+    slots = state["block_of_slot"]
+    if capacity and not (int(slots[0]) >= 0 and int(slots[-1]) < num_blocks and bool((slots[1:] > slots[:-1]).all())):
+        raise ValueError(f"{name}['block_of_slot'] must be strictly ascending block ids in [0, {num_blocks})")
+    table = torch.full((num_blocks,), -1, dtype=torch.int32, device=slots.device)
+    table[slots] = torch.arange(capacity, dtype=torch.int32, device=slots.device)
+    if not torch.equal(table, state["slot_of_block"].to(slots.device)):
+        raise ValueError(f"{name}['slot_of_block'] does not match its block_of_slot (each slot's block "
+                         "must point back at that slot, every other block at -1)")
 
 
 def nbytes(state: dict) -> int:

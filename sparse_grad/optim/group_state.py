@@ -24,10 +24,6 @@ class Selection:
     def state_dict(self) -> dict:
         return {"key": self.key, "block_ids": self.block_ids, "age": self.age, "draw": self.draw}
 
-    @classmethod
-    def from_state_dict(cls, saved: dict, device: torch.device) -> "Selection":
-        key = (tuple(saved["key"][0]), *saved["key"][1:])
-        return cls(key, saved["block_ids"].to(device), int(saved["age"]), int(saved.get("draw", 0)))
 
 
 class GroupState:
@@ -35,6 +31,10 @@ class GroupState:
 
     Replacing the state (load, clear) drops the group's bound step, which holds tensors of the
     old state (docs/design.md §9).
+
+    ``state_dict()`` hands out one live record, kept current after every step, as torch hands out
+    its live per-param state dicts: a state dict held across a step then shows that step
+    everywhere, never new moments beside an old selection (docs/design.md §4).
     """
 
     def __init__(self) -> None:
@@ -43,22 +43,34 @@ class GroupState:
         self.blueprint_scores: dict[tuple, torch.Tensor] = {}  # (positions, block_size) → fp32 scores
         self.caches: dict = {}  # derived from the selection (a sharded group's local ids)
         self.bound = None  # the group's bound step (see .binding), valid while this state is
+        self.record: dict | None = None  # what state_dict() handed out, if it was called
 
     def clear(self) -> None:
         """Forget the selection and compact state (the blueprint's scores stay valid)."""
         self.selection, self.compact, self.caches, self.bound = None, None, {}, None
+        self.refresh()
 
     def set(self, selection: Selection | None, compact: dict | None) -> None:
         """Replace the selection and compact state (a checked load)."""
         self.clear()
         self.selection, self.compact = selection, compact
+        self.refresh()
 
     def state_dict(self) -> dict:
         """This group's part of ``SparseAdamW.state_dict()``: ``{"selection": ..., "compact": ...}``,
-        each present only if the group has one."""
-        saved = {}
+        each present only if the group has one; the same live dict on every call."""
+        if self.record is None:
+            self.record = {}
+        self.refresh()
+        return self.record
+
+    def refresh(self) -> None:
+        """Bring the record handed out by :meth:`state_dict` up to date (after a step or load)."""
+        record = self.record
+        if record is None:
+            return
+        record.clear()
         if self.selection is not None:
-            saved["selection"] = self.selection.state_dict()
+            record["selection"] = self.selection.state_dict()
         if self.compact is not None:
-            saved["compact"] = dict(self.compact)
-        return saved
+            record["compact"] = dict(self.compact)

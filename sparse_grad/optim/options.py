@@ -17,6 +17,12 @@ SCORES = ("l2", "rms")
 SELECTIONS = ("norm", "random")
 STATE_DTYPES = (None, torch.float32)
 
+# The largest block size: block offsets and sizes are int32 in the kernels.
+MAX_BLOCK_SIZE = 2**30
+# Options added after the first release, with the behaviour a group saved before them had: a
+# state dict without them loads with these values (torch's optimizers fill theirs the same way).
+LATER_OPTIONS = {"maximize": False, "selection": "norm", "seed": 0}
+
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
 # Every other option, in a fixed order: their values, as a tuple, are compared on every step.
 SHAPING_KEYS = ("maximize", "density", "block_size", "scope", "reselect_every", "backend", "blueprint_weight",
@@ -55,7 +61,8 @@ def check_group(group: dict, where: str = "", has_blueprint: bool = False) -> No
     check_hyper(group, where)
     name = _namer(where)
     _checks.density(group["density"], name("density"))
-    _checks.positive_int(group["block_size"], name("block_size"))
+    if _checks.positive_int(group["block_size"], name("block_size")) > MAX_BLOCK_SIZE:
+        raise ValueError(f"{name('block_size')} must be at most {MAX_BLOCK_SIZE}, got {group['block_size']}")
     _checks.choice(group["scope"], SCOPES, name("scope"))
     _checks.positive_int(group["reselect_every"], name("reselect_every"))
     _checks.flag(group["maximize"], name("maximize"))
@@ -86,6 +93,17 @@ def check_blueprint_weight(group: dict, name: str, has_blueprint: bool) -> None:
     if group["selection"] == "random" and group["blueprint_weight"] != 0.0:
         raise ValueError(f"{name} is {group['blueprint_weight']}, but selection='random' blends no "
                          "blueprint: set blueprint_weight=0")
+
+
+def saved_group(saved: dict, defaults: dict, where: str) -> dict:
+    """A saved param group with the options it predates filled in (:data:`LATER_OPTIONS`); any
+    other option missing means the group was not saved by SparseAdamW."""
+    if not isinstance(saved, dict) or "params" not in saved:
+        raise ValueError(f"{where} must be a dict with the group's 'params'")
+    missing = [key for key in defaults if key not in saved and key not in LATER_OPTIONS]
+    if missing:
+        raise ValueError(f"{where} has no {missing[0]!r} option: it was not saved by SparseAdamW.state_dict()")
+    return {**{key: value for key, value in LATER_OPTIONS.items() if key not in saved}, **saved}
 
 
 def state_dtype(group: dict, param: torch.Tensor) -> torch.dtype:

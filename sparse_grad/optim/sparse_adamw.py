@@ -24,6 +24,9 @@ from .group_state import GroupState, Selection
 
 __all__ = ["SparseAdamW"]
 
+# The key of a saved param group that holds the group's own state (selection, compact slabs).
+GROUP_STATE_KEY = "sparse_grad"
+
 
 def _split_names(params: list) -> tuple[list, list[str] | None]:
     """Tensors and names of a group's params, given as tensors or ``named_parameters()`` pairs."""
@@ -170,15 +173,32 @@ class SparseAdamW(Optimizer):
         self._score_hooks: OrderedDict[int, Callable] = OrderedDict()
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps defaults, state and param_groups; a copy (deepcopy, pickle, torch.save of
+        # the optimizer) also needs the groups' selections and compact slabs, and the blueprint.
+        # Score hooks are dropped, like torch's own step hooks.
+        state = super().__getstate__()
+        state["group_states"] = [group_state.state_dict() for group_state in self._group_states]
+        state["blueprint"] = self._blueprint
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        saved_states = state.pop("group_states", None)  # absent when load_state_dict calls this
+        if "blueprint" in state:
+            self._blueprint = state.pop("blueprint")
         super().__setstate__(state)
         self.__dict__.setdefault("_blueprint", None)
         self.__dict__.setdefault("_score_hooks", OrderedDict())
         self.__dict__.setdefault("_group_states", [])
+        if saved_states is not None:
+            self._group_states = [GroupState() for _ in saved_states]
+            for group_state, saved in zip(self._group_states, saved_states):
+                selection = saved.get("selection")
+                group_state.set(None if selection is None else Selection(**selection), saved.get("compact"))
         self._group_states.extend(GroupState() for _ in range(len(self.param_groups) - len(self._group_states)))
-        for group in self.param_groups:  # state dicts saved before these options existed
-            group.setdefault("selection", "norm")
-            group.setdefault("seed", 0)
+        for group in self.param_groups:  # pickled before these options existed
+            for key, value in options.LATER_OPTIONS.items():
+                group.setdefault(key, value)
 
     def register_score_hook(self, hook: Callable[..., None]) -> RemovableHandle:
         """Call ``hook(optimizer, group_index, params, scores, block_ids)`` after every group step.
@@ -287,49 +307,82 @@ class SparseAdamW(Optimizer):
         for step in steps:
             if step is not None:
                 sparse_adamw(step, grad_scale, found_inf, hooks, self)
+        for group_state in self._group_states:
+            group_state.refresh()  # a state dict handed out before shows this step
         return loss
 
     def state_dict(self) -> dict[str, Any]:
+        """torch's state dict; each saved param group also holds the group's own state under
+        ``"sparse_grad"`` (its selection and compact slabs), so torch's checkpoint APIs and any
+        framework that saves ``state`` and ``param_groups`` keep it. Like torch's, it holds the
+        live state: a state dict kept across a step shows that step (take a copy to keep one)."""
         state_dict = super().state_dict()
-        parts = [(i, state.state_dict()) for i, state in enumerate(self._group_states)]
-        state_dict["selections"] = {i: part["selection"] for i, part in parts if "selection" in part}
-        state_dict["compact"] = {i: part["compact"] for i, part in parts if "compact" in part}
+        for saved, group_state in zip(state_dict["param_groups"], self._group_states):
+            saved[GROUP_STATE_KEY] = group_state.state_dict()
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`; checked in full before anything changes."""
+        """Load a state dict from :meth:`state_dict`; checked in full before anything changes, so
+        a state dict that loads also steps."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list) \
+                or not isinstance(state_dict.get("state"), dict):
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups', as state_dict() gives")
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer "
                              f"{len(self.param_groups)}")
-        own_dtypes, compact = {}, {}
+        own_dtypes, parts, groups = {}, [], []
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            where = f"state_dict['param_groups'][{i}]"
+            saved = options.saved_group(saved, self.defaults, where)
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"state_dict's param group {i} has {len(saved['params'])} params, "
                                  f"the optimizer's {len(group['params'])}")
-            options.check_group({**self.defaults, **saved}, f"state_dict['param_groups'][{i}]",
-                                self._blueprint is not None)
+            options.check_group(saved, where, self._blueprint is not None)
+            stepped = False
             for j, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
                 if saved_id not in saved_state:
                     continue
                 state = saved_state[saved_id]
                 name = f"param_groups[{i}]['params'][{j}]"
-                checkpoint.check_param_state(state, p, {**self.defaults, **saved}, name)
+                checkpoint.check_param_state(state, p, saved, name)
                 own_dtypes[p] = state
-            if i in state_dict.get("compact", {}):
-                compact[i] = checkpoint.loaded_compact(state_dict["compact"][i], {**self.defaults, **saved},
-                                                       group["params"], i)
-        selections = {}
-        for i, s in state_dict.get("selections", {}).items():
-            if not 0 <= int(i) < len(self.param_groups):
-                raise ValueError(f"state_dict has a selection for param group {i}, which does not exist")
-            selections[int(i)] = Selection.from_state_dict(s, self.param_groups[int(i)]["params"][0].device)
-        super().load_state_dict({"state": saved_state, "param_groups": saved_groups})
+                stepped = stepped or bool(state)
+            parts.append(self._loaded_group_state(state_dict, saved, group["params"], i, stepped))
+            groups.append({key: value for key, value in saved.items() if key != GROUP_STATE_KEY})
+        # Checked: write.
+        super().load_state_dict({"state": saved_state, "param_groups": groups})
         # Optimizer.load_state_dict casts every state tensor to the param's dtype; the counts are
         # int32, and state_dtype / score EMAs may be fp32 beside 16-bit params: keep their dtypes.
         for p, state in own_dtypes.items():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
-        for i, state in enumerate(self._group_states):
-            state.set(selections.get(i), compact.get(i))
+        for group_state, (selection, compact) in zip(self._group_states, parts):
+            group_state.set(selection, compact)
+
+    def _loaded_group_state(self, state_dict: dict, saved: dict, params: list, index: int,
+                            stepped: bool) -> tuple[Selection | None, dict | None]:
+        """A saved group's selection and compact slabs, checked against ``params``."""
+        name = f"state_dict['param_groups'][{index}][{GROUP_STATE_KEY!r}]"
+        part = saved.get(GROUP_STATE_KEY)
+        if part is None:  # the layout before the group state moved into param_groups
+            part = {key: state_dict[old][index] for key, old in (("selection", "selections"), ("compact", "compact"))
+                    if index in state_dict.get(old, {})}
+        if not isinstance(part, dict) or not set(part) <= {"selection", "compact"}:
+            raise ValueError(f"{name} must be a dict with 'selection' and 'compact' entries, as state_dict() gives")
+        selection = compact = None
+        if "selection" in part:
+            selection = checkpoint.loaded_selection(part["selection"], params, f"{name}['selection']")
+        if "compact" in part:
+            compact = checkpoint.loaded_compact(part["compact"], saved, params, index, f"{name}['compact']")
+            checkpoint.check_compact_selection(compact, selection, tuple(p.numel() for p in params),
+                                               saved["block_size"], f"{name}['compact']")
+        stepped = stepped or compact is not None
+        if stepped and selection is None:
+            raise ValueError(f"{name} has no selection, but the group has stepped: the state dict was cut "
+                             "short (a resumed run would reselect early)")
+        if saved["state_layout"] == "compact" and selection is not None and compact is None:
+            raise ValueError(f"{name} has no compact state, but the group's state_layout is 'compact' and it "
+                             "has stepped: its moments are missing")
+        return selection, compact
