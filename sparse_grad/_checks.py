@@ -21,9 +21,11 @@ def tensor_or(check, value, name: str):
     in place), a one-element floating tensor whose value is checked where reading it costs no
     device sync (CPU tensors). Returns ``value`` as given."""
     if isinstance(value, torch.Tensor):
-        if not value.is_floating_point() or value.numel() != 1 or value.is_complex():
+        if not value.is_floating_point() or value.is_complex():
             raise TypeError(f"{name} must be a real number or a one-element floating tensor, got "
-                            f"a {value.dtype} tensor of shape {tuple(value.shape)}")
+                            f"a {value.dtype} tensor")
+        if value.numel() != 1:  # a ValueError, as torch.optim raises for it
+            raise ValueError(f"{name} must be a one-element tensor, got one of shape {tuple(value.shape)}")
         if value.device.type == "cpu":
             check(value.item(), name)
         return value

@@ -62,7 +62,7 @@ def test_compiled_step_does_not_recompile_over_scheduler_steps(case, options):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(lr=torch.tensor([1e-2, 1e-3])), TypeError, "lr must be a real number or a one-element floating tensor"),
+    (dict(lr=torch.tensor([1e-2, 1e-3])), ValueError, r"lr must be a one-element tensor, got one of shape \(2,\)"),
     (dict(lr=torch.tensor(1)), TypeError, "lr must be a real number or a one-element floating tensor"),
     (dict(lr=torch.tensor(-1e-2)), ValueError, "lr must be >= 0"),
     (dict(betas=(torch.tensor(1.5), 0.9)), ValueError, r"betas\[0\] must be in \[0, 1\)"),

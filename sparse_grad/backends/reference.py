@@ -105,11 +105,13 @@ def sparse_adamw_step(
         if local.numel() == 0:
             continue
         steps[local] += 1
-        # Bias corrections per block, in fp64 like torch's host-side scalars, then per element.
-        step = steps[local].double()
+        # Bias corrections per block as torch computes them on the host (Python floats: one
+        # correctly rounded division, libm's pow), once per distinct step count, then per element.
         dtype = _compute_dtype(p.dtype)
-        step_size = (lr / (1 - beta1 ** step)).to(dtype)
-        bias_correction2_sqrt = ((1 - beta2 ** step) ** 0.5).to(dtype)
+        counts, which_count = steps[local].unique(return_inverse=True)
+        corrections = [(lr / (1 - beta1 ** s), (1 - beta2 ** s) ** 0.5) for s in counts.tolist()]
+        step_size, bias_correction2_sqrt = torch.tensor(corrections, dtype=torch.float64,
+                                                        device=local.device)[which_count].to(dtype).unbind(1)
         if local.numel() == steps.numel():  # every block: the whole tensor, no gather
             elems = slice(None)
             step_size = step_size.repeat_interleave(block_size)[:p.numel()]
