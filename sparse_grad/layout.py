@@ -23,8 +23,9 @@ def num_blocks_of(numel: int, block_size: int) -> int:
     return (numel + block_size - 1) // block_size
 
 
-def check_tensor(t, name: str, device: torch.device | None = None) -> None:
-    """Raise unless ``t`` is a dense, contiguous, real floating tensor (on ``device`` if given)."""
+def check_tensor(t, name: str, device: torch.device | None = None, contiguous: bool = True) -> None:
+    """Raise unless ``t`` is a dense, real floating tensor (on ``device`` if given), contiguous
+    unless ``contiguous=False`` (then it must not overlap itself: a step writes it back)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
@@ -35,8 +36,9 @@ def check_tensor(t, name: str, device: torch.device | None = None) -> None:
         raise TypeError(
             f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16, float64"
         )
-    if not t.is_contiguous():
-        raise ValueError(f"{name} is not contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
+    if not t.is_contiguous() and (contiguous or torch._debug_has_internal_overlap(t) == 1):
+        raise ValueError(f"{name} is not contiguous (shape {tuple(t.shape)}, strides {t.stride()})"
+                         + ("" if contiguous else " and its elements overlap"))
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the first tensor is on {device}")
 

@@ -138,7 +138,8 @@ def bind(index: int, group: dict, state: GroupState, opt_state: dict, blueprint)
         name = f"{where}['params'][{j}]"
         if device is None:
             device = p.device
-        check_tensor(p, name, device)
+        check_tensor(p, name, device, contiguous=False)  # a strided param steps on a contiguous copy
+        reusable = reusable and p.is_contiguous()
         if p.grad.layout != torch.strided:
             raise TypeError(f"{name}.grad is sparse; SparseAdamW needs dense gradients")
         grad = p.grad.contiguous()

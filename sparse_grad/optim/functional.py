@@ -39,7 +39,7 @@ def sparse_adamw(step, grad_scale: torch.Tensor | None, found_inf: torch.Tensor 
     if step.compact:
         slabs = _compact_slabs(step, block_ids, reselected)
         exp_avgs, exp_avg_sqs, block_steps = [slabs["exp_avg"]], [slabs["exp_avg_sq"]], [slabs["block_step"]]
-        kernel_params = view.kernel_tensors(view.local(step.params))
+        kernel_params = _kernel_params(step)
         mutated = None
         cache = step.caches["update"]
         if cache.get("slabs") is not slabs["exp_avg"]:  # new slabs (their first allocation): new tables
@@ -54,12 +54,29 @@ def sparse_adamw(step, grad_scale: torch.Tensor | None, found_inf: torch.Tensor 
         unchecked.sparse_adamw_step(kernel_params, view.kernel_tensors(grads), exp_avgs, exp_avg_sqs, block_steps,
                                     kernel_ids, hyper, group["block_size"], group["maximize"], step.backend, coef,
                                     scaling.found_inf, step.compact, cache if step.reusable else None, mutated)
+        _write_back(step, kernel_params)
     if view.sharded and not step.compact:
         view.count_remote_steps([s["block_step"] for s in states], block_ids, scaling.skip)
     if group["error_feedback"] and view.has_work():
         keep_error(view.kernel_tensors(grads), kernel_ids, view.kernel_layout, scaling.skip)
     for hook in hooks:
         hook(optimizer, step.index, step.params, scores, block_ids)
+
+
+def _kernel_params(step) -> list[torch.Tensor]:
+    """The params as the kernels take them (flat, block by block): a strided param of a plain
+    group as a contiguous copy, which :func:`_write_back` copies back after the update. Such a
+    group is never bound for reuse, so a bound step's params are the params themselves."""
+    params = step.view.kernel_tensors(step.view.local(step.params))
+    return params if step.reusable else list(map(torch.Tensor.contiguous, params))
+
+
+def _write_back(step, kernel_params: list[torch.Tensor]) -> None:
+    if step.reusable or step.view.sharded:  # the kernels wrote the params themselves
+        return
+    for p, updated in zip(step.params, kernel_params):
+        if updated is not p:
+            p.copy_(updated)
 
 
 def _errors(step, states: list[dict]) -> list[torch.Tensor]:
@@ -80,7 +97,7 @@ def _dense(step, states: list[dict]) -> tuple:
         group, view = step.group, step.view
         for s, p, dtype in zip(states, step.params, step.dtypes):
             init_dense_state(s, p, dtype, group["block_size"], view.device)
-        params = view.kernel_tensors(view.local(step.params))
+        params = _kernel_params(step)
         exp_avgs = view.kernel_tensors(view.local([s["exp_avg"] for s in states]))
         exp_avg_sqs = view.kernel_tensors(view.local([s["exp_avg_sq"] for s in states]))
         block_steps = view.block_steps([s["block_step"] for s in states])

@@ -266,7 +266,7 @@ class SparseAdamW(Optimizer):
         options.check_group(group, where, self._blueprint is not None)
         device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
         for j, p in enumerate(tensors):
-            check_tensor(p, f"{where}['params'][{j}]", device)
+            check_tensor(p, f"{where}['params'][{j}]", device, contiguous=False)
         if self._blueprint is not None and group["blueprint_weight"] > 0.0 and tensors:
             self._blueprint.block_scores(tensors, names, group["block_size"])  # raises on a mismatch
         if device is not None:  # load the backend now (an import), not inside a compiled step
