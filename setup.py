@@ -103,7 +103,7 @@ setup(
     extras_require={
         # the test suite draws the plots too (headless: figures are saved without pyplot)
         # the integration tests train through transformers' Trainer and Lightning (CPU, tiny models)
-        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "transformers>=4.40", "accelerate>=0.26",
+        "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest", "matplotlib>=3.7", "transformers>=4.40", "accelerate>=0.26",
                  "lightning>=2.2"],
         "hf": ["transformers>=4.40", "accelerate>=0.26"],  # Trainer needs accelerate
         "lightning": ["lightning>=2.2"],

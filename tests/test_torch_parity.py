@@ -66,3 +66,70 @@ def test_strided_params_step_like_contiguous_ones(case, options):
         assert torch.equal(p, q)
         if options["density"] == 1.0:
             torch.testing.assert_close(p, r, atol=1e-6, rtol=1e-5)
+
+
+def _common_optimizers():
+    # torch's own optimizer test inputs; importing them needs the expecttest package (a test extra)
+    return pytest.importorskip("torch.testing._internal.common_optimizers")
+
+# torch's error inputs for AdamW that SparseAdamW answers differently on purpose (README: Drop-in).
+ACCEPTED = {  # inputs torch refuses and SparseAdamW runs: its kernels read tensor betas/lr on device under any flags
+    "lr as Tensor doesn't work with foreach & not capturable",
+    "betas must be either both floats or both Tensors",
+    r"betas\[0\] as a Tensor is not supported for capturable=False and foreach=True",
+}
+STRICTER = {  # torch warns and goes on; two updates of one tensor per step would race in the kernels
+    "a param group cannot have duplicate parameters": ValueError,
+}
+
+
+def _torch_params(dtype):
+    return [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in SHAPES]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_adamw_generic_inputs_at_density_one(case, dtype):
+    device, backend = case
+    for optim_input in _common_optimizers().optim_inputs_func_adamw(device, dtype):
+        kwargs = dict(optim_input.kwargs)
+        params = [p.to(device) for p in _torch_params(dtype)]
+        if kwargs.get("amsgrad"):
+            with pytest.raises(ValueError, match="amsgrad=True is not supported"):
+                SparseAdamW(params, density=1.0, **kwargs)
+            continue
+        theirs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        ours = SparseAdamW([torch.nn.Parameter(p) for p in params], density=1.0, block_size=16, backend=backend,
+                           **kwargs)
+        adamw = torch.optim.AdamW(theirs, **kwargs)
+        mine = ours.param_groups[0]["params"]
+        for _ in range(5):
+            for p, q in zip(mine, theirs):
+                p.grad = heavy_tailed(p.shape, dtype, device)
+                q.grad = p.grad.clone()
+            ours.step()
+            adamw.step()
+        for p, q in zip(mine, theirs):
+            if backend == "reference":
+                assert torch.equal(p, q), optim_input.desc
+            else:  # fp32 fused kernels round like torch's vectorized AdamW, up to an ulp per step
+                torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=optim_input.desc)
+
+
+def test_torch_adamw_error_inputs():
+    common_optimizers = _common_optimizers()
+    for error_input in common_optimizers.optim_error_inputs_func_adamw("cpu", torch.float32):
+        optim_input = error_input.optimizer_error_input
+        params, kwargs, desc = optim_input.params, optim_input.kwargs, optim_input.desc
+        assert error_input.error_on == common_optimizers.OptimizerErrorEnum.CONSTRUCTION_ERROR, desc
+        if desc in ACCEPTED:
+            opt = SparseAdamW(_torch_params(torch.float32), density=1.0, **kwargs)
+            for p in opt.param_groups[0]["params"]:
+                p.grad = torch.randn_like(p)
+            opt.step()
+            assert all(torch.isfinite(p).all() for p in opt.param_groups[0]["params"]), desc
+        elif desc in STRICTER:
+            with pytest.raises(STRICTER[desc]):
+                SparseAdamW(params, **kwargs)
+        else:
+            with pytest.raises(error_input.error_type):
+                SparseAdamW(params, **kwargs)

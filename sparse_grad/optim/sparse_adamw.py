@@ -30,7 +30,11 @@ GROUP_STATE_KEY = "sparse_grad"
 
 def _split_names(params: list) -> tuple[list, list[str] | None]:
     """Tensors and names of a group's params, given as tensors or ``named_parameters()`` pairs."""
-    if params and all(isinstance(p, tuple) and len(p) == 2 for p in params):
+    named = [isinstance(p, tuple) and len(p) == 2 for p in params]
+    if any(named) and not all(named):  # a ValueError, as torch.optim raises for it
+        raise ValueError("all params of a group must be given with names (named_parameters() pairs) or "
+                         "all without")
+    if params and all(named):
         return [p for _, p in params], [name for name, _ in params]
     return params, None
 
