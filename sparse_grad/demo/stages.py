@@ -20,7 +20,7 @@ from ..blueprint import Blueprint
 from ..cpr import MarginalReturnStopper, ResourceMeter
 from ..cpr.meter import optimizer_state_bytes
 from .model import lm_loss
-from .progress import ProgressBar
+from ..progress import Progress
 from .variants import Variant
 
 __all__ = ["Stage1Result", "VariantResult", "evaluate", "run_stage1", "run_variant", "tensor_bytes"]
@@ -139,7 +139,7 @@ def run_stage1(model: torch.nn.Module, train: Iterable[Batch], val_batches: Sequ
     monitor = GradientMonitor(model, block_size=block_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     meter = _MeteredSegments(device, opt)
-    bar = ProgressBar(steps, "stage 1: dense AdamW on Python source", enabled=progress)
+    bar = Progress(steps, "stage 1: dense AdamW on Python source", enabled=progress)
     curve, window, stopped_by, step, first = [], [], "cap", 0, None
     meter.begin()
     for step, (x, y) in enumerate(train, 1):
@@ -266,7 +266,7 @@ def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module],
     meter = _MeteredSegments(device, opt)
     start_losses = evaluate(model, val_batches, device)
     curve = [{"step": 0, "train_loss": None, "val_loss": statistics.fmean(start_losses), "device_s": 0.0}]
-    bar = ProgressBar(steps, label or f"stage 2: {variant.name}", enabled=progress)
+    bar = Progress(steps, label or f"stage 2: {variant.name}", enabled=progress)
     opt_times, step_times, window, footprint = [], [], [], 0
     meter.begin()
     for step, (x, y) in enumerate(train, 1):
