@@ -18,33 +18,16 @@ names, so a blueprint (``blueprint=Blueprint.load(...)``) matches them. This mod
 """
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from ..optim import SparseAdamW
+from ..targeting import decay_parameter_names
 
 __all__ = ["create_optimizer", "create_optimizer_and_scheduler", "decay_parameter_names"]
 
-# The same rule as transformers' Trainer.get_decay_parameter_names: no decay for parameters
-# inside a LayerNorm, nor for names that look like biases or norms.
-NO_DECAY_NAME_PATTERNS = tuple(re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
-                                                       r"_norm(?:$|\.)"))
-NORM_LAYERS = (nn.LayerNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 # Set by the TrainingArguments, so not accepted again as keyword arguments.
 FROM_ARGS = ("lr", "betas", "eps", "weight_decay")
-
-
-def decay_parameter_names(model: nn.Module) -> set[str]:
-    """Names of ``model``'s parameters that get weight decay under the Trainer's usual rule."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    in_norm = {name if not prefix else f"{prefix}.{name}"
-               for prefix, module in model.named_modules() if isinstance(module, NORM_LAYERS)
-               for name, _ in module.named_parameters()}
-    return {name for name, _ in model.named_parameters()
-            if name not in in_norm and not any(p.search(name.lower()) for p in NO_DECAY_NAME_PATTERNS)}
 
 
 def _from_args(args, name: str, kind) -> float:
