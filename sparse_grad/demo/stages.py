@@ -20,6 +20,7 @@ from ..blueprint import Blueprint
 from ..cpr import MarginalReturnStopper, ResourceMeter
 from ..cpr.meter import optimizer_state_bytes
 from .model import lm_loss
+from ..analysis.churn import MaskChurn
 from ..progress import Progress
 from .variants import Variant
 
@@ -207,33 +208,6 @@ class VariantResult:
         return asdict(self)
 
 
-class _ChurnRecorder:
-    """A SparseAdamW score hook that keeps each group step's block ids; the churn is computed
-    after the timed step (the hook itself only clones a small id vector)."""
-
-    def __init__(self):
-        self.pending: dict[int, list[torch.Tensor]] = {}
-        self.previous: dict[int, torch.Tensor] = {}
-        self.churn: list[float] = []
-
-    def __call__(self, optimizer, group_index, params, scores, block_ids) -> None:
-        self.pending.setdefault(group_index, []).append(block_ids.detach().clone())
-
-    def flush(self) -> None:
-        changed = total = 0
-        for index, ids_list in self.pending.items():
-            for ids in ids_list:
-                ids = ids.cpu()
-                before = self.previous.get(index)
-                if before is not None:
-                    changed += int((~torch.isin(ids, before)).sum())
-                    total += ids.numel()
-                self.previous[index] = ids
-        self.pending.clear()
-        if total:
-            self.churn.append(changed / total)
-
-
 def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module],
                 train: Iterable[Batch] | Callable[[torch.nn.Module], Iterable[Batch]],
                 val_batches: Sequence[Batch], *, steps: int, eval_every: int, device: torch.device, seed: int = 0,
@@ -261,7 +235,7 @@ def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module],
     params = list(model.parameters())
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     trained_fraction = sum(p.numel() for p in params if id(p) in trained) / sum(p.numel() for p in params)
-    churn = _ChurnRecorder()
+    churn = MaskChurn()
     hook = opt.register_score_hook(churn) if hasattr(opt, "register_score_hook") else None
     meter = _MeteredSegments(device, opt)
     start_losses = evaluate(model, val_batches, device)
