@@ -30,7 +30,7 @@ __all__ = ["SparseGradCallback"]
 class SparseGradCallback(Callback):
     """Logs sparse_grad's figures to the Trainer's loggers; may stop training.
 
-    Training figures are sent to the Trainer's loggers, at the global step, every
+    Training figures are sent to the Trainer's loggers every
     ``log_every_n_steps`` optimizer steps (default: the Trainer's); CPR after each validation,
     from ``trainer.callback_metrics[metric]`` as ``EarlyStopping`` reads it. Both also go into
     ``trainer.callback_metrics``. The first optimizer of ``configure_optimizers`` is
@@ -83,8 +83,8 @@ class SparseGradCallback(Callback):
         # value at later steps, and on_validation_end may not call it at all.
         if not figures:
             return
-        for logger in trainer.loggers:
-            logger.log_metrics(figures, step=trainer.global_step)
+        for logger in trainer.loggers:  # at the 0-based step index, where Lightning logs the step's own metrics
+            logger.log_metrics(figures, step=trainer.global_step - 1)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in figures.items()})
 
     def on_train_end(self, trainer, pl_module) -> None:
