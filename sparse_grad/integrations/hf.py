@@ -2,19 +2,23 @@
 
 ::
 
-    from sparse_grad.integrations.hf import create_optimizer, create_optimizer_and_scheduler
+    from sparse_grad.integrations.hf import SparseGradCallback, optimizer_cls_and_kwargs
 
-    args = TrainingArguments(output_dir="out", learning_rate=1e-4, weight_decay=0.01, max_steps=1000)
-    optimizers = create_optimizer_and_scheduler(model, args, density=0.05, block_size=4096)
-    trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=optimizers)
+    args = TrainingArguments(output_dir="out", learning_rate=1e-4, weight_decay=0.01, num_train_epochs=3)
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, density=0.05, block_size=4096))
+    SparseGradCallback().add_to(trainer)              # gradient statistics, resources, CPR in the logs
     trainer.train()                                   # checkpoints hold SparseAdamW's full state
     trainer.train(resume_from_checkpoint=True)        # continues bit for bit
 
-:func:`create_optimizer` builds SparseAdamW the way ``Trainer.create_optimizer`` builds AdamW:
-learning rate, betas, epsilon and weight decay from the ``TrainingArguments``, and no weight
-decay for biases and normalization weights (two param groups). Parameters are passed with their
-names, so a blueprint (``blueprint=Blueprint.load(...)``) matches them. This module needs
-``transformers`` only for :func:`create_optimizer_and_scheduler`.
+Two routes, as the Trainer offers them: :func:`optimizer_cls_and_kwargs` lets the Trainer build
+SparseAdamW from the prepared model (the route FSDP and DeepSpeed need);
+:func:`create_optimizer_and_scheduler` builds it here for ``optimizers=``, the way
+``Trainer.create_optimizer`` builds AdamW: learning rate, betas, epsilon and weight decay from
+the ``TrainingArguments``, and no weight decay for biases and normalization weights (two param
+groups), with the parameters' names, so that a blueprint (``blueprint=Blueprint.load(...)``)
+matches them. This module needs ``transformers`` only for :func:`create_optimizer_and_scheduler`
+and :class:`SparseGradCallback`.
 """
 from __future__ import annotations
 
