@@ -325,4 +325,5 @@ def test_adamw_flags_set_by_hand_are_checked_at_step():
     bad_group_values_change_nothing(opt, params, [
         ("differentiable", True, ValueError, r"param_groups\[0\]\['differentiable'\]=True is not supported"),
         ("capturable", True, ValueError, r"param_groups\[0\]\['capturable'\]=True with backend='reference'"),
+        ("fused", "yes", TypeError, r"param_groups\[0\]\['fused'\] must be None or a bool"),
     ])

@@ -25,7 +25,8 @@ ADAMW_FLAGS = {"foreach": None, "fused": None, "capturable": False, "differentia
 # Every other option, in a fixed order: their values, as a tuple, are compared on every step.
 SHAPING_KEYS = ("maximize", "density", "block_size", "scope", "reselect_every", "backend", "blueprint_weight",
                 "state_dtype", "score", "score_ema", "min_blocks_per_tensor", "error_feedback",
-                "max_grad_norm", "state_layout", "selection", "seed", "capturable", "differentiable")
+                "max_grad_norm", "state_layout", "selection", "seed", "foreach", "fused", "capturable",
+                "differentiable")
 
 
 def shaping_values(group: dict) -> tuple:
