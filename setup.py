@@ -7,7 +7,6 @@ installs as pure Python and ``backend="cpp"``/``"cuda"`` say why they are missin
 ``SPARSE_GRAD_REQUIRE_NATIVE=1`` to make a failed native build fail the install instead.
 """
 import os
-import re
 import sys
 import sysconfig
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
-VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "sparse_grad" / "__init__.py").read_text()).group(1)
 # No fused multiply-add unless written out (the kernels match torch's rounding step by step);
 # vectorizable sqrt; OpenMP for at::parallel_for (torch's own libgomp is the one loaded).
 CXX_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
@@ -82,33 +80,11 @@ def _native_build():
 
 EXT_MODULES, CMDCLASS = _native_build()
 
+# The metadata (name, version, dependencies, extras, the console script) is in pyproject.toml;
+# here only what needs code: the package layout and the native extension.
 setup(
-    name="sparse_grad",
-    version=VERSION,
-    description="Fast sparse fine-tuning for PyTorch: fused block gradient norms, on-device "
-                "top-block selection and a masked AdamW step (SparseAdamW).",
-    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
     packages=find_packages(include=["sparse_grad", "sparse_grad.*"]) + ["sparse_grad.triton_kernels"],
     package_dir={"sparse_grad.triton_kernels": "triton_kernels"},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
-    install_requires=[
-        "torch>=2.6",
-        "triton>=3.6; platform_system == 'Linux'",
-        "numpy",
-        "safetensors>=0.4",  # blueprint and monitor-dump files
-    ],
-    extras_require={
-        # the test suite draws the plots too (headless: figures are saved without pyplot)
-        # the integration tests train through transformers' Trainer and Lightning (CPU, tiny models)
-        "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest", "matplotlib>=3.7", "transformers>=4.40", "accelerate>=0.26",
-                 "lightning>=2.2"],
-        "hf": ["transformers>=4.40", "accelerate>=0.26"],  # Trainer needs accelerate
-        "lightning": ["lightning>=2.2"],
-        "bench": ["pytest-benchmark>=4"],
-        "plots": ["matplotlib>=3.7"],
-        "energy": ["nvidia-ml-py"],  # GPU energy readings for sparse_grad.cpr.ResourceMeter
-    },
 )

@@ -2,13 +2,15 @@
 
 Per-block gradient norms in one fused pass, top-block selection on device, and an AdamW step
 whose cost is proportional to the density. ``SparseAdamW`` is a drop-in for
-``torch.optim.AdamW``; ``sparse_grad.ops`` exposes the kernels as functions and
+``torch.optim.AdamW``; ``sparse_grad.param_groups`` picks what it trains (PEFT-style
+targeting); ``sparse_grad.ops`` exposes the kernels as functions and
 ``torch.ops.sparse_grad`` custom ops.
 """
 from . import ops
 from .layout import BlockLayout
 from .optim import SparseAdamW
+from .targeting import param_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockLayout", "SparseAdamW", "ops", "__version__"]
+__all__ = ["BlockLayout", "SparseAdamW", "ops", "param_groups", "__version__"]

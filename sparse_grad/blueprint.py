@@ -28,11 +28,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from . import __version__, _checks, ops
+from . import __version__, _checks, ops, targeting
 from .analysis.files import load_tensors, save_tensors
 from .analysis.monitor import GradientMonitor, GradientSnapshot
 from .analysis.params import look_up, trainable_parameters
-from .analysis.report import ROOT, HeavyTailReport, heavy_tail_report
+from .analysis.report import ROOT, HeavyTailReport, heavy_tail_report, module_of
 
 __all__ = ["FORMAT_VERSION", "Blueprint", "model_fingerprint"]
 
@@ -239,6 +239,36 @@ class Blueprint:
             if tuple(p.shape) != self.shapes[name]:
                 raise ValueError(f"the blueprint does not fit the model: parameter {name!r} has shape "
                                  f"{tuple(p.shape)} in the model, {self.shapes[name]} in the blueprint")
+
+    def param_groups(self, model: torch.nn.Module, target_modules: str | Sequence[str] | None = None, *,
+                     min_sparse_size: int = targeting.DEFAULT_MIN_SPARSE_SIZE, weight_decay: float = 0.01,
+                     no_decay: Sequence[str] | None = None) -> list[dict]:
+        """:func:`sparse_grad.param_groups` with each submodule's density from
+        :meth:`recommendations` (the submodules at the blueprint's ``depth``; a submodule
+        without gradient mass gets the overall density), and ``block_size`` set to the
+        blueprint's in every group, so that ``SparseAdamW(groups, blueprint=bp)`` can blend it.
+
+        ``target_modules``, ``min_sparse_size``, ``weight_decay`` and ``no_decay`` are as
+        there; parameters the blueprint has no scores for are left out and frozen too (a
+        targeted one raises a ``ValueError`` naming it).
+        """
+        targeting._check_model(model)
+        target = targeting._target_matcher(target_modules)
+        for name, p in model.named_parameters():
+            if p.requires_grad and target(name):
+                if name not in self.scores:
+                    raise ValueError(f"the blueprint has no scores for the targeted parameter {name!r}")
+                if tuple(p.shape) != self.shapes[name]:
+                    raise ValueError(f"the blueprint does not fit the model: parameter {name!r} has shape "
+                                     f"{tuple(p.shape)} in the model, {self.shapes[name]} in the blueprint")
+        recommended = self.recommendations()
+        overall = recommended["overall"]["density"] or 1.0
+        modules = {m: r["density"] or overall for m, r in recommended["modules"].items()}
+
+        def density_of(name: str) -> float:
+            return modules.get(module_of(name, self.depth), overall)
+        return targeting._groups(model, target, density_of, min_sparse_size, weight_decay, no_decay,
+                                 {"block_size": self.block_size})
 
     def bind(self, model: torch.nn.Module) -> Blueprint:
         """Remember which tensor of ``model`` has which name, so that an optimizer given

@@ -156,7 +156,8 @@ def test_cli_bench_prints_and_writes_table_csv_json_png(tmp_path, capsys):
     assert "pre-launch µs" not in header  # measured on CUDA only
     copy_row = next(line for line in out.splitlines() if " copy " in line)
     assert copy_row.split()[-2:] == ["-", "-"]  # no host time, no Python calls: not an optimizer step
-    assert "5/5 done" in err  # the progress bar reached the end: 3 baselines + 2 densities
+    assert "5/5 bench one-flat" in err and err.rstrip().endswith("done")  # 3 baselines + 2 densities, to the end
+    assert "\r" not in err  # not a terminal: whole lines
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["results"]) == 2 * 5
     copy_json = data["results"][0]

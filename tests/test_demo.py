@@ -14,7 +14,6 @@ from _models import one_thread
 from sparse_grad import SparseAdamW
 from sparse_grad.demo import TinyLM, batches, prose_bytes, train_val_split
 from sparse_grad.demo.experiment import config_for, run_demo
-from sparse_grad.demo.progress import ProgressBar
 from sparse_grad.demo.report import write_outputs
 from sparse_grad.demo.stages import run_variant
 from sparse_grad.demo.variants import (
@@ -149,8 +148,6 @@ def test_bad_input_is_named():
         config_for("huge")
     with pytest.raises(ValueError, match="densities must be in"):
         run_demo(config_for(quick=True, densities=(0.0,)), Path("unused"))
-    with pytest.raises(ValueError, match="total must be a positive int"):
-        ProgressBar(0, "x")
 
 
 def test_outputs_of_a_tiny_in_process_run(tmp_path):
@@ -177,37 +174,6 @@ def test_cli_rejects_bad_options_before_training(tmp_path, capsys):
     assert main(["demo", "--quick", "--stage2-steps", "0", "--out", str(tmp_path / "x")]) == 2
     assert "stage2_steps must be a positive int" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-
-
-class FakeStream:
-    def __init__(self, tty):
-        self.tty, self.text = tty, ""
-
-    def isatty(self):
-        return self.tty
-
-    def write(self, s):
-        self.text += s
-
-    def flush(self):
-        pass
-
-
-@pytest.mark.parametrize("tty", [True, False])
-def test_progress_bar_redraws_on_a_terminal_and_writes_one_line_elsewhere(tty):
-    stream = FakeStream(tty)
-    with ProgressBar(7, "work", stream=stream, width=7, min_interval=0.0) as bar:
-        for i in range(7):
-            bar.update(1, note=f"loss {i}")
-    lines = stream.text.split("\n")
-    assert lines[-1] == "" and len(lines) == 2  # one line, ended once
-    final = lines[0].split("\r")[-1]
-    assert final.startswith("[#######] 7/7 work") and final.rstrip("\x1b[K").endswith("loss 6")
-    assert stream.text.count("\r") == (8 if tty else 0)  # every update redrawn, plus the close
-    silent = FakeStream(True)
-    with ProgressBar(3, "quiet", stream=silent, enabled=False) as bar:
-        bar.update(3)
-    assert silent.text == ""
 
 
 def test_run_variant_hands_the_model_to_a_batch_source():

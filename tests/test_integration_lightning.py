@@ -10,6 +10,8 @@ from sparse_grad import SparseAdamW
 from sparse_grad.demo import TinyLM, lm_loss
 
 lightning = pytest.importorskip("lightning")
+from sparse_grad.cpr import MarginalReturnStopper  # noqa: E402
+from sparse_grad.integrations.lightning import SparseGradCallback  # noqa: E402
 
 CONTEXT = 12
 
@@ -80,3 +82,83 @@ def test_resume_restores_the_optimizer_state_from_the_checkpoint(tmp_path):
     opt.load_state_dict(checkpoint["optimizer_states"][0])
     assert_same(opt.state_dict(), checkpoint["optimizer_states"][0])
     assert all(p in opt.state for p in module.parameters())
+
+
+class RecordingLogger(lightning.pytorch.loggers.Logger):
+    """What a logger (TensorBoard, W&B, CSV) is sent."""
+    def __init__(self):
+        super().__init__()
+        self.metrics = []
+
+    @property
+    def name(self):
+        return "recording"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+
+class LitWithValidation(LitTinyLM):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", lm_loss(self.model, x, y))
+
+
+def long_loader(n=30):
+    tokens = torch.randint(0, 256, (n, CONTEXT + 1), generator=torch.Generator().manual_seed(4))
+    data = torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:])
+    return torch.utils.data.DataLoader(data, batch_size=3, shuffle=False)
+
+
+def fit_with_callback(root, callback, max_steps=20):
+    module = LitWithValidation(density=0.2, block_size=64)
+    logger = RecordingLogger()
+    trainer = lightning.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=logger, callbacks=[callback],
+                                val_check_interval=2, num_sanity_val_steps=0, enable_progress_bar=False,
+                                enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
+                                log_every_n_steps=1)
+    with one_thread():
+        trainer.fit(module, long_loader(), long_loader(6))
+    return trainer, logger
+
+
+def test_callback_logs_gradient_statistics_resources_and_cpr_and_can_stop(tmp_path):
+    # an eta no return reaches: the second validation (step 4) gives the first return, and stops
+    callback = SparseGradCallback(stopper=MarginalReturnStopper(window=1, eta=1e30, patience=1))
+    trainer, logger = fit_with_callback(tmp_path, callback)
+    assert trainer.global_step == 4, "the stopper did not stop training"
+    logged = {}
+    for step, metrics in logger.metrics:
+        for key, value in metrics.items():
+            logged.setdefault(key, []).append((step, value))
+    assert len(logged["sparse_grad/grad_gini"]) == 4 and all(0 <= v <= 1 for _, v in logged["sparse_grad/grad_gini"])
+    assert all(0 < v <= 1 for _, v in logged["sparse_grad/grad_top_share"])
+    assert all(0 <= v <= 1 for _, v in logged["sparse_grad/mask_churn"])
+    hours = [v for _, v in logged["sparse_grad/device_hours"]]
+    assert hours == sorted(hours) and hours[0] > 0
+    assert [s for s, _ in logged["sparse_grad/cpr"]] == [3]  # the first validation has nothing to compare
+    assert float(trainer.callback_metrics["sparse_grad/cpr"]) == pytest.approx(logged["sparse_grad/cpr"][0][1])
+
+
+def test_callback_without_a_stopper_trains_to_the_end(tmp_path):
+    trainer, logger = fit_with_callback(tmp_path, SparseGradCallback(log_every_n_steps=3, resources=False), max_steps=6)
+    assert trainer.global_step == 6
+    steps = [step for step, metrics in logger.metrics if "sparse_grad/grad_gini" in metrics]
+    assert steps == [2, 5]  # after optimizer steps 3 and 6, at their 0-based index as Lightning logs
+    assert not any("sparse_grad/device_hours" in metrics for _, metrics in logger.metrics)
+
+
+def test_callback_bad_input():
+    with pytest.raises(ValueError, match="log_every_n_steps must be a positive int or None"):
+        SparseGradCallback(log_every_n_steps=0)
+    with pytest.raises(TypeError, match="stopper must be a sparse_grad.cpr.MarginalReturnStopper"):
+        SparseGradCallback(stopper="yes")
+    with pytest.raises(TypeError, match="gradient_stats needs SparseAdamW's score hook"):
+        SparseGradCallback().stats.begin(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters()))

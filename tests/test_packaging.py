@@ -54,7 +54,7 @@ def test_benchmark_suite_runs():
     assert re.search(rf"\b{3 * (4 + 18 * len(cpu_backends)) + 10} passed\b", run.stdout), run.stdout[-2000:]
 
 
-SOURCES = ["setup.py", "pyproject.toml", "README.md", "sparse_grad", "triton_kernels", "csrc"]
+SOURCES = ["setup.py", "pyproject.toml", "README.md", "LICENSE", "sparse_grad", "triton_kernels", "csrc"]
 
 NO_EXTENSION_SCRIPT = """
 import torch
@@ -72,15 +72,19 @@ print("ok")
 """
 
 
-def test_install_without_a_compiler_is_pure_python(tmp_path):
-    """No working compiler: the install still succeeds, and backend="cpp" says what is missing."""
-    source = tmp_path / "src"
-    source.mkdir()
+def copy_sources(target: Path) -> Path:
+    target.mkdir()
     for name in SOURCES:
         if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+            shutil.copytree(ROOT / name, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         else:
-            shutil.copy(ROOT / name, source / name)
+            shutil.copy(ROOT / name, target / name)
+    return target
+
+
+def test_install_without_a_compiler_is_pure_python(tmp_path):
+    """No working compiler: the install still succeeds, and backend="cpp" says what is missing."""
+    source = copy_sources(tmp_path / "src")
     env = {**os.environ, "CC": "false", "CXX": "false"}
     env.pop("SPARSE_GRAD_REQUIRE_NATIVE", None)
     run = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
@@ -92,3 +96,69 @@ def test_install_without_a_compiler_is_pure_python(tmp_path):
                            env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
                            capture_output=True, text=True, timeout=300)
     assert check.returncode == 0 and check.stdout.strip() == "ok", check.stderr[-3000:]
+
+
+def test_wheel_builds_with_the_project_metadata(tmp_path):
+    """``pip wheel`` from pyproject.toml's [project] table: metadata, license, console script and
+    package layout. Built without a compiler to bound the time (the native build is tested by
+    the native tests and the install above)."""
+    import email
+    import zipfile
+
+    import sparse_grad
+
+    source = copy_sources(tmp_path / "src")
+    env = {**os.environ, "CC": "false", "CXX": "false"}
+    env.pop("SPARSE_GRAD_REQUIRE_NATIVE", None)
+    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+                          "-w", str(tmp_path / "wheels"), str(source)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheels").glob("sparse_grad-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        info = f"sparse_grad-{sparse_grad.__version__}.dist-info"
+        meta = email.message_from_string(archive.read(f"{info}/METADATA").decode())
+        entry_points = archive.read(f"{info}/entry_points.txt").decode()
+    assert meta["Name"] == "sparse_grad" and meta["Version"] == sparse_grad.__version__
+    assert meta["License-Expression"] == "Apache-2.0" and f"{info}/licenses/LICENSE" in names
+    assert meta["Requires-Python"] == "<3.13,>=3.11"
+    requires = meta.get_all("Requires-Dist")
+    assert "torch<2.14,>=2.11" in requires and any(r.startswith("safetensors") for r in requires)
+    assert {"test", "hf", "lightning", "bench", "plots", "energy", "progress"} <= set(meta.get_all("Provides-Extra"))
+    assert meta.get_payload().lstrip().startswith("# sparse_grad")  # the README is the long description
+    assert "sparse-grad = sparse_grad.cli:main" in entry_points
+    assert "sparse_grad/triton_kernels/sparse_adamw.py" in names and "sparse_grad/cli/__init__.py" in names
+    assert not any(n.startswith(("triton_kernels/", "tests/")) for n in names)
+
+
+def test_installed_torch_and_python_are_in_the_declared_ranges():
+    """The ranges say what was tested: the environment running the tests must be inside them."""
+    from packaging.specifiers import SpecifierSet
+
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert sys.version.split()[0] in SpecifierSet(project["requires-python"])
+    torch_spec = next(d for d in project["dependencies"] if d.startswith("torch"))
+    assert torch.__version__.split("+")[0] in SpecifierSet(torch_spec.removeprefix("torch"))
+
+
+CONSOLE_SCRIPT = """
+import sys
+from sparse_grad.cli import main
+sys.argv[0] = "/somewhere/bin/sparse-grad"  # as pip's console-script wrapper runs it
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("command", [["-m", "sparse_grad"], ["-c", CONSOLE_SCRIPT]], ids=["module", "script"])
+def test_console_script_runs_the_same_commands_as_python_m(command):
+    prog = "python -m sparse_grad" if command[0] == "-m" else "sparse-grad"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    shown = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, timeout=300, env=env)
+    assert shown.returncode == 0 and shown.stdout.startswith(f"usage: {prog} ")
+    for name in ("demo", "analyze", "blueprint", "bench"):
+        assert name in shown.stdout
+    bad = subprocess.run([sys.executable, *command, "demo", "--quick", "--stage2-steps", "0"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2 and "stage2_steps must be a positive int" in bad.stderr

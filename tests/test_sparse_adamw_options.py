@@ -261,3 +261,69 @@ def test_load_state_dict_checks_option_state():
 
 def test_shapes_are_odd():  # the helpers above rely on tails: keep SHAPES covering partial blocks
     assert any(torch.Size(s).numel() % 8 for s in SHAPES)
+
+
+def test_adamw_signature_is_accepted():
+    """Every keyword torch.optim.AdamW takes, at its default, builds a SparseAdamW (a config
+    written for AdamW loads unchanged)."""
+    import inspect
+    defaults = {name: p.default for name, p in inspect.signature(torch.optim.AdamW).parameters.items()
+                if name != "params"}
+    opt = SparseAdamW(make_params("cpu"), **defaults)
+    assert all(k == "amsgrad" or opt.defaults[k] == v for k, v in defaults.items())
+
+
+@pytest.mark.parametrize("flags", [dict(fused=True), dict(foreach=False, capturable=True), dict(foreach=True)])
+def test_adamw_flags_are_stored_and_change_no_update(flags):
+    params = make_params("cpu")
+    flagged_params = clone_params(params)
+    grads = [[heavy_tailed(p.shape) for p in params] for _ in range(3)]
+    plain = SparseAdamW(params, lr=1e-2, density=0.3, block_size=8)
+    run(plain, params, grads)
+    flagged = SparseAdamW(flagged_params, lr=1e-2, density=0.3, block_size=8, **flags)
+    run(flagged, flagged_params, grads)
+    assert_same([p.detach() for p in flagged_params], [p.detach() for p in params])
+    for key, value in flags.items():  # in every group, as torch.optim.AdamW stores them
+        assert flagged.param_groups[0][key] == value and flagged.state_dict()["param_groups"][0][key] == value
+
+
+def test_state_dict_without_adamw_flags_loads():
+    params = make_params("cpu")
+    opt = SparseAdamW(params, density=0.5, block_size=8, fused=True)
+    run(opt, params, [[heavy_tailed(p.shape) for p in params]])
+    old = opt.state_dict()
+    for group in old["param_groups"]:  # as saved before the flags existed
+        for key in ("foreach", "fused", "capturable", "differentiable"):
+            del group[key]
+    fresh = SparseAdamW(clone_params(params), density=0.5, block_size=8, fused=True)
+    fresh.load_state_dict(old)
+    assert {k: fresh.param_groups[0][k] for k in ("foreach", "fused", "capturable", "differentiable")} == \
+        {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
+    run(fresh, list(fresh.param_groups[0]["params"]), [[heavy_tailed(p.shape) for p in params]])
+
+
+@pytest.mark.parametrize("kwargs, error, key, message", [
+    (dict(differentiable=True), ValueError, "differentiable", "=True is not supported"),
+    (dict(differentiable=1), TypeError, "differentiable", " must be a bool"),
+    (dict(fused="yes"), TypeError, "fused", " must be None or a bool"),
+    (dict(foreach=0), TypeError, "foreach", " must be None or a bool"),
+    (dict(capturable=None), TypeError, "capturable", " must be a bool"),
+    (dict(capturable=True, backend="reference"), ValueError, "capturable", "=True with backend='reference'"),
+])
+def test_bad_adamw_flags(kwargs, error, key, message):
+    with pytest.raises(error, match=f"^{key}{message}"):
+        SparseAdamW(make_params("cpu"), **kwargs)
+    with pytest.raises(error, match=rf"^param_groups\[1\]\['{key}'\]{message}"):
+        SparseAdamW([{"params": make_params("cpu")}, {"params": make_params("cpu"), **kwargs}])
+
+
+def test_adamw_flags_set_by_hand_are_checked_at_step():
+    params = make_params("cpu")
+    opt = SparseAdamW(params, density=0.5, block_size=8, backend="reference")
+    run(opt, params, [[heavy_tailed(p.shape) for p in params]])
+    set_grads(params, [heavy_tailed(p.shape) for p in params])
+    bad_group_values_change_nothing(opt, params, [
+        ("differentiable", True, ValueError, r"param_groups\[0\]\['differentiable'\]=True is not supported"),
+        ("capturable", True, ValueError, r"param_groups\[0\]\['capturable'\]=True with backend='reference'"),
+        ("fused", "yes", TypeError, r"param_groups\[0\]\['fused'\] must be None or a bool"),
+    ])

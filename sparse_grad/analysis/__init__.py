@@ -4,8 +4,10 @@
   score hook, or one ``ops.block_sqnorms`` launch per ``update()`` for any optimizer).
 - :func:`heavy_tail_report` turns block scores into per-tensor, per-submodule and whole-model
   statistics (:mod:`.stats`), including a power-law fit of the ranked norms (:mod:`.power_law`).
+- :class:`MaskChurn` records how much of SparseAdamW's selection changes from step to step.
 - :mod:`.plots` draws them (matplotlib, the ``plots`` extra).
 """
+from .churn import MaskChurn
 from .monitor import GradientMonitor, GradientSnapshot
 from .power_law import PowerLawFit, fit_power_law
 from .report import HeavyTailReport, heavy_tail_report, module_of
@@ -23,6 +25,7 @@ __all__ = [
     "GradientMonitor",
     "GradientSnapshot",
     "HeavyTailReport",
+    "MaskChurn",
     "PowerLawFit",
     "block_stats",
     "concentration_curve",

@@ -1,9 +1,11 @@
-"""``python -m sparse_grad <command>``: one module per command, each with ``add_parser`` and
+"""``python -m sparse_grad <command>`` (or the ``sparse-grad`` console script, the same
+:func:`main`): one module per command, each with ``add_parser`` and
 ``run``; add a command by adding its module to ``COMMANDS``."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import analyze, bench, blueprint, demo
 
@@ -13,7 +15,9 @@ COMMANDS = (demo, analyze, blueprint, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sparse_grad",
+    # the name the user typed, for usage lines and errors
+    prog = "sparse-grad" if Path(sys.argv[0]).stem == "sparse-grad" else "python -m sparse_grad"
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="sparse_grad tools: the demo, gradient analysis, blueprints and benchmarks.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     for command in COMMANDS:

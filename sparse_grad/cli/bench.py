@@ -15,13 +15,13 @@ density, one line per backend, the ideal curve drawn in) to --out.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 from ..bench import SHAPE_SETS, run as run_suite
 from ..bench.report import machine_info, plot, table, write_csv, write_json
+from ..progress import Progress
 
 __all__ = ["add_parser", "run"]
 
@@ -58,12 +58,19 @@ def _list(text: str, name: str, convert=str) -> list:
         raise ValueError(f"{name} must be a comma-separated list of {convert.__name__}s, got {text!r}") from None
 
 
-def progress_bar(done: int, total: int, what: str, width: int = 24) -> None:
-    filled = width * done // total
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what:<40}")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+def progress_display(label: str):
+    """run_suite's ``progress(done, total, case)`` callback, drawn by :class:`~sparse_grad.progress.Progress`
+    (made at the first call, when the total is known)."""
+    bar = None
+
+    def report(done: int, total: int, what: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress(total, label)
+        bar.advance_to(done, what)
+        if done == total:
+            bar.close()
+    return report
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     results, infos = [], []
     for name in shape_sets:
         rows, info = run_suite(name, device, scale, densities, backend_names, args.block_size,
-                               args.rounds, args.warmup, progress=progress_bar, pipeline_steps=args.pipeline_steps)
+                               args.rounds, args.warmup, progress=progress_display(f"bench {name}"), pipeline_steps=args.pipeline_steps)
         results += rows
         infos.append(info)
     command = (f"python -m sparse_grad bench --device {device} --shapes {','.join(shape_sets)} --scale {scale:g} "

@@ -20,7 +20,8 @@ from ..blueprint import Blueprint
 from ..cpr import MarginalReturnStopper, ResourceMeter
 from ..cpr.meter import optimizer_state_bytes
 from .model import lm_loss
-from .progress import ProgressBar
+from ..analysis.churn import MaskChurn
+from ..progress import Progress
 from .variants import Variant
 
 __all__ = ["Stage1Result", "VariantResult", "evaluate", "run_stage1", "run_variant", "tensor_bytes"]
@@ -139,7 +140,7 @@ def run_stage1(model: torch.nn.Module, train: Iterable[Batch], val_batches: Sequ
     monitor = GradientMonitor(model, block_size=block_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     meter = _MeteredSegments(device, opt)
-    bar = ProgressBar(steps, "stage 1: dense AdamW on Python source", enabled=progress)
+    bar = Progress(steps, "stage 1: dense AdamW on Python source", enabled=progress)
     curve, window, stopped_by, step, first = [], [], "cap", 0, None
     meter.begin()
     for step, (x, y) in enumerate(train, 1):
@@ -207,33 +208,6 @@ class VariantResult:
         return asdict(self)
 
 
-class _ChurnRecorder:
-    """A SparseAdamW score hook that keeps each group step's block ids; the churn is computed
-    after the timed step (the hook itself only clones a small id vector)."""
-
-    def __init__(self):
-        self.pending: dict[int, list[torch.Tensor]] = {}
-        self.previous: dict[int, torch.Tensor] = {}
-        self.churn: list[float] = []
-
-    def __call__(self, optimizer, group_index, params, scores, block_ids) -> None:
-        self.pending.setdefault(group_index, []).append(block_ids.detach().clone())
-
-    def flush(self) -> None:
-        changed = total = 0
-        for index, ids_list in self.pending.items():
-            for ids in ids_list:
-                ids = ids.cpu()
-                before = self.previous.get(index)
-                if before is not None:
-                    changed += int((~torch.isin(ids, before)).sum())
-                    total += ids.numel()
-                self.previous[index] = ids
-        self.pending.clear()
-        if total:
-            self.churn.append(changed / total)
-
-
 def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module],
                 train: Iterable[Batch] | Callable[[torch.nn.Module], Iterable[Batch]],
                 val_batches: Sequence[Batch], *, steps: int, eval_every: int, device: torch.device, seed: int = 0,
@@ -261,12 +235,12 @@ def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module],
     params = list(model.parameters())
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     trained_fraction = sum(p.numel() for p in params if id(p) in trained) / sum(p.numel() for p in params)
-    churn = _ChurnRecorder()
+    churn = MaskChurn()
     hook = opt.register_score_hook(churn) if hasattr(opt, "register_score_hook") else None
     meter = _MeteredSegments(device, opt)
     start_losses = evaluate(model, val_batches, device)
     curve = [{"step": 0, "train_loss": None, "val_loss": statistics.fmean(start_losses), "device_s": 0.0}]
-    bar = ProgressBar(steps, label or f"stage 2: {variant.name}", enabled=progress)
+    bar = Progress(steps, label or f"stage 2: {variant.name}", enabled=progress)
     opt_times, step_times, window, footprint = [], [], [], 0
     meter.begin()
     for step, (x, y) in enumerate(train, 1):

@@ -19,15 +19,20 @@ STATE_DTYPES = (None, torch.float32)
 
 # The largest block size: block offsets and sizes are int32 in the kernels.
 MAX_BLOCK_SIZE = 2**30
-# Options added after the first release, with the behaviour a group saved before them had: a
-# state dict without them loads with these values (torch's optimizers fill theirs the same way).
-LATER_OPTIONS = {"maximize": False, "selection": "norm", "seed": 0}
 
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
+# torch.optim.AdamW's implementation flags: accepted so that AdamW configs load unchanged, stored in
+# every group as torch stores them, and (but for the checks in check_group) no influence on the
+# step, which has one implementation (SparseAdamW's docstring says what each means here).
+ADAMW_FLAGS = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
+# Options added after the first release, with the behaviour a group saved before them had: a
+# state dict without them loads with these values (torch's optimizers fill theirs the same way).
+LATER_OPTIONS = {"maximize": False, "selection": "norm", "seed": 0, **ADAMW_FLAGS}
 # Every other option, in a fixed order: their values, as a tuple, are compared on every step.
 SHAPING_KEYS = ("maximize", "density", "block_size", "scope", "reselect_every", "backend", "blueprint_weight",
                 "state_dtype", "score", "score_ema", "min_blocks_per_tensor", "error_feedback",
-                "max_grad_norm", "state_layout", "selection", "seed")
+                "max_grad_norm", "state_layout", "selection", "seed", "foreach", "fused", "capturable",
+                "differentiable")
 
 
 def shaping_values(group: dict) -> tuple:
@@ -84,6 +89,26 @@ def check_group(group: dict, where: str = "", has_blueprint: bool = False) -> No
                          f"got {group['state_dtype']!r}")
     _checks.choice(group["state_layout"], STATE_LAYOUTS, name("state_layout"))
     check_blueprint_weight(group, name("blueprint_weight"), has_blueprint)
+    check_adamw_flags(group, where)
+
+
+def check_adamw_flags(group: dict, where: str = "") -> None:
+    """torch.optim.AdamW's flags (ADAMW_FLAGS); a group without them (saved before they
+    existed) has torch's defaults."""
+    name = _namer(where)
+    for key in ("foreach", "fused"):
+        value = group.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name(key)} must be None or a bool, got {value!r}")
+    for key in ("capturable", "differentiable"):
+        _checks.flag(group.get(key, False), name(key))
+    if group.get("differentiable", False):
+        raise ValueError(f"{name('differentiable')}=True is not supported: SparseAdamW's step runs under "
+                         "torch.no_grad() in fused kernels, so autograd cannot see through it")
+    if group.get("capturable", False) and group["backend"] == "reference":
+        raise ValueError(f"{name('capturable')}=True with backend='reference': that backend reads block ids "
+                         "on the host (a sync on CUDA), so its step cannot be captured in a CUDA graph; "
+                         "use backend='auto', 'triton' or 'cuda'")
 
 
 def check_blueprint_weight(group: dict, name: str, has_blueprint: bool) -> None:

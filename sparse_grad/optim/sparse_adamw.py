@@ -114,6 +114,17 @@ class SparseAdamW(Optimizer):
             ``score_ema`` must be 0 and a blueprint is not blended in.
         seed: the random draws' seed (``selection="random"``); draw ``r`` of group ``i`` hashes
             (seed, i, r, block id) on device, so a resumed run draws the same blocks.
+        foreach, fused: accepted as in ``torch.optim.AdamW`` (configs that set them load
+            unchanged) and stored in each param group; they choose nothing: every backend's
+            step is already multi-tensor and fused (one norm pass, one selection and one update
+            launch per group), and there is no per-tensor loop to fall back to.
+        capturable: ``torch.optim.AdamW``'s flag for CUDA-graph capture. The ``triton`` and
+            ``cuda`` backends never read device values on the host (step counts, ids and
+            hyper-parameters stay on device), so their step is capturable whatever this flag
+            says; ``capturable=True`` refuses ``backend="reference"``, whose step reads ids on
+            the host.
+        differentiable: must be False; ``True`` raises a ValueError (the step runs under
+            ``torch.no_grad()`` in fused kernels, so there is no graph to differentiate).
 
     ``lr``, ``betas`` and ``weight_decay`` may be one-element tensors (read on device: a
     scheduler changing them neither syncs nor recompiles ``torch.compile(opt.step)``).
@@ -156,6 +167,10 @@ class SparseAdamW(Optimizer):
         state_layout: str = "dense",
         selection: str = "norm",
         seed: int = 0,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
         if amsgrad is not False:
             raise ValueError("amsgrad=True is not supported by SparseAdamW")
@@ -170,7 +185,8 @@ class SparseAdamW(Optimizer):
                     "state_dtype": state_dtype, "score": score, "score_ema": score_ema,
                     "min_blocks_per_tensor": min_blocks_per_tensor, "error_feedback": error_feedback,
                     "max_grad_norm": max_grad_norm, "state_layout": state_layout, "selection": selection,
-                    "seed": seed}
+                    "seed": seed, "foreach": foreach, "fused": fused, "capturable": capturable,
+                    "differentiable": differentiable}
         options.check_group(defaults, has_blueprint=blueprint is not None)
         self._blueprint = blueprint
         self._group_states: list[GroupState] = []
