@@ -127,6 +127,18 @@ def _drop(path):
     return tamper
 
 
+def _other_blocks(compact: dict) -> dict:
+    """A consistent slot table for another set of blocks: one selected block swapped for one that
+    is not."""
+    table = compact["slot_of_block"]
+    chosen = set(compact["block_of_slot"].tolist())
+    swapped = sorted((chosen - {min(chosen)}) | {min(set(range(table.numel())) - chosen)})
+    ids = torch.tensor(swapped, dtype=torch.int64)
+    table = torch.full_like(table, -1)
+    table[ids] = torch.arange(ids.numel(), dtype=table.dtype)
+    return {**compact, "block_of_slot": ids, "slot_of_block": table}
+
+
 SEL = ("param_groups", 0, "sparse_grad", "selection")
 COMPACT = ("param_groups", 0, "sparse_grad", "compact")
 TAMPERED = [  # (options index, tamper, message)
@@ -152,8 +164,7 @@ TAMPERED = [  # (options index, tamper, message)
     (1, _set(COMPACT + ("exp_avg_sq",), lambda v: v - v.max() - 1), r"\['exp_avg_sq'\] holds negative values"),
     (1, _set(COMPACT + ("slot_of_block",), lambda s: s.roll(1)), r"\['slot_of_block'\] does not match"),
     (1, _set(COMPACT + ("block_of_slot",), lambda b: b.flip(0)), r"\['block_of_slot'\] must be strictly ascending"),
-    (1, _set(COMPACT, lambda c: {**c, "block_of_slot": c["block_of_slot"] + 1,
-                                 "slot_of_block": c["slot_of_block"].roll(1)}), r"holds the moments of other blocks"),
+    (1, _set(COMPACT, lambda c: _other_blocks(c)), r"holds the moments of other blocks"),
     (0, _drop(SEL), r"has no selection, but the group has stepped"),
     (1, _drop(SEL), r"has no selection, but the group has stepped"),
     (1, _drop(COMPACT), r"has no compact state, but the group's state_layout is 'compact'"),
