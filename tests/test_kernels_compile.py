@@ -2,7 +2,10 @@
 
 The CPU tests run the kernels in Triton's interpreter, which accepts some programs the compiler
 rejects; this builds the cubins the GPU would run and checks the PTX for correctly rounded
-division and square root (Triton's default fp32 `/` and `sqrt` are approximate).
+division and square root (Triton's default fp32 `/` and `sqrt` are approximate), and the
+selection kernels' cubins for what a GPU would launch: no register spills, at most 128 registers
+per thread at the GPU's tile size, and histogram atomics that go to shared memory per key and to
+global memory once per bin.
 """
 import textwrap
 
@@ -13,7 +16,7 @@ pytest.importorskip("triton", reason="the triton package is needed to compile it
 from _utils import assert_script_prints_ok  # noqa: E402
 
 SCRIPT = textwrap.dedent("""
-    import importlib, inspect, re
+    import importlib, inspect, os, re, subprocess, tempfile
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -22,18 +25,31 @@ SCRIPT = textwrap.dedent("""
     package = triton_kernels().__name__
     norms = importlib.import_module(package + ".block_sqnorms")._block_sqnorms_kernel
     adamw = importlib.import_module(package + ".sparse_adamw")._sparse_adamw_kernel
-    select = importlib.import_module(package + ".select_blocks")._select_kernel
+    select = importlib.import_module(package + ".select_blocks")
     TABLES = {"block_tensor_ptr": "*i32", "out_ptr": "*fp32", "hparams_ptr": "*fp64",
-              "grad_coef_ptr": "*fp32", "found_inf_ptr": "*fp32"}
-    SCALARS = {"block_size", "group", "num_blocks"}
+              "grad_coef_ptr": "*fp32", "found_inf_ptr": "*fp32", "scores_ptr": "*fp32", "hist_ptr": "*i32",
+              "counts_ptr": "*i32", "ties_before_ptr": "*i32"}
+    SCALARS = {"block_size", "group", "num_blocks", "num_tiles", "num_segments"}
+    # Shipped with Triton, next to the ptxas that built the cubins.
+    CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
-    def compile_for(kernel, capability, constexprs):
+    def compile_for(kernel, capability, constexprs, num_warps=8):
         names = list(inspect.signature(kernel.fn).parameters)
         signature = {n: "constexpr" if n in constexprs else "i32" if n in SCALARS
                      else TABLES.get(n, "*i64") for n in names}
         source = ASTSource(fn=kernel, signature=signature,
                            constexprs={(names.index(n),): v for n, v in constexprs.items()})
-        return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 8})
+        return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+
+    # (registers per thread, local memory bytes) of a cubin, as ptxas allotted them: the
+    # compiled kernel's own n_regs is only filled in when a GPU driver loads it.
+    def resources(compiled):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True,
+                                   check=True).stdout
+        return int(re.search(r"REG:(\\d+)", usage).group(1)), int(re.search(r"LOCAL:(\\d+)", usage).group(1))
 
     f32, f64, bf16, f16 = tl.float32, tl.float64, tl.bfloat16, tl.float16
     for capability in (80, 90):
@@ -52,12 +68,24 @@ SCRIPT = textwrap.dedent("""
                 assert not re.search(r"div\\.(full|approx)|sqrt\\.approx", ptx), "approximate math in the update"
                 if param != f64:
                     assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
-        for chunk in (1024, 4096):
-            source = ASTSource(fn=select, constexprs={(4,): chunk}, signature={
-                "scores_ptr": "*fp32", "out_ptr": "*i64", "table_ptr": "*i64", "num_segments": "i32",
-                "CHUNK": "constexpr"})
-            compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 8})
-            assert compiled.asm["cubin"], "no cubin"
+        for tile, warps in ((16, 4), (4096, 8), (select.MAX_TILE, 8)):  # smallest, GPU default, largest
+            kernels = [(select._histogram_kernel, dict(P=p, BLOCK=tile, BINS=select.BINS)) for p in range(3)]
+            kernels += [(select._count_kernel, dict(BLOCK=tile, BINS=select.BINS, NUM_PASSES=3)),
+                        (select._compact_kernel, dict(BLOCK=tile))]
+            for kernel, constexprs in kernels:
+                compiled = compile_for(kernel, capability, constexprs, warps)
+                regs, local = resources(compiled)
+                assert local == 0, f"{kernel.fn.__name__} spills at tile {tile}"
+                if tile <= 4096:  # what a GPU launches: 8 warps of at most 128 registers each
+                    assert regs <= 128, f"{kernel.fn.__name__}: {regs} registers at tile {tile}"
+                if kernel is select._histogram_kernel:
+                    ptx = compiled.asm["ptx"]
+                    # Keys are counted in shared memory; global memory sees one relaxed
+                    # reduction per bin of the tile, never a returning atomic.
+                    assert re.search(r"red\.global\.gpu\.relaxed\.add", ptx), "no relaxed global reduction"
+                    assert not re.search(r"atom\.[a-z.]*global", ptx), "a returning global atomic"
+        compiled = compile_for(select._scan_kernel, capability, dict(CHUNK=1024, BINS=select.BINS, NUM_PASSES=3), 4)
+        assert resources(compiled)[1] == 0, "the scan spills"
     print("ok")
 """)
 
