@@ -33,11 +33,18 @@ SCRIPT = textwrap.dedent("""
     # Shipped with Triton, next to the ptxas that built the cubins.
     CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
-    def compile_for(kernel, capability, constexprs, num_warps=8):
+    POINTEE = {tl.float32: "*fp32", tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float64: "*fp64"}
+
+    def compile_for(kernel, capability, constexprs, num_warps=8, typed=()):
+        # typed: (argument, constexpr naming its pointee dtype). Pointer arguments get the
+        # 16-byte divisibility the launcher specializes on for aligned tensors (all of them here).
         names = list(inspect.signature(kernel.fn).parameters)
         signature = {n: "constexpr" if n in constexprs else "i32" if n in SCALARS
                      else TABLES.get(n, "*i64") for n in names}
-        source = ASTSource(fn=kernel, signature=signature,
+        for name, dtype_name in typed:
+            signature[name] = POINTEE[constexprs[dtype_name]]
+        aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")}
+        source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
                            constexprs={(names.index(n),): v for n, v in constexprs.items()})
         return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
 
@@ -54,8 +61,15 @@ SCRIPT = textwrap.dedent("""
     f32, f64, bf16, f16 = tl.float32, tl.float64, tl.bfloat16, tl.float16
     for capability in (80, 90):
         for dtype in (f32, bf16, f16, f64):
-            compile_for(norms, capability, dict(DTYPE=dtype, ACC_DTYPE=f64 if dtype == f64 else f32,
-                                                CHUNK=2048, NUM_CHUNKS=2))
+            for vec in (1, 128 // dtype.primitive_bitwidth):  # scalar, or 16 bytes
+                compiled = compile_for(norms, capability, dict(
+                    DTYPE=dtype, ACC_DTYPE=f64 if dtype == f64 else f32, CHUNK=2048, NUM_CHUNKS=2, VEC=vec),
+                    typed=[("base_ptr", "DTYPE")])
+                ptx = compiled.asm["ptx"]
+                assert resources(compiled)[1] == 0, "the norm pass spills"
+                # Aligned tensors: the full-block loop loads 16 bytes per instruction; with an
+                # unaligned view in the group (vec 1) it must not claim to.
+                assert bool(re.search(r"ld\\.global\\.(v4\\.b32|v2\\.b64)", ptx)) == (vec > 1), (dtype, vec)
         for param, grad, state in [(f32, f32, f32), (f32, bf16, f32), (bf16, bf16, bf16),
                                    (bf16, bf16, f32), (f16, f16, f16), (f64, f64, f64)]:
             for maximize, fused in ((False, False), (True, True)):  # fused: clip coef, found_inf, compact

@@ -143,7 +143,7 @@ def test_per_segment_extreme_ks(triton_case, k_of):
 
 def test_many_random_segments(triton_case):
     device, _ = triton_case
-    sizes = torch.randint(0, 40, (57,)).tolist()
+    sizes = torch.randint(0, 40, (30,)).tolist()
     ks = [int(torch.randint(0, n + 1, ()).item()) for n in sizes]
     scores = torch.randn(sum(sizes), device=device).square()
     scores[torch.rand(scores.shape, device=device) < 0.3] = 0.5  # ties across segments too
