@@ -72,16 +72,30 @@ SCRIPT = textwrap.dedent("""
                 assert bool(re.search(r"ld\\.global\\.(v4\\.b32|v2\\.b64)", ptx)) == (vec > 1), (dtype, vec)
         for param, grad, state in [(f32, f32, f32), (f32, bf16, f32), (bf16, bf16, bf16),
                                    (bf16, bf16, f32), (f16, f16, f16), (f64, f64, f64)]:
-            for maximize, fused in ((False, False), (True, True)):  # fused: clip coef, found_inf, compact
+            vecs = tuple(128 // d.primitive_bitwidth for d in (param, grad, state))
+            chunk = 128 * 128 // param.primitive_bitwidth  # launch_sparse_adamw's: 16 bytes of param per thread
+            for maximize, fused, vec in ((False, False, (1, 1, 1)), (False, False, vecs), (True, True, vecs)):
+                # fused: clip coef, found_inf, compact
                 compiled = compile_for(adamw, capability, dict(
                     MAXIMIZE=maximize, HAS_GRAD_COEF=fused, HAS_FOUND_INF=fused, COMPACT=fused,
                     PARAM_DTYPE=param, GRAD_DTYPE=grad, STATE_DTYPE=state,
-                    COMPUTE_DTYPE=f64 if param == f64 else f32, CHUNK=1024, NUM_CHUNKS=4))
+                    COMPUTE_DTYPE=f64 if param == f64 else f32, CHUNK=chunk, NUM_CHUNKS=4096 // chunk,
+                    PARAM_VEC=vec[0], GRAD_VEC=vec[1], STATE_VEC=vec[2]),
+                    num_warps=4,  # as launch_config gives for such a chunk
+                    typed=[("param_base_ptr", "PARAM_DTYPE"), ("grad_base_ptr", "GRAD_DTYPE"),
+                           ("exp_avg_base_ptr", "STATE_DTYPE"), ("exp_avg_sq_base_ptr", "STATE_DTYPE")])
                 ptx = compiled.asm["ptx"]
-                assert compiled.asm["cubin"], "no cubin"
+                regs, local = resources(compiled)
                 assert not re.search(r"div\\.(full|approx)|sqrt\\.approx", ptx), "approximate math in the update"
                 if param != f64:
                     assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
+                assert local == 0, "the update spills"
+                if param == f32:  # the target for fp32 params
+                    assert regs <= 64, f"the update uses {regs} registers ({param}, {grad}, {state}, {vec})"
+                # Full blocks of aligned tensors: 16-byte loads and stores; scalar otherwise.
+                wide = r"global\\.(v4\\.b32|v2\\.b64)"
+                assert bool(re.search(r"ld\\." + wide, ptx)) == (vec != (1, 1, 1)), (param, grad, state, vec)
+                assert bool(re.search(r"st\\." + wide, ptx)) == (vec != (1, 1, 1)), (param, grad, state, vec)
         for tile, warps in ((16, 4), (4096, 8), (select.MAX_TILE, 8)):  # smallest, GPU default, largest
             kernels = [(select._histogram_kernel, dict(P=p, BLOCK=tile, BINS=select.BINS)) for p in range(3)]
             kernels += [(select._count_kernel, dict(BLOCK=tile, BINS=select.BINS, NUM_PASSES=3)),
@@ -96,8 +110,8 @@ SCRIPT = textwrap.dedent("""
                     ptx = compiled.asm["ptx"]
                     # Keys are counted in shared memory; global memory sees one relaxed
                     # reduction per bin of the tile, never a returning atomic.
-                    assert re.search(r"red\.global\.gpu\.relaxed\.add", ptx), "no relaxed global reduction"
-                    assert not re.search(r"atom\.[a-z.]*global", ptx), "a returning global atomic"
+                    assert re.search(r"red\\.global\\.gpu\\.relaxed\\.add", ptx), "no relaxed global reduction"
+                    assert not re.search(r"atom\\.[a-z.]*global", ptx), "a returning global atomic"
         compiled = compile_for(select._scan_kernel, capability, dict(CHUNK=1024, BINS=select.BINS, NUM_PASSES=3), 4)
         assert resources(compiled)[1] == 0, "the scan spills"
     print("ok")
