@@ -142,3 +142,15 @@ def test_views_at_every_offset_and_full_versus_partial_blocks(triton_case, block
     full[-1] = 0.0
     scores = ops.block_sqnorms([full, full[:-1].clone()], block_size, backend=backend)
     assert scores[0].view(torch.int32) == scores[1].view(torch.int32)
+
+
+def test_memory_off_its_element_alignment_is_refused(triton_case):
+    """torch.frombuffer can place a float at an odd address; offsets in elements cannot reach
+    it, so the Triton backend refuses it instead of reading a fraction of an element off."""
+    device, backend = triton_case
+    if device != "cpu":
+        pytest.skip("frombuffer makes CPU tensors")
+    buffer = bytearray(4 * 40 + 1)
+    odd = torch.frombuffer(buffer, dtype=torch.float32, count=40, offset=1)
+    with pytest.raises(ValueError, match="not aligned to its element size"):
+        ops.block_sqnorms([torch.randn(8), odd], 8, backend=backend)

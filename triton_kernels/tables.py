@@ -99,9 +99,18 @@ def group_by(keys: Sequence[Hashable]) -> tuple[list[int], list[Hashable]]:
 
 
 def element_offsets(tensors: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) -> tuple[int, ...]:
-    """Where each tensor starts, in its elements from the tensor ``bases[i]`` of the same dtype:
-    exact, as every storage is aligned to its element size."""
-    return tuple((t.data_ptr() - b.data_ptr()) // t.element_size() for t, b in zip(tensors, bases))
+    """Where each tensor starts, in its elements from the tensor ``bases[i]`` of the same dtype.
+
+    Exact when both start on a multiple of the element size, as torch's own allocations and
+    views do; memory from elsewhere (from_blob, DLPack) need not, and is refused rather than
+    addressed a fraction of an element off."""
+    offsets = []
+    for t, b in zip(tensors, bases):
+        distance = t.data_ptr() - b.data_ptr()
+        if distance % t.element_size():
+            raise ValueError(f"a {t.dtype} tensor at address {t.data_ptr():#x} is not aligned to its element size")
+        offsets.append(distance // t.element_size())
+    return tuple(offsets)
 
 
 def vector_width(tensors: Sequence[torch.Tensor], block_size: int) -> int:
