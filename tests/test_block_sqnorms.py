@@ -85,17 +85,17 @@ INT64_SCRIPT = textwrap.dedent("""
     from sparse_grad.backends import triton_kernels
     kernels = triton_kernels()
     device, block_size = {device!r}, 64
-    # A "virtual" tensor of 2**31 + 202 elements whose last 202 live in x: its base address lies
-    # 2**31 elements before x, and global block 0 is its local block 2**31 / 64.
+    # A "virtual" tensor of 2**31 + 202 elements whose last 202 live in x: it starts 2**31
+    # elements before x, and global block 0 is its local block 2**31 / 64.
     skip = 2**31
     x = torch.randn(202, device=device)
-    ptrs = torch.tensor([x.data_ptr() - skip * x.element_size()], device=device)
+    offsets = torch.tensor([-skip], device=device)
     numels = torch.tensor([skip + x.numel()], device=device)
     first_block = torch.tensor([-(skip // block_size)], device=device)
     block_tensor = torch.zeros(4, dtype=torch.int32, device=device)
     groups = torch.zeros(1, dtype=torch.int64, device=device)
     out = torch.full((4,), float("nan"), device=device)
-    kernels.launch_block_sqnorms(out, ptrs, numels, first_block, block_tensor, groups,
+    kernels.launch_block_sqnorms(out, x, offsets, numels, first_block, block_tensor, groups,
                                  block_size, 0, torch.float32)
     expected = F.pad(x.double(), (0, 54)).view(4, 64).square().sum(1)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=0)
@@ -107,3 +107,50 @@ def test_int64_offsets_past_2_31(triton_case):
     """Elements past 2**31 are addressed correctly, without allocating such a tensor."""
     device, _ = triton_case
     assert_script_prints_ok(INT64_SCRIPT.format(device=device))
+
+
+def test_vector_width_needs_every_tensor_and_every_block_on_16_bytes(triton_case):
+    from sparse_grad.backends import triton_kernels
+    import importlib
+
+    tables = importlib.import_module(triton_kernels().__name__ + ".tables")
+    device, _ = triton_case
+    buffer = torch.zeros(256, device=device)
+    aligned = [buffer[:100], buffer[128:]]  # the caching allocator aligns storages far beyond 16 bytes
+    assert tables.vector_width(aligned, 64) == 4
+    assert tables.vector_width([t.bfloat16() for t in aligned], 64) == 8
+    assert tables.vector_width([t.double() for t in aligned], 64) == 2
+    assert tables.vector_width(aligned, 6) == 1  # block 1 would start 24 bytes in
+    assert tables.vector_width(aligned + [buffer[3:50]], 64) == 1  # one view 12 bytes in: all scalar
+    assert tables.vector_width([buffer[4:50]], 64) == 4  # 16 bytes in
+
+
+@pytest.mark.parametrize("block_size", [8, 64])
+def test_views_at_every_offset_and_full_versus_partial_blocks(triton_case, block_size):
+    """Views of one buffer at element offsets 0..7 (the group then loads scalars) and an
+    aligned group (16-byte loads on a GPU); a full block and a partial one holding the same
+    values, the full one with a trailing zero, sum to the same bits: the unmasked path adds
+    lane for lane what the masked path adds."""
+    device, backend = triton_case
+    buffer = heavy_tailed((4096,), device=device)
+    views = [buffer[i:i + 3 * block_size + i] for i in range(8)]
+    aligned = [heavy_tailed((n,), device=device) for n in (block_size, 5 * block_size + 3, 2 * block_size)]
+    for tensors in (views, aligned, aligned + views):
+        scores = ops.block_sqnorms(tensors, block_size, backend=backend)
+        torch.testing.assert_close(scores.double().cpu(), sqnorms_fp64(tensors, block_size), rtol=1e-5, atol=0)
+    full = heavy_tailed((block_size,), device=device)
+    full[-1] = 0.0
+    scores = ops.block_sqnorms([full, full[:-1].clone()], block_size, backend=backend)
+    assert scores[0].view(torch.int32) == scores[1].view(torch.int32)
+
+
+def test_memory_off_its_element_alignment_is_refused(triton_case):
+    """torch.frombuffer can place a float at an odd address; offsets in elements cannot reach
+    it, so the Triton backend refuses it instead of reading a fraction of an element off."""
+    device, backend = triton_case
+    if device != "cpu":
+        pytest.skip("frombuffer makes CPU tensors")
+    buffer = bytearray(4 * 40 + 1)
+    odd = torch.frombuffer(buffer, dtype=torch.float32, count=40, offset=1)
+    with pytest.raises(ValueError, match="not aligned to its element size"):
+        ops.block_sqnorms([torch.randn(8), odd], 8, backend=backend)

@@ -101,12 +101,11 @@ def make_params(num_tensors: int, device: str) -> list[torch.nn.Parameter]:
     return params
 
 
-def select_like_the_reference(scores, out, table, num_segments, chunk=None, num_warps=None):
-    """Stands in for the Triton selection kernel under the interpreter, which runs one program
-    per segment far too slowly for 768 segments; the same ids (tests/test_triton_select.py
-    tests the kernel itself against the reference)."""
-    _, sizes, ks, _ = table.view(4, num_segments).tolist()
-    out.copy_(backends.get("reference").select_blocks(scores, sizes, ks))
+def select_like_the_reference(scores, out, plan):
+    """Stands in for the Triton selection kernels under the interpreter, which run six
+    launches over one program per tile far too slowly for 768 segments; the same ids
+    (tests/test_triton_select.py tests the kernels themselves against the reference)."""
+    out.copy_(backends.get("reference").select_blocks(scores, plan.sizes, plan.ks))
 
 
 def calls_per_step(num_tensors: int, device: str, backend: str, options: dict) -> int:

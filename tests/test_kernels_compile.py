@@ -2,7 +2,10 @@
 
 The CPU tests run the kernels in Triton's interpreter, which accepts some programs the compiler
 rejects; this builds the cubins the GPU would run and checks the PTX for correctly rounded
-division and square root (Triton's default fp32 `/` and `sqrt` are approximate).
+division and square root (Triton's default fp32 `/` and `sqrt` are approximate), and the
+selection kernels' cubins for what a GPU would launch: no register spills, at most 128 registers
+per thread at the GPU's tile size, and histogram atomics that go to shared memory per key and to
+global memory once per bin.
 """
 import textwrap
 
@@ -13,7 +16,7 @@ pytest.importorskip("triton", reason="the triton package is needed to compile it
 from _utils import assert_script_prints_ok  # noqa: E402
 
 SCRIPT = textwrap.dedent("""
-    import importlib, inspect, re
+    import importlib, inspect, os, re, subprocess, tempfile
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -22,42 +25,95 @@ SCRIPT = textwrap.dedent("""
     package = triton_kernels().__name__
     norms = importlib.import_module(package + ".block_sqnorms")._block_sqnorms_kernel
     adamw = importlib.import_module(package + ".sparse_adamw")._sparse_adamw_kernel
-    select = importlib.import_module(package + ".select_blocks")._select_kernel
+    select = importlib.import_module(package + ".select_blocks")
     TABLES = {"block_tensor_ptr": "*i32", "out_ptr": "*fp32", "hparams_ptr": "*fp64",
-              "grad_coef_ptr": "*fp32", "found_inf_ptr": "*fp32"}
-    SCALARS = {"block_size", "group", "num_blocks"}
+              "grad_coef_ptr": "*fp32", "found_inf_ptr": "*fp32", "scores_ptr": "*fp32", "hist_ptr": "*i32",
+              "counts_ptr": "*i32", "ties_before_ptr": "*i32"}
+    SCALARS = {"block_size", "group", "num_blocks", "num_tiles", "num_segments"}
+    # Shipped with Triton, next to the ptxas that built the cubins.
+    CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
-    def compile_for(kernel, capability, constexprs):
+    POINTEE = {tl.float32: "*fp32", tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float64: "*fp64"}
+
+    def compile_for(kernel, capability, constexprs, num_warps=8, typed=()):
+        # typed: (argument, constexpr naming its pointee dtype). Pointer arguments get the
+        # 16-byte divisibility the launcher specializes on for aligned tensors (all of them here).
         names = list(inspect.signature(kernel.fn).parameters)
         signature = {n: "constexpr" if n in constexprs else "i32" if n in SCALARS
                      else TABLES.get(n, "*i64") for n in names}
-        source = ASTSource(fn=kernel, signature=signature,
+        for name, dtype_name in typed:
+            signature[name] = POINTEE[constexprs[dtype_name]]
+        aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")}
+        source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
                            constexprs={(names.index(n),): v for n, v in constexprs.items()})
-        return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 8})
+        return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+
+    # (registers per thread, local memory bytes) of a cubin, as ptxas allotted them: the
+    # compiled kernel's own n_regs is only filled in when a GPU driver loads it.
+    def resources(compiled):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True,
+                                   check=True).stdout
+        return int(re.search(r"REG:(\\d+)", usage).group(1)), int(re.search(r"LOCAL:(\\d+)", usage).group(1))
 
     f32, f64, bf16, f16 = tl.float32, tl.float64, tl.bfloat16, tl.float16
     for capability in (80, 90):
         for dtype in (f32, bf16, f16, f64):
-            compile_for(norms, capability, dict(DTYPE=dtype, ACC_DTYPE=f64 if dtype == f64 else f32,
-                                                CHUNK=2048, NUM_CHUNKS=2))
+            for vec in (1, 128 // dtype.primitive_bitwidth):  # scalar, or 16 bytes
+                compiled = compile_for(norms, capability, dict(
+                    DTYPE=dtype, ACC_DTYPE=f64 if dtype == f64 else f32, CHUNK=2048, NUM_CHUNKS=2, VEC=vec),
+                    typed=[("base_ptr", "DTYPE")])
+                ptx = compiled.asm["ptx"]
+                assert resources(compiled)[1] == 0, "the norm pass spills"
+                # Aligned tensors: the full-block loop loads 16 bytes per instruction; with an
+                # unaligned view in the group (vec 1) it must not claim to.
+                assert bool(re.search(r"ld\\.global\\.(v4\\.b32|v2\\.b64)", ptx)) == (vec > 1), (dtype, vec)
         for param, grad, state in [(f32, f32, f32), (f32, bf16, f32), (bf16, bf16, bf16),
                                    (bf16, bf16, f32), (f16, f16, f16), (f64, f64, f64)]:
-            for maximize, fused in ((False, False), (True, True)):  # fused: clip coef, found_inf, compact
+            vecs = tuple(128 // d.primitive_bitwidth for d in (param, grad, state))
+            chunk = 128 * 128 // param.primitive_bitwidth  # launch_sparse_adamw's: 16 bytes of param per thread
+            for maximize, fused, vec in ((False, False, (1, 1, 1)), (False, False, vecs), (True, True, vecs)):
+                # fused: clip coef, found_inf, compact
                 compiled = compile_for(adamw, capability, dict(
                     MAXIMIZE=maximize, HAS_GRAD_COEF=fused, HAS_FOUND_INF=fused, COMPACT=fused,
                     PARAM_DTYPE=param, GRAD_DTYPE=grad, STATE_DTYPE=state,
-                    COMPUTE_DTYPE=f64 if param == f64 else f32, CHUNK=1024, NUM_CHUNKS=4))
+                    COMPUTE_DTYPE=f64 if param == f64 else f32, CHUNK=chunk, NUM_CHUNKS=4096 // chunk,
+                    PARAM_VEC=vec[0], GRAD_VEC=vec[1], STATE_VEC=vec[2]),
+                    num_warps=4,  # as launch_config gives for such a chunk
+                    typed=[("param_base_ptr", "PARAM_DTYPE"), ("grad_base_ptr", "GRAD_DTYPE"),
+                           ("exp_avg_base_ptr", "STATE_DTYPE"), ("exp_avg_sq_base_ptr", "STATE_DTYPE")])
                 ptx = compiled.asm["ptx"]
-                assert compiled.asm["cubin"], "no cubin"
+                regs, local = resources(compiled)
                 assert not re.search(r"div\\.(full|approx)|sqrt\\.approx", ptx), "approximate math in the update"
                 if param != f64:
                     assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
-        for chunk in (1024, 4096):
-            source = ASTSource(fn=select, constexprs={(4,): chunk}, signature={
-                "scores_ptr": "*fp32", "out_ptr": "*i64", "table_ptr": "*i64", "num_segments": "i32",
-                "CHUNK": "constexpr"})
-            compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 8})
-            assert compiled.asm["cubin"], "no cubin"
+                assert local == 0, "the update spills"
+                if param == f32:  # the target for fp32 params
+                    assert regs <= 64, f"the update uses {regs} registers ({param}, {grad}, {state}, {vec})"
+                # Full blocks of aligned tensors: 16-byte loads and stores; scalar otherwise.
+                wide = r"global\\.(v4\\.b32|v2\\.b64)"
+                assert bool(re.search(r"ld\\." + wide, ptx)) == (vec != (1, 1, 1)), (param, grad, state, vec)
+                assert bool(re.search(r"st\\." + wide, ptx)) == (vec != (1, 1, 1)), (param, grad, state, vec)
+        for tile, warps in ((16, 4), (4096, 8), (select.MAX_TILE, 8)):  # smallest, GPU default, largest
+            kernels = [(select._histogram_kernel, dict(P=p, BLOCK=tile, BINS=select.BINS)) for p in range(3)]
+            kernels += [(select._count_kernel, dict(BLOCK=tile, BINS=select.BINS, NUM_PASSES=3)),
+                        (select._compact_kernel, dict(BLOCK=tile))]
+            for kernel, constexprs in kernels:
+                compiled = compile_for(kernel, capability, constexprs, warps)
+                regs, local = resources(compiled)
+                assert local == 0, f"{kernel.fn.__name__} spills at tile {tile}"
+                if tile <= 4096:  # what a GPU launches: 8 warps of at most 128 registers each
+                    assert regs <= 128, f"{kernel.fn.__name__}: {regs} registers at tile {tile}"
+                if kernel is select._histogram_kernel:
+                    ptx = compiled.asm["ptx"]
+                    # Keys are counted in shared memory; global memory sees one relaxed
+                    # reduction per bin of the tile, never a returning atomic.
+                    assert re.search(r"red\\.global\\.gpu\\.relaxed\\.add", ptx), "no relaxed global reduction"
+                    assert not re.search(r"atom\\.[a-z.]*global", ptx), "a returning global atomic"
+        compiled = compile_for(select._scan_kernel, capability, dict(CHUNK=1024, BINS=select.BINS, NUM_PASSES=3), 4)
+        assert resources(compiled)[1] == 0, "the scan spills"
     print("ok")
 """)
 

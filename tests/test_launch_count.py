@@ -1,7 +1,9 @@
 """Kernel launches per SparseAdamW step on the Triton path, and the cached device tables.
 
-A step is at most one launch per op (norm pass, selection, update) for a group of one dtype,
-whatever the number of tensors; everything else it does on the host is allocation and views.
+A step is at most one launcher call per op (norm pass, selection, update) for a group of one
+dtype, whatever the number of tensors (the selection's launcher runs a fixed sequence of kernels,
+tests/test_triton_select.py records it); everything else it does on the host is allocation and
+views.
 Counted with the Triton launchers wrapped (count_launches) and torch.profiler for every torch op
 outside them (on CUDA each of those would be a kernel too).
 """

@@ -111,7 +111,7 @@ def test_only_selected_blocks_change(case):
 def assert_step_matches_reference(cpu_state, ids, block_size, device, backend):
     """One step of ``backend`` on a copy of ``cpu_state`` on ``device`` against the reference on
     the CPU: fp32/fp64 tensors within an ulp or so, 16-bit ones within their dtype's tolerance."""
-    state = [[t.to(device) for t in ts] for ts in cpu_state]
+    state = [[t.to(device, copy=True) for t in ts] for ts in cpu_state]  # copy: on the CPU .to() is the same tensor
     ops.sparse_adamw_step(*cpu_state, ids, block_size=block_size, backend="reference", **HYPER)
     ops.sparse_adamw_step(*state, ids.to(device), block_size=block_size, backend=backend, **HYPER)
     for ref_list, got_list in zip(cpu_state, state):
@@ -199,8 +199,8 @@ INT64_SCRIPT = textwrap.dedent("""
     from sparse_grad.backends import triton_kernels
     kernels = triton_kernels()
     device, block_size = {device!r}, 64
-    # Each tensor is "virtual", 2**31 + 150 elements long, of which x holds the last 150:
-    # its base address lies 2**31 elements before x's, and global block 0 is local block 2**25.
+    # Each tensor is "virtual", 2**31 + 150 elements long, of which x holds the last 150: it
+    # starts 2**31 elements before x, and global block 0 is local block 2**25.
     skip = 2**31
     skip_blocks = skip // block_size
     tensors = [torch.randn(150, device=device) for _ in range(4)]  # param, grad, exp_avg, exp_avg_sq
@@ -210,10 +210,10 @@ INT64_SCRIPT = textwrap.dedent("""
     hparams = torch.tensor([0.01, 0.9, 0.99, 1e-8, 0.1], dtype=torch.float64, device=device)
     kernels.sparse_adamw_step(*[[t] for t in expected], torch.tensor([0, 1, 2], device=device), hparams,
                               block_size, maximize=False)
-    tables = [torch.tensor([t.data_ptr() - skip * 4], device=device) for t in tensors]
+    tables = [torch.tensor([-skip], device=device) for t in tensors]  # elements from each base
     tables.append(torch.tensor([steps.data_ptr() - skip_blocks * 4], device=device))
     kernels.launch_sparse_adamw(
-        torch.tensor([0, 1, 2], device=device), hparams, tables,
+        torch.tensor([0, 1, 2], device=device), hparams, tensors, tables,
         torch.tensor([skip + 150], device=device), torch.tensor([-skip_blocks], device=device),
         torch.zeros(3, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int64, device=device),
         3, block_size, 0, (torch.float32,) * 3, False)
@@ -241,3 +241,61 @@ def test_fp32_state_for_16bit_params(case, param_dtype):
     ids = random_ids(num_blocks(shapes, 8), 9, "cpu")
     state = assert_step_matches_reference(cpu_state, ids, 8, device, backend)
     assert state[2][0].dtype == torch.float32 and state[0][0].dtype == param_dtype
+
+
+def test_views_at_every_offset_and_full_versus_partial_blocks(triton_case):
+    """Params, grads and moments that are views at element offsets 0..7 of larger buffers (a
+    group the kernel must access element by element), beside aligned tensors (16-byte accesses
+    on a GPU), match the reference; and a partial block (masked) gives the same bits as the
+    same elements in a full block (unmasked)."""
+    device, backend = triton_case
+    block_size = 16
+    shapes = [(3 * block_size + i,) for i in range(8)]
+    cpu_state = make_state(shapes, block_size, torch.float32, torch.float32, "cpu", max_step=50)
+    views = []
+    for tensors in cpu_state[:4]:
+        buffers = [torch.empty(t.numel() + 8) for t in tensors]
+        views.append([b[i:i + t.numel()].copy_(t) for i, (b, t) in enumerate(zip(buffers, tensors))])
+    views[3] = [v.abs_() for v in views[3]]
+    aligned = make_state([(2 * block_size,), (block_size + 5,)], block_size, torch.float32, torch.float32, "cpu")
+    for state in ([*views, cpu_state[4]], aligned, [a + b for a, b in zip(aligned, [*views, cpu_state[4]])]):
+        blocks = num_blocks([t.shape for t in state[0]], block_size)
+        ids = random_ids(blocks, blocks // 2 + 1, "cpu")
+        copy = [[t.clone() for t in ts] for ts in state]
+        ops.sparse_adamw_step(*copy, ids, block_size=block_size, backend="reference", **HYPER)
+        on_device = [[t.to(device, copy=True) for t in ts] for ts in state]
+        ops.sparse_adamw_step(*on_device, ids.to(device), block_size=block_size, backend=backend, **HYPER)
+        for ref_list, got_list in zip(copy, on_device):
+            for r, g in zip(ref_list, got_list):
+                torch.testing.assert_close(g.cpu(), r, atol=1e-7, rtol=1e-6)
+
+    full = make_state([(block_size,)], block_size, torch.float32, torch.float32, device)
+    partial = [[t[:block_size - 1].clone() if t.dtype != torch.int32 else t.clone() for t in ts] for ts in full]
+    ids = torch.zeros(1, dtype=torch.int64, device=device)
+    for state in (full, partial):
+        ops.sparse_adamw_step(*state, ids, block_size=block_size, backend=backend, **HYPER)
+    for f, p in zip(full[:4], partial[:4]):
+        assert_same(f[0][:block_size - 1], p[0])
+
+
+def test_vector_widths_follow_each_kind_of_tensor(triton_case):
+    """Each kind (params, grads, moments) gets 16-byte accesses only if all of its tensors
+    start on 16 bytes; a misaligned grad view costs the grads alone."""
+    import importlib
+
+    from sparse_grad.backends import triton_kernels
+
+    module = importlib.import_module(triton_kernels().__name__ + ".sparse_adamw")
+    device, _ = triton_case
+    params, grads, exp_avgs, exp_avg_sqs, steps = make_state([(64,), (40,)], 16, torch.float32, torch.bfloat16,
+                                                             device)
+    vecs = module._step_tables(params, grads, exp_avgs, exp_avg_sqs, steps, 16, False)[-1]
+    assert vecs == [(4, 8, 4)]
+    shifted = [torch.empty(t.numel() + 1, dtype=t.dtype, device=device)[1:] for t in grads]
+    vecs = module._step_tables(params, shifted, exp_avgs, exp_avg_sqs, steps, 16, False)[-1]
+    assert vecs == [(4, 1, 4)]
+    vecs = module._step_tables(params, grads, exp_avgs, exp_avg_sqs, steps, 6, False)[-1]
+    assert vecs == [(1, 1, 1)]  # a block of 6 elements: every other block starts 8 bytes in
+    slab = torch.zeros(3, 16, device=device)
+    vecs = module._step_tables(params, grads, [slab], [slab.clone()], [steps[0][:3]], 16, True)[-1]
+    assert vecs == [(4, 8, 4)]

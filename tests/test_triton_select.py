@@ -1,77 +1,226 @@
-"""The Triton selection kernel (radix threshold select + compaction) against torch.topk's.
+"""The Triton selection kernels (multi-program radix select + ordered compaction) against the
+reference backend and a brute-force oracle.
 
-Runs wherever the Triton backend does (CPU tensors under TRITON_INTERPRET=1). Small ``chunk``
-values make every segment span many loop iterations, so the carries between chunks (histogram,
-ties seen, slots taken) are exercised at sizes the interpreter runs quickly.
+Runs wherever the Triton backend does (CPU tensors under TRITON_INTERPRET=1). Small ``tile``
+values spread one segment over many programs, so what crosses programs (the histograms'
+atomics, the scan of per-tile counts, ties split between tiles) is exercised at sizes the
+interpreter runs quickly.
 """
+import importlib
+import math
+
 import pytest
 import torch
 
-from sparse_grad.backends import topk_select, triton_kernels
+from sparse_grad.backends import get, topk_select, triton_kernels
 
 from test_select_blocks import brute_force, tied_scores
 
 
-def run(scores, sizes, ks, chunk=None):
-    ids = triton_kernels().select_blocks(scores, sizes, ks, chunk=chunk)
+def run(scores, sizes, ks, tile=None):
+    ids = triton_kernels().select_blocks(scores, sizes, ks, tile=tile)
     assert ids.dtype == torch.int64 and ids.shape == (sum(ks),) and ids.device == scores.device
     return ids
 
 
 def expected(scores, sizes, ks):
-    ids = topk_select.select_blocks(scores, sizes, ks)
+    ids = get("reference").select_blocks(scores, sizes, ks)
     assert ids.tolist() == brute_force(scores.cpu(), sizes, ks)  # the reference agrees with the oracle
+    assert torch.equal(ids, topk_select.select_blocks(scores, sizes, ks))
     return ids
 
 
-def near_ties(n, device):
-    """Positive scores that share their top 3 bytes, so all four radix passes decide."""
+def check(scores, sizes, ks, tile):
+    assert torch.equal(run(scores, sizes, ks, tile).cpu(), expected(scores, sizes, ks).cpu())
+
+
+def select_module():
+    return importlib.import_module(triton_kernels().__name__ + ".select_blocks")
+
+
+def near_ties(n, device, spread=300):
+    """Positive scores within ``spread`` ulps of 1.0: they share their top 21 or 22 key bits, so
+    the first passes' threshold bin holds (nearly) every key and the last pass decides."""
     base = torch.tensor(1.0).view(torch.int32)
-    return (base + torch.randint(0, 300, (n,), dtype=torch.int32)).view(torch.float32).to(device)
+    return (base + torch.randint(0, spread, (n,), dtype=torch.int32)).view(torch.float32).to(device)
 
 
-@pytest.mark.parametrize("n, k, chunk", [(1, 1, 16), (2, 1, 16), (50, 7, 16), (97, 96, 32), (300, 31, 16),
-                                         (300, 300, 64), (300, 0, 16), (1000, 1, 128), (4099, 613, None)])
-def test_global_matches_topk(triton_case, n, k, chunk):
+@pytest.mark.parametrize("n, k, tile", [(1, 1, 16), (2, 1, 16), (50, 7, 16), (97, 96, 32), (301, 31, 32),
+                                        (300, 300, 64), (300, 0, 16), (1000, 1, 128), (4099, 613, None)])
+def test_global_matches_the_reference(triton_case, n, k, tile):
     device, _ = triton_case
     makers = (lambda: torch.rand(n, device=device), lambda: tied_scores(n, device),
               lambda: near_ties(n, device), lambda: -torch.rand(n, device=device))
     for make in makers:
-        scores = make()
-        assert torch.equal(run(scores, [n], [k], chunk).cpu(), expected(scores, [n], [k]).cpu())
+        check(make(), [n], [k], tile)
 
 
 @pytest.mark.parametrize("value", [0.0, -0.0, 1.5, float("inf"), float("-inf"), float("nan")])
 def test_all_equal_takes_the_lowest_ids(triton_case, value):
+    """Every key is in the threshold bin of every pass and every key ties at T."""
     device, _ = triton_case
-    scores = torch.full((77,), value, device=device)
-    assert run(scores, [77], [20], chunk=16).tolist() == list(range(20))
+    n = 77
+    scores = torch.full((n,), value, device=device)
+    for k in (0, 1, 20, n - 1, n):
+        assert run(scores, [n], [k], tile=16).tolist() == list(range(k))
 
 
 def test_signed_zeros_tie_and_nan_ranks_first(triton_case):
     device, _ = triton_case
     scores = torch.tensor([-0.0, 0.0, -0.0, float("nan"), -1.0, float("-inf"), 0.0, float("nan")], device=device)
-    assert run(scores, [8], [2], chunk=4).tolist() == [3, 7]  # both NaN, above everything
-    assert run(scores, [8], [4], chunk=4).tolist() == [0, 1, 3, 7]  # then the zeros, by id
-    assert run(scores, [8], [7], chunk=4).tolist() == [0, 1, 2, 3, 4, 6, 7]  # -inf last
+    assert run(scores, [8], [2], tile=4).tolist() == [3, 7]  # both NaN, above everything
+    assert run(scores, [8], [4], tile=4).tolist() == [0, 1, 3, 7]  # then the zeros, by id
+    assert run(scores, [8], [7], tile=4).tolist() == [0, 1, 2, 3, 4, 6, 7]  # -inf last
 
 
-@pytest.mark.parametrize("chunk", [8, 64, None])
-def test_per_segment_with_empty_and_full_segments(triton_case, chunk):
+def test_nan_of_either_sign_and_inf_rank_above_every_number(triton_case):
     device, _ = triton_case
-    sizes = [10, 0, 25, 1, 15, 3, 40]
-    ks = [3, 0, 25, 1, 0, 3, 9]
+    n = 101
+    scores = torch.rand(n, device=device) * 1e30
+    scores[[5, 60]] = float("inf")
+    scores[[17, 90]] = float("nan")
+    scores[33] = -float("nan")  # sign bit set: still NaN, still first
+    scores[[3, 4, 70]] = -0.0
+    for k in (1, 3, 4, 5, 6, n - 1, n):
+        check(scores, [n], [k], tile=16)
+    assert run(scores, [n], [3], tile=16).tolist() == [17, 33, 90]
+    assert run(scores, [n], [5], tile=16).tolist() == [5, 17, 33, 60, 90]
+
+
+@pytest.mark.parametrize("tile", [8, 32])
+def test_ties_straddling_the_threshold_go_to_the_lowest_ids(triton_case, tile):
+    """A run of equal scores spread over several tiles, with k ending inside it: the ties taken
+    are the first ones in id order, whichever tile they are in."""
+    device, _ = triton_case
+    n = 131
+    scores = torch.rand(n, device=device)
+    tied = torch.randperm(n)[:50]
+    scores[tied] = 2.0
+    scores[torch.randperm(n)[:10]] = 3.0  # above the ties (may overwrite some of them)
+    above = int((scores == 3.0).sum())
+    ties = int((scores == 2.0).sum())
+    for k in (above, above + 1, above + ties // 2, above + ties - 1, above + ties, above + ties + 1):
+        check(scores, [n], [k], tile)
+    k = above + ties // 2
+    taken = set(run(scores, [n], [k], tile).tolist())
+    tie_ids = sorted(torch.nonzero(scores == 2.0).flatten().tolist())
+    assert [i for i in tie_ids if i in taken] == tie_ids[:ties // 2]
+
+
+def test_more_threshold_bin_candidates_than_one_tile(triton_case):
+    """Keys that share their top 21+ bits: after each of the first two passes the threshold bin
+    holds far more candidates than a tile has lanes, and they are spread over every tile."""
+    device, _ = triton_case
+    n = 259
+    for spread in (3, 300, 2000):
+        scores = near_ties(n, device, spread)
+        for k in (1, 37, 130, n - 1):
+            check(scores, [n], [k], tile=16)
+
+
+@pytest.mark.parametrize("tile", [8, 64, None])
+def test_per_segment_with_empty_and_full_segments(triton_case, tile):
+    device, _ = triton_case
+    sizes = [10, 0, 25, 1, 15, 3, 40, 33]
+    ks = [3, 0, 25, 1, 0, 3, 9, 32]
     for scores in (tied_scores(sum(sizes), device), near_ties(sum(sizes), device)):
-        assert torch.equal(run(scores, sizes, ks, chunk).cpu(), expected(scores, sizes, ks).cpu())
+        check(scores, sizes, ks, tile)
+
+
+@pytest.mark.parametrize("k_of", [lambda n: 0, lambda n: 1, lambda n: max(n - 1, 0), lambda n: n],
+                         ids=["0", "1", "n-1", "n"])
+def test_per_segment_extreme_ks(triton_case, k_of):
+    """Scope "tensor": segments of odd sizes (partial last tiles), each with the same extreme k."""
+    device, _ = triton_case
+    sizes = [1, 7, 33, 2, 65, 19]
+    ks = [k_of(n) for n in sizes]
+    if sum(ks) == 0:
+        assert run(tied_scores(sum(sizes), device), sizes, ks, tile=16).numel() == 0
+        return
+    for scores in (tied_scores(sum(sizes), device), torch.randn(sum(sizes), device=device)):
+        check(scores, sizes, ks, tile=16)
 
 
 def test_many_random_segments(triton_case):
     device, _ = triton_case
-    sizes = torch.randint(0, 40, (57,)).tolist()
+    sizes = torch.randint(0, 40, (30,)).tolist()
     ks = [int(torch.randint(0, n + 1, ()).item()) for n in sizes]
     scores = torch.randn(sum(sizes), device=device).square()
     scores[torch.rand(scores.shape, device=device) < 0.3] = 0.5  # ties across segments too
-    assert torch.equal(run(scores, sizes, ks, chunk=16).cpu(), expected(scores, sizes, ks).cpu())
+    check(scores, sizes, ks, tile=16)
+
+
+def test_consecutive_calls_share_no_state_and_repeat_exactly(triton_case):
+    """The histograms are per call: a second call over other scores (same layout, same cached
+    plan) is not skewed by the first, and the same scores give the same ids every time."""
+    device, _ = triton_case
+    sizes, ks = [90, 41], [30, 7]
+    cache = {}
+    first = tied_scores(131, device)
+    second = near_ties(131, device)
+    ids = [triton_kernels().select_blocks(s, sizes, ks, cache) for s in (first, second, first, second)]
+    assert "select_blocks" in cache
+    assert torch.equal(ids[0].cpu(), expected(first, sizes, ks).cpu())
+    assert torch.equal(ids[1].cpu(), expected(second, sizes, ks).cpu())
+    assert torch.equal(ids[0], ids[2]) and torch.equal(ids[1], ids[3])
+
+
+class Recorder:
+    """Stands in for a Triton kernel: records each launch's grid and constexprs, then launches."""
+
+    def __init__(self, name, kernel, launches):
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.name, tuple(grid), kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    module = select_module()
+    recorded = []
+    for name in ("_histogram_kernel", "_count_kernel", "_scan_kernel", "_compact_kernel"):
+        monkeypatch.setattr(module, name, Recorder(name, getattr(module, name), recorded))
+    return recorded
+
+
+@pytest.mark.parametrize("n, tile", [(100_003, None), (5_000, 256)])
+def test_no_program_scans_more_than_8192_scores(triton_case, launches, n, tile):
+    """A large vector is spread over ceil(n / tile) programs of at most 8,192 scores each, in a
+    fixed launch sequence; the per-segment scan reads tile counts, not scores."""
+    device, _ = triton_case
+    scores = torch.rand(n, device=device)
+    k = n // 3
+    ids = run(scores, [n], [k], tile)
+    assert torch.equal(ids.cpu(), expected(scores, [n], [k]).cpu())
+    assert [name for name, _, _ in launches] == ["_histogram_kernel"] * 3 + ["_count_kernel", "_scan_kernel",
+                                                                            "_compact_kernel"]
+    max_tile = select_module().MAX_TILE
+    assert max_tile == 8192
+    for name, grid, kwargs in launches:
+        if name == "_scan_kernel":
+            assert grid == (1,)  # one program per segment
+            continue
+        block = kwargs["BLOCK"]
+        assert block <= max_tile and (tile is None or block == tile)
+        assert grid == (math.ceil(n / block),)  # every score in exactly one program
+    assert len({kwargs["BLOCK"] for name, _, kwargs in launches if name != "_scan_kernel"}) == 1
+
+
+def test_tiles_on_a_gpu_and_explicit_tiles_stay_within_8192(triton_case):
+    module = select_module()
+    for device in (torch.device("cuda"), torch.device("cpu")):
+        for size in (1, 100, 98_688, 10**6, 2**31 - 1):
+            tile = module.tile_size([size], device)
+            assert 16 <= tile <= 8192 and tile & (tile - 1) == 0
+    assert module.tile_size([10**6], torch.device("cuda")) < 8192  # a large vector: many SMs
+    device, _ = triton_case
+    for bad in (8192 * 2, 24, 0):
+        with pytest.raises(ValueError, match="tile must be a power of two"):
+            run(torch.rand(100, device=device), [100], [5], tile=bad)
 
 
 def test_nothing_to_take_launches_nothing(triton_case, monkeypatch):

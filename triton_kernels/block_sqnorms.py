@@ -7,13 +7,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import TL_DTYPES, block_map, launch_config, compute_dtype, cached_tables, group_by
+from .tables import (TL_DTYPES, block_map, cached_tables, compute_dtype, element_offsets, group_by, launch_config,
+                     vector_width)
 
 
 @triton.jit
 def _block_sqnorms_kernel(
     out_ptr,  # fp32 [num_blocks]
-    tensor_ptrs_ptr,  # int64 [T]: base address of each tensor
+    base_ptr,  # DTYPE: the first tensor of group `group`
+    offsets_ptr,  # int64 [T]: where each tensor starts, in elements from its group's base_ptr
     numels_ptr,  # int64 [T]
     first_block_ptr,  # int64 [T]
     block_tensor_ptr,  # int32 [num_blocks]
@@ -24,25 +26,38 @@ def _block_sqnorms_kernel(
     ACC_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,  # cdiv(block_size, CHUNK)
+    VEC: tl.constexpr,  # elements per 16 bytes if every tensor of the group and block_size allow it, else 1
 ):
     block = tl.program_id(0).to(tl.int64)
     t = tl.load(block_tensor_ptr + block)
     in_group = tl.load(groups_ptr + t) == group
-    x_ptr = tl.load(tensor_ptrs_ptr + t).to(tl.pointer_type(DTYPE))
+    # Element offsets from a pointer argument, not addresses read from a table: the compiler
+    # knows an argument's alignment (16 bytes when it is), never a loaded address's.
+    offset = tl.load(offsets_ptr + t)
     start = (block - tl.load(first_block_ptr + t)) * block_size
+    if VEC > 1:  # checked on the host: every tensor and every block start on 16 bytes
+        offset = tl.multiple_of(offset, VEC)
+        start = tl.multiple_of(start, VEC)
+    x_ptr = base_ptr + offset
     end = tl.minimum(start + block_size, tl.load(numels_ptr + t))
     end = tl.where(in_group, end, start)  # another launch handles this block: read nothing
     acc = tl.zeros([CHUNK], dtype=ACC_DTYPE)
-    for chunk in range(NUM_CHUNKS):
-        offsets = start + chunk * CHUNK + tl.arange(0, CHUNK)
-        x = tl.load(x_ptr + offsets, mask=offsets < end, other=0.0).to(ACC_DTYPE)
-        acc += x * x
+    if end - start == NUM_CHUNKS * CHUNK:  # a full block (CHUNK divides block_size): no mask
+        for chunk in range(NUM_CHUNKS):
+            x = tl.load(x_ptr + start + chunk * CHUNK + tl.arange(0, CHUNK)).to(ACC_DTYPE)
+            acc += x * x
+    else:  # a tensor's partial last block: the same sums, lane for lane, with zeros past the end
+        for chunk in range(NUM_CHUNKS):
+            offsets = start + chunk * CHUNK + tl.arange(0, CHUNK)
+            x = tl.load(x_ptr + offsets, mask=offsets < end, other=0.0).to(ACC_DTYPE)
+            acc += x * x
     tl.store(out_ptr + block, tl.sum(acc, axis=0).to(tl.float32), mask=in_group)
 
 
 def launch_block_sqnorms(
     out: torch.Tensor,
-    tensor_ptrs: torch.Tensor,
+    base: torch.Tensor,
+    offsets: torch.Tensor,
     numels: torch.Tensor,
     first_block: torch.Tensor,
     block_tensor: torch.Tensor,
@@ -52,12 +67,16 @@ def launch_block_sqnorms(
     dtype: torch.dtype,
     chunk: int | None = None,
     num_warps: int | None = None,
+    vec: int = 1,
 ) -> None:
-    """Launch over ``out.numel()`` blocks, described by raw tables (see :mod:`.tables`)."""
+    """Launch over ``out.numel()`` blocks, described by raw tables (see :mod:`.tables`):
+    ``offsets[t]`` is where tensor t starts, in elements from the tensor ``base`` (of ``dtype``);
+    ``vec`` > 1 (see :func:`vector_width`) lets the compiler load ``vec`` elements at once."""
     _block_sqnorms_kernel[(out.numel(),)](
-        out, tensor_ptrs, numels, first_block, block_tensor, groups, block_size, group,
+        out, base, offsets, numels, first_block, block_tensor, groups, block_size, group,
         DTYPE=TL_DTYPES[dtype],
         ACC_DTYPE=compute_dtype(dtype),
+        VEC=vec,
         **launch_config(block_size, out.device, 2048, chunk, num_warps),
     )
 
@@ -73,20 +92,25 @@ def block_sqnorms(tensors: Sequence[torch.Tensor], block_size: int, cache: dict 
         prepared = _tables(tensors, block_size)
         if cache is not None:
             cache["block_sqnorms"] = prepared
-    bmap, ptrs, group_table, dtypes = prepared
+    bmap, offsets, group_table, dtypes, bases, vecs = prepared
     out = torch.empty(bmap.num_blocks, dtype=torch.float32, device=tensors[0].device)
     if bmap.num_blocks == 0:
         return out
     for g, dtype in enumerate(dtypes):
-        launch_block_sqnorms(out, ptrs, bmap.numels, bmap.first_block, bmap.block_tensor,
-                             group_table, block_size, g, dtype)
+        launch_block_sqnorms(out, tensors[bases[g]], offsets, bmap.numels, bmap.first_block, bmap.block_tensor,
+                             group_table, block_size, g, dtype, vec=vecs[g])
     return out
 
 
 def _tables(tensors: Sequence[torch.Tensor], block_size: int):
-    """The block map, the device pointer table and the dtype groups of a list of tensors."""
+    """The block map, the device offset table, the dtype groups of a list of tensors, the index
+    of each group's base tensor and its vector width. Indices, not tensors: a cache entry must
+    not keep freed grads alive."""
     device = tensors[0].device
     bmap = block_map(tuple(t.numel() for t in tensors), block_size, device)
     groups, dtypes = group_by([t.dtype for t in tensors])
-    ptrs, group_table = cached_tables((tuple(t.data_ptr() for t in tensors), tuple(groups)), device)
-    return bmap, ptrs, group_table, dtypes
+    bases = [groups.index(g) for g in range(len(dtypes))]
+    offsets = element_offsets(tensors, [tensors[bases[g]] for g in groups])
+    offsets, group_table = cached_tables((offsets, tuple(groups)), device)
+    vecs = [vector_width([t for t, tg in zip(tensors, groups) if tg == g], block_size) for g in range(len(dtypes))]
+    return bmap, offsets, group_table, dtypes, bases, vecs

@@ -1,27 +1,40 @@
-"""Top-k block selection on device in one launch: radix threshold select, then compaction.
+"""Exact top-k block selection on many programs: a three-pass radix select, then an ordered compaction.
 
 Every score becomes an unsigned 32-bit rank key, ordered like the scores (NaN above everything,
--0.0 equal to +0.0). One program per segment finds the k-th largest key T in four passes over
-its segment, one 8-bit digit per pass (a 256-bin histogram of the keys that share the digits
-found so far), and then writes, in id order, the ids with key > T and the lowest-id ties
-key == T until exactly k are taken. The ids come out ascending without a sort, the output size
-is known on the host (sum of the ks), and nothing is read back: no host sync.
+-0.0 equal to +0.0). Each segment's k-th largest key T is found one digit at a time, most
+significant first (11, 11 and 10 bits): every tile of at most ``MAX_TILE`` scores histograms the
+digit of its keys that share the digits found so far, into its segment's histogram in global
+memory (integer atomics: the sums, hence T, are deterministic). Nothing is read back between
+passes: each program of the next kernel re-derives the digits found so far from the finished
+histograms (a cumulative sum over 2,048 bins, cheaper than a launch of its own). Then every tile
+counts its keys > T and == T, one program per segment scans those counts (exclusive, in tile
+order), and every tile writes its chosen ids to their final slots: all keys > T and the ties
+== T of lowest id until exactly k are taken. The ids come out ascending without a sort, the
+output size is known on the host (the sum of the ks), and no program reads more than
+``MAX_TILE`` scores: no host sync, a fixed launch sequence (CUDA-graph capturable), and work
+spread over ``ceil(n / tile)`` programs instead of one program per segment.
 
 The reference it is tested against is ``sparse_grad.backends.topk_select`` (torch.topk on
-unique (score, id) keys).
+unique (score, id) keys), which agrees with the reference backend.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from .tables import cached_rows
+from .tables import cached_tables
 
 # Counts within a segment (keys still to take, ties seen, slots taken) are int32.
 MAX_BLOCKS = 2**31 - 1
+# No program reads more scores than this: a large vector is spread over many programs.
+MAX_TILE = 8192
+# Histogram bins per pass: digits of 11, 11 and 10 bits cover the 32-bit key in three passes.
+BINS = 2048
+NUM_PASSES = 3
 
 
 @triton.jit
@@ -39,106 +52,251 @@ def _rank_keys(scores_ptr, offsets, valid):
 
 
 @triton.jit
-def _select_kernel(
-    scores_ptr,  # fp32 [num_blocks]
-    out_ptr,  # int64 [sum of ks]
-    table_ptr,  # int64 [4, S]: first block, blocks, k, first output slot of each segment
-    num_segments,
-    CHUNK: tl.constexpr,
-):
-    segment = tl.program_id(0)
-    start = tl.load(table_ptr + segment)
-    size = tl.load(table_ptr + num_segments + segment)
-    k = tl.load(table_ptr + 2 * num_segments + segment)
-    out_start = tl.load(table_ptr + 3 * num_segments + segment)
-    lanes = tl.arange(0, CHUNK)
-    bins = tl.arange(0, 256)
+def _digit(keys, P: tl.constexpr):
+    """The digit pass ``P`` histograms: key bits [21, 32), [10, 21), [0, 10)."""
+    if P == 0:
+        d = keys >> 21
+    elif P == 1:
+        d = (keys >> 10) & 0x7FF
+    else:
+        d = keys & 0x3FF
+    return d.to(tl.int32)
 
-    # Radix select, most significant digit first: after the pass for bits [shift, shift + 8),
-    # `prefix` holds the top digits of T and `need` how many keys with that prefix are still to
-    # be taken (the keys above the prefix are all taken).
+
+@triton.jit
+def _prefix(keys, P: tl.constexpr):
+    """The digits above pass ``P``'s (P > 0), to compare with the prefix found so far."""
+    if P == 1:
+        p = keys >> 21
+    else:
+        p = keys >> 10
+    return p
+
+
+@triton.jit
+def _threshold(hist_ptr, segment, num_segments, k, PASSES: tl.constexpr, BINS: tl.constexpr):
+    """(digits of T found by the first ``PASSES`` passes, keys == that prefix still to take).
+
+    After a pass the keys above the prefix are all taken: T's digit is the largest d such that
+    at least ``need`` keys with the prefix have a digit >= d. With k == 0 every digit is the
+    largest, so T is the largest key and nothing is above it.
+    """
+    bins = tl.arange(0, BINS)
     need = k.to(tl.int32)
     prefix = tl.zeros([], dtype=tl.uint32)
-    for p in tl.static_range(4):
-        shift = 24 - 8 * p  # p is a compile-time constant, so is shift
-        hist = tl.zeros([256], dtype=tl.int32)
-        offset = start * 0
-        while offset < size:
-            index = offset + lanes
-            valid = index < size
-            keys = _rank_keys(scores_ptr, start + index, valid)
-            if p > 0:  # only the keys that share the digits found so far
-                valid = valid & ((keys >> (shift + 8)) == prefix)
-            digits = ((keys >> shift) & 0xFF).to(tl.int32)
-            hist += tl.histogram(digits, 256, mask=valid)
-            offset += CHUNK
-        # at_least[d]: keys (with the prefix) whose digit is >= d. T's digit is the largest d with
-        # at_least[d] >= need; the keys with a larger digit are all taken.
+    for p in tl.static_range(PASSES):
+        hist = tl.load(hist_ptr + (p * num_segments + segment) * BINS + bins)
         at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-        digit = tl.max(tl.where(at_least >= need, bins, 0), axis=0)
+        if p < 2:
+            fits = at_least >= need
+        else:  # a 10-bit digit: k == 0 must not pick a bin the key cannot hold
+            fits = (at_least >= need) & (bins < BINS // 2)
+        digit = tl.max(tl.where(fits, bins, 0), axis=0)
         need -= tl.sum(tl.where(bins == digit, at_least - hist, 0), axis=0)
-        prefix = (prefix << 8) | digit.to(tl.uint32)
+        if p < 2:
+            prefix = (prefix << 11) | digit.to(tl.uint32)
+        else:
+            prefix = (prefix << 10) | digit.to(tl.uint32)
+    return prefix, need
 
-    # Compaction in id order: every key > T, and the first `need` keys == T (ties: lower ids).
-    threshold = prefix
-    taken = need * 0
-    ties_seen = need * 0
-    offset = start * 0
-    end = tl.where(k > 0, size, offset)  # k == 0 takes nothing: skip the pass
-    while offset < end:
-        index = offset + lanes
-        valid = index < size
-        keys = _rank_keys(scores_ptr, start + index, valid)
-        above = valid & (keys > threshold)
-        tie = (valid & (keys == threshold)).to(tl.int32)
-        tie_rank = ties_seen + tl.cumsum(tie, axis=0) - tie
-        chosen = (above | ((tie == 1) & (tie_rank < need))).to(tl.int32)
-        slot = taken + tl.cumsum(chosen, axis=0) - chosen
-        tl.store(out_ptr + out_start + slot, start + index, mask=chosen == 1)
-        taken += tl.sum(chosen, axis=0)
-        ties_seen += tl.sum(tie, axis=0)
+
+@triton.jit
+def _tile(tiles_ptr, segments_ptr, num_tiles, num_segments, BLOCK: tl.constexpr):
+    """This program's tile: its segment, its k, its ids and which lanes hold one."""
+    tile = tl.program_id(0).to(tl.int64)
+    segment = tl.load(tiles_ptr + tile)
+    start = tl.load(tiles_ptr + num_tiles + tile)
+    end = tl.load(tiles_ptr + 2 * num_tiles + tile)
+    k = tl.load(segments_ptr + 2 * num_segments + segment)
+    index = start + tl.arange(0, BLOCK)
+    return tile, segment, k, index, index < end
+
+
+@triton.jit
+def _histogram_kernel(
+    scores_ptr,  # fp32 [num_blocks]
+    tiles_ptr,  # int64 [3, num_tiles]: segment, first id, end id of each tile
+    segments_ptr,  # int64 [6, S]: first block, blocks, k, first output slot, first tile, tiles
+    hist_ptr,  # int32 [NUM_PASSES, S, BINS], zero before the first pass
+    num_tiles,
+    num_segments,
+    P: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BINS: tl.constexpr,
+):
+    tile, segment, k, index, valid = _tile(tiles_ptr, segments_ptr, num_tiles, num_segments, BLOCK)
+    keys = _rank_keys(scores_ptr, index, valid)
+    if P > 0:  # only the keys that share the digits found so far
+        prefix, need = _threshold(hist_ptr, segment, num_segments, k, P, BINS)
+        valid = valid & (_prefix(keys, P) == prefix)
+    local = tl.histogram(_digit(keys, P), BINS, mask=valid)
+    bins = tl.arange(0, BINS)
+    # One atomic per non-empty bin of the tile, not per key.
+    tl.atomic_add(hist_ptr + (P * num_segments + segment) * BINS + bins, local, mask=local > 0, sem="relaxed")
+
+
+@triton.jit
+def _count_kernel(
+    scores_ptr, tiles_ptr, segments_ptr, hist_ptr,
+    counts_ptr,  # int32 [2, num_tiles]: keys > T, keys == T of each tile
+    num_tiles, num_segments,
+    BLOCK: tl.constexpr, BINS: tl.constexpr, NUM_PASSES: tl.constexpr,
+):
+    tile, segment, k, index, valid = _tile(tiles_ptr, segments_ptr, num_tiles, num_segments, BLOCK)
+    threshold, need = _threshold(hist_ptr, segment, num_segments, k, NUM_PASSES, BINS)
+    keys = _rank_keys(scores_ptr, index, valid)
+    tl.store(counts_ptr + tile, tl.sum((valid & (keys > threshold)).to(tl.int32), axis=0))
+    tl.store(counts_ptr + num_tiles + tile, tl.sum((valid & (keys == threshold)).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _scan_kernel(
+    segments_ptr, hist_ptr, counts_ptr,
+    bases_ptr,  # int64 [num_tiles + 2 S]: first output slot of each tile, then T and need per segment
+    ties_before_ptr,  # int32 [num_tiles]: keys == T in the segment's earlier tiles
+    num_tiles, num_segments,
+    CHUNK: tl.constexpr, BINS: tl.constexpr, NUM_PASSES: tl.constexpr,
+):
+    segment = tl.program_id(0).to(tl.int64)
+    k = tl.load(segments_ptr + 2 * num_segments + segment)
+    out_start = tl.load(segments_ptr + 3 * num_segments + segment)
+    first_tile = tl.load(segments_ptr + 4 * num_segments + segment)
+    tiles = tl.load(segments_ptr + 5 * num_segments + segment)
+    threshold, need = _threshold(hist_ptr, segment, num_segments, k, NUM_PASSES, BINS)
+    lanes = tl.arange(0, CHUNK)
+    above_carry = need * 0
+    ties_carry = need * 0
+    offset = tiles * 0
+    while offset < tiles:
+        index = first_tile + offset + lanes
+        valid = offset + lanes < tiles
+        above = tl.load(counts_ptr + index, mask=valid, other=0)
+        ties = tl.load(counts_ptr + num_tiles + index, mask=valid, other=0)
+        above_before = above_carry + tl.cumsum(above, axis=0) - above
+        ties_before = ties_carry + tl.cumsum(ties, axis=0) - ties
+        # Every key > T of an earlier tile is taken, and the earlier ties up to `need`.
+        base = out_start + above_before.to(tl.int64) + tl.minimum(ties_before, need).to(tl.int64)
+        tl.store(bases_ptr + index, base, mask=valid)
+        tl.store(ties_before_ptr + index, ties_before, mask=valid)
+        above_carry += tl.sum(above, axis=0)
+        ties_carry += tl.sum(ties, axis=0)
         offset += CHUNK
+    tl.store(bases_ptr + num_tiles + segment, threshold.to(tl.int64))
+    tl.store(bases_ptr + num_tiles + num_segments + segment, need.to(tl.int64))
 
 
-def launch_select_blocks(scores: torch.Tensor, out: torch.Tensor, table: torch.Tensor,
-                         num_segments: int, chunk: int | None = None, num_warps: int | None = None) -> None:
-    """One program per segment; ``table`` as :func:`select_blocks` builds it."""
-    if chunk is None:
-        # The interpreter pays per operation, not per element: wide chunks there.
-        chunk = (1 << 16) if scores.device.type == "cpu" else 4096
-    _select_kernel[(num_segments,)](scores, out, table, num_segments, CHUNK=chunk,
-                                    num_warps=num_warps or 8)
+@triton.jit
+def _compact_kernel(
+    scores_ptr, tiles_ptr, segments_ptr, bases_ptr, ties_before_ptr,
+    out_ptr,  # int64 [sum of ks]
+    num_tiles, num_segments,
+    BLOCK: tl.constexpr,
+):
+    tile, segment, k, index, valid = _tile(tiles_ptr, segments_ptr, num_tiles, num_segments, BLOCK)
+    threshold = tl.load(bases_ptr + num_tiles + segment).to(tl.uint32)
+    need = tl.load(bases_ptr + num_tiles + num_segments + segment).to(tl.int32)
+    base = tl.load(bases_ptr + tile)
+    ties_before = tl.load(ties_before_ptr + tile)
+    keys = _rank_keys(scores_ptr, index, valid)
+    above = valid & (keys > threshold)
+    tie = (valid & (keys == threshold)).to(tl.int32)
+    tie_rank = ties_before + tl.cumsum(tie, axis=0) - tie
+    chosen = (above | ((tie == 1) & (tie_rank < need))).to(tl.int32)
+    slot = base + (tl.cumsum(chosen, axis=0) - chosen).to(tl.int64)
+    tl.store(out_ptr + slot, index, mask=chosen == 1)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a selection over one layout launches: device tables and host-side sizes."""
+
+    sizes: tuple[int, ...]
+    ks: tuple[int, ...]
+    tiles: torch.Tensor  # int64 [3, num_tiles]
+    segments: torch.Tensor  # int64 [6, S]
+    num_tiles: int
+    tile: int  # scores per program (BLOCK)
+    scan_chunk: int  # tiles per iteration of the scan
+    num_warps: int
+
+
+def tile_size(sizes: Sequence[int], device: torch.device) -> int:
+    """Scores per program: no wider than the longest segment needs, at most ``MAX_TILE``; on a
+    GPU 4096, so that a large vector spreads over many SMs (untuned: no GPU measured it yet)."""
+    cap = MAX_TILE if device.type == "cpu" else 4096
+    return min(cap, max(16, triton.next_power_of_2(max(sizes, default=1))))
+
+
+def plan(sizes: Sequence[int], ks: Sequence[int], device: torch.device, tile: int | None = None) -> Plan:
+    """Cut each segment into tiles of ``tile`` scores and upload the tables (cached per layout)."""
+    if tile is None:
+        tile = tile_size(sizes, device)
+    if not 1 <= tile <= MAX_TILE or tile & (tile - 1):
+        raise ValueError(f"tile must be a power of two in [1, {MAX_TILE}], got {tile}")
+    tile_segment, tile_start, tile_end = [], [], []
+    starts, out_starts, first_tiles, counts = [], [], [], []
+    start = out_start = 0
+    for s, (size, k) in enumerate(zip(sizes, ks)):
+        starts.append(start)
+        out_starts.append(out_start)
+        first_tiles.append(len(tile_segment))
+        for lo in range(start, start + size, tile):
+            tile_segment.append(s)
+            tile_start.append(lo)
+            tile_end.append(min(lo + tile, start + size))
+        counts.append(len(tile_segment) - first_tiles[-1])
+        start += size
+        out_start += k
+    num_tiles = len(tile_segment)
+    tiles, segments = cached_tables(
+        (tuple(tile_segment + tile_start + tile_end),
+         tuple(starts) + tuple(sizes) + tuple(ks) + tuple(out_starts) + tuple(first_tiles) + tuple(counts)), device)
+    scan_chunk = min(1024, max(16, triton.next_power_of_2(max(counts, default=1))))
+    return Plan(tuple(sizes), tuple(ks), tiles, segments, num_tiles, tile, scan_chunk,
+                num_warps=4 if tile <= 1024 else 8)
+
+
+def launch_select_blocks(scores: torch.Tensor, out: torch.Tensor, plan: Plan) -> None:
+    """The selection's fixed launch sequence for a :func:`plan`: histogram passes, count, scan,
+    compaction. Scratch is allocated per call (a zeroed histogram), so no state carries over
+    from one call to the next and concurrent calls share nothing."""
+    num_segments = len(plan.sizes)
+    device = scores.device
+    hist = torch.zeros(NUM_PASSES * num_segments * BINS, dtype=torch.int32, device=device)
+    counts = torch.empty(3 * plan.num_tiles, dtype=torch.int32, device=device)  # above, ties, ties before
+    bases = torch.empty(plan.num_tiles + 2 * num_segments, dtype=torch.int64, device=device)
+    ties_before = counts[2 * plan.num_tiles:]
+    grid = (plan.num_tiles,)
+    for p in range(NUM_PASSES):
+        _histogram_kernel[grid](scores, plan.tiles, plan.segments, hist, plan.num_tiles, num_segments,
+                                P=p, BLOCK=plan.tile, BINS=BINS, num_warps=plan.num_warps)
+    _count_kernel[grid](scores, plan.tiles, plan.segments, hist, counts, plan.num_tiles, num_segments,
+                        BLOCK=plan.tile, BINS=BINS, NUM_PASSES=NUM_PASSES, num_warps=plan.num_warps)
+    _scan_kernel[(num_segments,)](plan.segments, hist, counts, bases, ties_before, plan.num_tiles, num_segments,
+                                  CHUNK=plan.scan_chunk, BINS=BINS, NUM_PASSES=NUM_PASSES, num_warps=4)
+    _compact_kernel[grid](scores, plan.tiles, plan.segments, bases, ties_before, out, plan.num_tiles,
+                          num_segments, BLOCK=plan.tile, num_warps=plan.num_warps)
 
 
 def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks: Sequence[int],
-                  cache: dict | None = None, chunk: int | None = None) -> torch.Tensor:
-    """Same contract as :func:`sparse_grad.backends.reference.select_blocks`, in one launch.
+                  cache: dict | None = None, tile: int | None = None) -> torch.Tensor:
+    """Same contract as :func:`sparse_grad.backends.reference.select_blocks`, on many programs.
 
-    The segment table is cached on the device per (sizes, ks), so a step with the same layout
-    and density copies nothing to the device; ``cache``, a dict the caller keeps while sizes and
-    ks stay the same, saves building its key.
+    The tables are cached on the device per (sizes, ks), so a step with the same layout and
+    density copies nothing to the device; ``cache``, a dict the caller keeps while sizes and ks
+    stay the same, saves building their key. ``tile``: scores per program (a power of two, at
+    most ``MAX_TILE``; by default :func:`tile_size`).
     """
     if scores.numel() > MAX_BLOCKS:
         raise ValueError(f"scores has {scores.numel()} blocks; at most {MAX_BLOCKS} are supported")
-    device = scores.device
     total = sum(segment_ks)
-    out = torch.empty(total, dtype=torch.int64, device=device)
+    out = torch.empty(total, dtype=torch.int64, device=scores.device)
     if total == 0:
         return out
-    prepared = None if cache is None else cache.get("select_blocks")
+    prepared = None if cache is None or tile is not None else cache.get("select_blocks")
     if prepared is None:
-        starts, out_starts = [0], [0]
-        for size, k in zip(segment_sizes, segment_ks):
-            starts.append(starts[-1] + size)
-            out_starts.append(out_starts[-1] + k)
-        table = cached_rows((tuple(starts[:-1]), tuple(segment_sizes), tuple(segment_ks), tuple(out_starts[:-1])),
-                            device)
-        interpreted = None  # the interpreter's chunk: no wider than the longest segment needs
-        if device.type == "cpu":
-            interpreted = min(1 << 16, max(16, triton.next_power_of_2(max(segment_sizes))))
-        prepared = (table, interpreted)
-        if cache is not None:
+        prepared = plan(segment_sizes, segment_ks, scores.device, tile)
+        if cache is not None and tile is None:
             cache["select_blocks"] = prepared
-    table, interpreted = prepared
-    launch_select_blocks(scores, out, table, len(segment_sizes), chunk or interpreted)
+    launch_select_blocks(scores, out, prepared)
     return out

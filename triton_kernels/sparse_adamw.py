@@ -7,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import TL_DTYPES, block_map, launch_config, compute_dtype, cached_tables, group_by
+from .tables import (TL_DTYPES, block_map, cached_tables, compute_dtype, element_offsets, group_by, launch_config,
+                     vector_width)
 
 
 @triton.jit
@@ -61,16 +62,58 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _adamw_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, lanes, count, grad_coef, decay, lerp_coeff,
+                 small_weight, beta2_c, one_minus_beta2, bias_correction2_sqrt, neg_step_size, eps,
+                 MASKED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_COEF: tl.constexpr,
+                 PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """One chunk of a block: ``lanes`` are element indices within the block, ``count`` the
+    block's elements (``MASKED`` only: a full block needs no mask, so its accesses vectorize)."""
+    if MASKED:
+        mask = lanes < count
+        param = tl.load(param_ptr + lanes, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        grad = tl.load(grad_ptr + lanes, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        exp_avg = tl.load(exp_avg_ptr + lanes, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + lanes, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    else:
+        param = tl.load(param_ptr + lanes).to(COMPUTE_DTYPE)
+        grad = tl.load(grad_ptr + lanes).to(COMPUTE_DTYPE)
+        exp_avg = tl.load(exp_avg_ptr + lanes).to(COMPUTE_DTYPE)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + lanes).to(COMPUTE_DTYPE)
+    if HAS_GRAD_COEF:
+        grad = grad * grad_coef
+    if MAXIMIZE:
+        grad = -grad
+    param = param * decay
+    exp_avg = tl.fma(lerp_coeff, grad - exp_avg, tl.where(small_weight, exp_avg, grad))
+    exp_avg_sq = exp_avg_sq * beta2_c
+    exp_avg_sq = exp_avg_sq + one_minus_beta2 * grad * grad
+    denom = _div(_sqrt(exp_avg_sq), bias_correction2_sqrt) + eps
+    param = param + _div(neg_step_size * exp_avg, denom)
+    if MASKED:
+        tl.store(param_ptr + lanes, _round_to(param, PARAM_DTYPE), mask=mask)
+        tl.store(exp_avg_ptr + lanes, _round_to(exp_avg, STATE_DTYPE), mask=mask)
+        tl.store(exp_avg_sq_ptr + lanes, _round_to(exp_avg_sq, STATE_DTYPE), mask=mask)
+    else:
+        tl.store(param_ptr + lanes, _round_to(param, PARAM_DTYPE))
+        tl.store(exp_avg_ptr + lanes, _round_to(exp_avg, STATE_DTYPE))
+        tl.store(exp_avg_sq_ptr + lanes, _round_to(exp_avg_sq, STATE_DTYPE))
+
+
+@triton.jit
 def _sparse_adamw_kernel(
     block_ids_ptr,  # int64 [num_selected]: global ids of the blocks to update
     hparams_ptr,  # fp64 [5]: lr, beta1, beta2, eps, weight_decay
     grad_coef_ptr,  # fp32 [1]: grads are multiplied by it (read only if HAS_GRAD_COEF)
     found_inf_ptr,  # fp32 [1]: nonzero -> update nothing (read only if HAS_FOUND_INF)
-    param_ptrs_ptr,  # int64 [T] base addresses ...
-    grad_ptrs_ptr,
-    exp_avg_ptrs_ptr,
-    exp_avg_sq_ptrs_ptr,
-    step_ptrs_ptr,  # ... of int32 per-block step counts
+    param_base_ptr,  # the first param, grad, exp_avg and exp_avg_sq of group `group` ...
+    grad_base_ptr,
+    exp_avg_base_ptr,
+    exp_avg_sq_base_ptr,
+    param_offsets_ptr,  # int64 [T] where each tensor starts, in elements from its base ...
+    grad_offsets_ptr,
+    exp_avg_offsets_ptr,
+    exp_avg_sq_offsets_ptr,
+    step_ptrs_ptr,  # int64 [T] base addresses of int32 per-block step counts
     numels_ptr,  # int64 [T]
     first_block_ptr,  # int64 [T]
     block_tensor_ptr,  # int32 [num_blocks]
@@ -88,6 +131,9 @@ def _sparse_adamw_kernel(
     COMPUTE_DTYPE: tl.constexpr,
     CHUNK: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,  # cdiv(block_size, CHUNK)
+    PARAM_VEC: tl.constexpr,  # elements per 16 bytes where the host checked that every block of
+    GRAD_VEC: tl.constexpr,  # every tensor of that kind starts on 16 bytes, else 1
+    STATE_VEC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     block = tl.load(block_ids_ptr + pid)
@@ -121,45 +167,53 @@ def _sparse_adamw_kernel(
     weight = (1.0 - beta1).to(COMPUTE_DTYPE)
     small_weight = weight < 0.5
     lerp_coeff = tl.where(small_weight, weight, weight - 1.0)
+    grad_coef = eps  # any value: read only if HAS_GRAD_COEF
     if HAS_GRAD_COEF:
         grad_coef = tl.load(grad_coef_ptr).to(COMPUTE_DTYPE)
 
-    param_ptr = tl.load(param_ptrs_ptr + t).to(tl.pointer_type(PARAM_DTYPE))
-    grad_ptr = tl.load(grad_ptrs_ptr + t).to(tl.pointer_type(GRAD_DTYPE))
+    # Element offsets from pointer arguments, not addresses read from a table: the compiler
+    # knows an argument's alignment (16 bytes when it is), never a loaded address's. Each first
+    # element below is the block's, counted from the kind's base pointer.
     start = local * block_size
-    if COMPACT:  # shifted so that the element offsets below land in row pid of the slabs
-        exp_avg_ptr = tl.load(exp_avg_ptrs_ptr).to(tl.pointer_type(STATE_DTYPE)) + (pid * block_size - start)
-        exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs_ptr).to(tl.pointer_type(STATE_DTYPE)) + (pid * block_size - start)
+    param_first = tl.load(param_offsets_ptr + t) + start
+    grad_first = tl.load(grad_offsets_ptr + t) + start
+    if COMPACT:  # row pid of the slabs
+        exp_avg_first = pid * block_size
+        exp_avg_sq_first = pid * block_size
     else:
-        exp_avg_ptr = tl.load(exp_avg_ptrs_ptr + t).to(tl.pointer_type(STATE_DTYPE))
-        exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs_ptr + t).to(tl.pointer_type(STATE_DTYPE))
-    end = tl.minimum(start + block_size, tl.load(numels_ptr + t))
-    end = tl.where(active, end, start)  # invalid id, or another launch's block: touch nothing
-    for chunk in range(NUM_CHUNKS):
-        offsets = start + chunk * CHUNK + tl.arange(0, CHUNK)
-        mask = offsets < end
-        param = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        if HAS_GRAD_COEF:
-            grad = grad * grad_coef
-        if MAXIMIZE:
-            grad = -grad
-        param = param * decay
-        exp_avg = tl.fma(lerp_coeff, grad - exp_avg, tl.where(small_weight, exp_avg, grad))
-        exp_avg_sq = exp_avg_sq * beta2_c
-        exp_avg_sq = exp_avg_sq + one_minus_beta2 * grad * grad
-        denom = _div(_sqrt(exp_avg_sq), bias_correction2_sqrt) + eps
-        param = param + _div(neg_step_size * exp_avg, denom)
-        tl.store(param_ptr + offsets, _round_to(param, PARAM_DTYPE), mask=mask)
-        tl.store(exp_avg_ptr + offsets, _round_to(exp_avg, STATE_DTYPE), mask=mask)
-        tl.store(exp_avg_sq_ptr + offsets, _round_to(exp_avg_sq, STATE_DTYPE), mask=mask)
+        exp_avg_first = tl.load(exp_avg_offsets_ptr + t) + start
+        exp_avg_sq_first = tl.load(exp_avg_sq_offsets_ptr + t) + start
+    if PARAM_VEC > 1:
+        param_first = tl.multiple_of(param_first, PARAM_VEC)
+    if GRAD_VEC > 1:
+        grad_first = tl.multiple_of(grad_first, GRAD_VEC)
+    if STATE_VEC > 1:
+        exp_avg_first = tl.multiple_of(exp_avg_first, STATE_VEC)
+        exp_avg_sq_first = tl.multiple_of(exp_avg_sq_first, STATE_VEC)
+    param_ptr = param_base_ptr + param_first
+    grad_ptr = grad_base_ptr + grad_first
+    exp_avg_ptr = exp_avg_base_ptr + exp_avg_first
+    exp_avg_sq_ptr = exp_avg_sq_base_ptr + exp_avg_sq_first
+    count = tl.minimum(start + block_size, tl.load(numels_ptr + t)) - start
+    count = tl.where(active, count, 0)  # invalid id, or another launch's block: touch nothing
+    if count == NUM_CHUNKS * CHUNK:  # a full block (CHUNK divides block_size): no mask
+        for chunk in range(NUM_CHUNKS):
+            _adamw_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, chunk * CHUNK + tl.arange(0, CHUNK),
+                         count, grad_coef, decay, lerp_coeff, small_weight, beta2_c, one_minus_beta2,
+                         bias_correction2_sqrt, neg_step_size, eps, False, MAXIMIZE, HAS_GRAD_COEF,
+                         PARAM_DTYPE, STATE_DTYPE, COMPUTE_DTYPE)
+    else:  # a tensor's partial last block (or nothing to do): the same arithmetic, masked
+        for chunk in range(NUM_CHUNKS):
+            _adamw_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, chunk * CHUNK + tl.arange(0, CHUNK),
+                         count, grad_coef, decay, lerp_coeff, small_weight, beta2_c, one_minus_beta2,
+                         bias_correction2_sqrt, neg_step_size, eps, True, MAXIMIZE, HAS_GRAD_COEF,
+                         PARAM_DTYPE, STATE_DTYPE, COMPUTE_DTYPE)
 
 
 def launch_sparse_adamw(
     block_ids: torch.Tensor,
     hparams: torch.Tensor,
+    bases: Sequence[torch.Tensor],
     tables: Sequence[torch.Tensor],
     numels: torch.Tensor,
     first_block: torch.Tensor,
@@ -175,20 +229,24 @@ def launch_sparse_adamw(
     grad_coef: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     compact: bool = False,
+    vecs: tuple[int, int, int] = (1, 1, 1),
 ) -> None:
     """Launch one program per id in ``block_ids``.
 
     ``hparams`` is the fp64 table ``[lr, beta1, beta2, eps, weight_decay]`` on the device;
-    ``tables`` holds the int64 pointer tables of params, grads, exp_avgs, exp_avg_sqs and
-    block_steps; ``dtypes`` the (param, grad, state) dtypes of group ``group``. ``grad_coef`` and
-    ``found_inf`` are optional one-element fp32 tensors, read on device.
+    ``bases`` the param, grad, exp_avg and exp_avg_sq that group ``group``'s element offsets
+    count from; ``tables`` the int64 element-offset tables of params, grads, exp_avgs and
+    exp_avg_sqs, then the address table of block_steps; ``dtypes`` the (param, grad, state)
+    dtypes of the group; ``vecs`` its (param, grad, state) vector widths (see
+    :func:`.tables.vector_width`). ``grad_coef`` and ``found_inf`` are optional one-element fp32
+    tensors, read on device.
     """
     param_dtype, grad_dtype, state_dtype = dtypes
     _sparse_adamw_kernel[(block_ids.numel(),)](
         block_ids, hparams,
         hparams if grad_coef is None else grad_coef,  # any pointer: the kernel does not read it
         hparams if found_inf is None else found_inf,
-        *tables, numels, first_block, block_tensor, groups,
+        *bases, *tables, numels, first_block, block_tensor, groups,
         num_blocks, block_size, group,
         MAXIMIZE=maximize,
         HAS_GRAD_COEF=grad_coef is not None,
@@ -198,7 +256,11 @@ def launch_sparse_adamw(
         GRAD_DTYPE=TL_DTYPES[grad_dtype],
         STATE_DTYPE=TL_DTYPES[state_dtype],
         COMPUTE_DTYPE=compute_dtype(param_dtype),
-        **launch_config(block_size, block_ids.device, 1024, chunk, num_warps),
+        PARAM_VEC=vecs[0], GRAD_VEC=vecs[1], STATE_VEC=vecs[2],
+        # At most 16 bytes of param per thread and chunk (4 warps): 16-byte accesses for aligned
+        # blocks, and few enough live values that fp32 fits in 64 registers (checked in
+        # tests/test_kernels_compile.py). Elementwise: the chunk changes no result.
+        **launch_config(block_size, block_ids.device, 128 * 16 // param_dtype.itemsize, chunk, num_warps),
     )
 
 
@@ -229,20 +291,39 @@ def sparse_adamw_step(
         prepared = _step_tables(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_size, compact)
         if cache is not None:
             cache["sparse_adamw_step"] = prepared
-    bmap, tables, group_table, dtypes = prepared
+    bmap, tables, group_table, dtypes, bases, vecs = prepared
+    kinds = (params, grads, exp_avgs, exp_avg_sqs)
     for g, group_dtypes in enumerate(dtypes):
-        launch_sparse_adamw(block_ids, hyper, tables, bmap.numels, bmap.first_block, bmap.block_tensor,
-                            group_table, bmap.num_blocks, block_size, g, group_dtypes, maximize,
-                            grad_coef=grad_coef, found_inf=found_inf, compact=compact)
+        launch_sparse_adamw(block_ids, hyper, [kind[i] for kind, i in zip(kinds, bases[g])], tables, bmap.numels,
+                            bmap.first_block, bmap.block_tensor, group_table, bmap.num_blocks, block_size, g,
+                            group_dtypes, maximize, grad_coef=grad_coef, found_inf=found_inf, compact=compact,
+                            vecs=vecs[g])
 
 
 def _step_tables(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_size: int, compact: bool):
-    """The block map, the device pointer tables and the dtype groups of one list of tensors."""
+    """The block map, the device offset tables, the dtype groups, each group's base tensors (as
+    indices into params, grads, exp_avgs, exp_avg_sqs: a cache entry must not keep freed grads
+    alive) and its (param, grad, state) vector widths."""
     device = params[0].device
     bmap = block_map(tuple(p.numel() for p in params), block_size, device)
     states = exp_avgs * len(params) if compact else exp_avgs  # a compact state's one slab serves all
     groups, dtypes = group_by([(p.dtype, g.dtype, m.dtype) for p, g, m in zip(params, grads, states)])
+    first = [groups.index(g) for g in range(len(dtypes))]
+    # A compact state's slabs are one tensor each: base index 0, offsets unused (the kernel
+    # reads rows by program id).
+    bases = [(i, i, 0 if compact else i, 0 if compact else i) for i in first]
+    kinds = (params, grads) if compact else (params, grads, exp_avgs, exp_avg_sqs)
+    offsets = [element_offsets(kind, [kind[bases[g][0]] for g in groups]) for kind in kinds]
+    if compact:
+        offsets += [(0,) * len(params)] * 2
     *tables, group_table = cached_tables(
-        tuple(tuple(x.data_ptr() for x in xs) for xs in (params, grads, exp_avgs, exp_avg_sqs, block_steps))
-        + (tuple(groups),), device)
-    return bmap, tables, group_table, dtypes
+        tuple(offsets) + (tuple(x.data_ptr() for x in block_steps), tuple(groups)), device)
+    vecs = []
+    for g in range(len(dtypes)):
+        members = [i for i, tg in enumerate(groups) if tg == g]
+        states_of = ([exp_avgs[0], exp_avg_sqs[0]] if compact
+                     else [exp_avgs[i] for i in members] + [exp_avg_sqs[i] for i in members])
+        vecs.append((vector_width([params[i] for i in members], block_size),
+                     vector_width([grads[i] for i in members], block_size),
+                     vector_width(states_of, block_size)))
+    return bmap, tables, group_table, dtypes, bases, vecs

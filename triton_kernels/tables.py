@@ -98,6 +98,31 @@ def group_by(keys: Sequence[Hashable]) -> tuple[list[int], list[Hashable]]:
     return index, list(distinct)
 
 
+def element_offsets(tensors: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """Where each tensor starts, in its elements from the tensor ``bases[i]`` of the same dtype.
+
+    Exact when both start on a multiple of the element size, as torch's own allocations and
+    views do; memory from elsewhere (from_blob, DLPack) need not, and is refused rather than
+    addressed a fraction of an element off."""
+    offsets = []
+    for t, b in zip(tensors, bases):
+        distance = t.data_ptr() - b.data_ptr()
+        if distance % t.element_size():
+            raise ValueError(f"a {t.dtype} tensor at address {t.data_ptr():#x} is not aligned to its element size")
+        offsets.append(distance // t.element_size())
+    return tuple(offsets)
+
+
+def vector_width(tensors: Sequence[torch.Tensor], block_size: int) -> int:
+    """Elements per 16-byte access if every tensor starts on 16 bytes and every block does
+    (``block_size`` a multiple of it), else 1: the kernels then tell the compiler so, which
+    lets it load 16 bytes at a time. One misaligned view makes the whole launch scalar."""
+    vec = 16 // tensors[0].element_size()
+    if block_size % vec or any(t.data_ptr() % 16 for t in tensors):
+        return 1
+    return vec
+
+
 def launch_config(block_size: int, device: torch.device, max_chunk: int,
                   chunk: int | None = None, num_warps: int | None = None) -> dict:
     """Elements per loop iteration (CHUNK), iterations per block and warps per program.
