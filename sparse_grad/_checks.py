@@ -78,6 +78,20 @@ def positive_int(value, name: str) -> int:
     return int(value)
 
 
+# Blocks are padded whole in places (the reference backend's norm pass, compact state's slabs):
+# a block far larger than any tensor would allocate gigabytes of padding, and past 2**31 the
+# GPU kernels' int32 element offsets overflow. 2**24 elements (64 MiB of fp32) bounds both.
+MAX_BLOCK_SIZE = 2 ** 24
+
+
+def block_size(value, name: str = "block_size") -> int:
+    """A positive int of at most :data:`MAX_BLOCK_SIZE` elements."""
+    value = positive_int(value, name)
+    if value > MAX_BLOCK_SIZE:
+        raise ValueError(f"{name} must be at most 2**24 = {MAX_BLOCK_SIZE} elements, got {value}")
+    return value
+
+
 def positive(value, name: str) -> float:
     value = _real(value, name)
     if value <= 0:

@@ -55,7 +55,7 @@ def check_group(group: dict, where: str = "", has_blueprint: bool = False) -> No
     check_hyper(group, where)
     name = _namer(where)
     _checks.density(group["density"], name("density"))
-    _checks.positive_int(group["block_size"], name("block_size"))
+    _checks.block_size(group["block_size"], name("block_size"))
     _checks.choice(group["scope"], SCOPES, name("scope"))
     _checks.positive_int(group["reselect_every"], name("reselect_every"))
     _checks.flag(group["maximize"], name("maximize"))

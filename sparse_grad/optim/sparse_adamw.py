@@ -32,6 +32,23 @@ def _split_names(params: list) -> tuple[list, list[str] | None]:
     return params, None
 
 
+def _check_unique(tensors: list[torch.Tensor], where: str, groups: list[dict]) -> None:
+    """A param listed twice (tied weights) would be stepped twice per step, and the native
+    kernels, which update a group's params in parallel, would race on it: refused (torch
+    only warns within a group)."""
+    seen = {}
+    for j, p in enumerate(tensors):
+        if id(p) in seen:
+            raise ValueError(f"{where}['params'][{j}] is the same tensor as {where}['params'][{seen[id(p)]}]: "
+                             "list a shared (tied) parameter once")
+        seen[id(p)] = j
+    for i, group in enumerate(groups):
+        for k, q in enumerate(group["params"]):
+            if id(q) in seen:
+                raise ValueError(f"{where}['params'][{seen[id(q)]}] is already in param_groups[{i}]['params'][{k}]: "
+                                 "a parameter may belong to one param group only")
+
+
 class SparseAdamW(Optimizer):
     r"""AdamW on the blocks with the largest gradients; at ``density=1.0`` it is ``torch.optim.AdamW``.
 
@@ -247,6 +264,7 @@ class SparseAdamW(Optimizer):
         device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
         for j, p in enumerate(tensors):
             check_tensor(p, f"{where}['params'][{j}]", device)
+        _check_unique(tensors, where, self.param_groups)
         if self._blueprint is not None and group["blueprint_weight"] > 0.0 and tensors:
             self._blueprint.block_scores(tensors, names, group["block_size"])  # raises on a mismatch
         if device is not None:  # load the backend now (an import), not inside a compiled step

@@ -1,0 +1,89 @@
+"""Issue 21's reliability promises: guaranteed blocks under NaN/inf scores, refused duplicate
+params and oversized blocks, checked block ids in ``ops.sparse_adamw_step``, element counts
+checked before a step writes anything, and AMP overflow steps that change nothing."""
+
+import pytest
+import torch
+
+from sparse_grad import SparseAdamW, ops
+from _utils import assert_same, heavy_tailed, snapshot
+
+
+def _params(numels, device="cpu", dtype=torch.float32):
+    return [torch.nn.Parameter(heavy_tailed((n,), dtype, device)) for n in numels]
+
+
+# -- item 6: min_blocks_per_tensor under NaN / +inf scores ------------------------------------
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_guaranteed_blocks_survive_nan_and_inf_scores(case, poison):
+    """Tensors 0 and 1 hold poisoned blocks (NaN ranks above everything, +inf ties with the old
+    +inf boost); tensor 2 is finite and must still get its own top blocks, and the total is
+    max(k, Σ minima) distinct ids."""
+    device, backend = case
+    block, minimum = 4, 2
+    params = _params([40, 24, 36], device)
+    layout = ops.BlockLayout(params, block)
+    grads = [heavy_tailed(p.shape, device=device) for p in params]
+    # More poisoned blocks than k: the old boost lost tensor 2's guaranteed blocks to them.
+    for t in (0, 1):
+        grads[t][::block] = poison
+    for p, g in zip(params, grads):
+        p.grad = g
+    density = 0.25
+    opt = SparseAdamW(params, density=density, block_size=block, min_blocks_per_tensor=minimum, backend=backend)
+    opt.step()
+    (_, _, ids, _), = opt.selected_blocks()
+    ids = ids.cpu()
+    k = max(ops.num_selected(density, layout.num_blocks), minimum * len(params))
+    assert ids.numel() == k and torch.equal(ids, ids.unique())
+    sqnorms = ops.block_sqnorms([g.cpu() for g in grads], block, backend="reference")
+    start, end = layout.block_range(2)
+    mine = ids[(ids >= start) & (ids < end)]
+    top = torch.sort(sqnorms[start:end], descending=True, stable=True).indices[:minimum] + start
+    assert set(top.tolist()) <= set(mine.tolist())
+    for t in range(len(params)):
+        assert sum(layout.block_range(t)[0] <= b < layout.block_range(t)[1] for b in ids.tolist()) >= minimum
+    # Beyond tensor 2's guaranteed blocks, the poisoned blocks rank first: only they are taken.
+    assert set(ids.tolist()) - set(top.tolist()) <= set(range(layout.block_range(2)[0]))
+
+
+# -- item 8: a param listed twice --------------------------------------------------------------
+
+def test_param_listed_twice_is_refused():
+    p, q = _params([8, 8])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\].*same tensor.*\[0\]"):
+        SparseAdamW([p, q, p], block_size=4)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] is already in param_groups\[0\]"):
+        SparseAdamW([{"params": [p]}, {"params": [q, p][1:]}], block_size=4)
+    opt = SparseAdamW([p], block_size=4)
+    with pytest.raises(ValueError, match="already in param_groups"):
+        opt.add_param_group({"params": [q, p]})
+    assert len(opt.param_groups) == 1 and len(opt._group_states) == 1
+
+
+# -- item 9: block_size too large --------------------------------------------------------------
+
+@pytest.mark.parametrize("block_size", [2 ** 24 + 1, 2 ** 31, 2 ** 63, 2 ** 70])
+def test_huge_block_size_is_refused(block_size):
+    p, = _params([8])
+    with pytest.raises(ValueError, match=r"block_size'?\]? must be at most 2\*\*24"):
+        SparseAdamW([p], block_size=block_size)
+    opt = SparseAdamW([p], block_size=4)
+    with pytest.raises(ValueError, match=r"block_size'?\]? must be at most 2\*\*24"):
+        opt.add_param_group({"params": _params([8]), "block_size": block_size})
+    with pytest.raises(ValueError, match=r"block_size'?\]? must be at most 2\*\*24"):
+        ops.block_sqnorms([p.detach()], block_size)
+    p.grad = torch.randn_like(p)
+    before = snapshot(p.detach())
+    opt.param_groups[0]["block_size"] = block_size
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['block_size'\] must be at most"):
+        opt.step()
+    assert_same(p.detach(), before)
+    assert opt.state[p] == {}
+
+
+def test_largest_block_size_steps():
+    p, = _params([8])
+    p.grad = torch.randn_like(p)
+    SparseAdamW([p], block_size=2 ** 24, backend="reference", density=1.0).step()
