@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparse_grad import SparseAdamW, ops
-from _utils import assert_same, heavy_tailed, snapshot
+from _utils import assert_same, backend_cases, heavy_tailed, snapshot
 
 
 def _params(numels, device="cpu", dtype=torch.float32):
@@ -87,3 +87,75 @@ def test_largest_block_size_steps():
     p, = _params([8])
     p.grad = torch.randn_like(p)
     SparseAdamW([p], block_size=2 ** 24, backend="reference", density=1.0).step()
+
+
+# -- item 3: an overflowed AMP step changes nothing -----------------------------------------
+
+class _Blueprint:
+    """A blueprint of fixed random block scores (anything with ``block_scores`` will do)."""
+
+    def __init__(self):
+        self.scores = torch.rand(1000)
+
+    def block_scores(self, params, names, block_size):
+        n = sum(-(-p.numel() // block_size) for p in params)
+        return self.scores[:n].clone()
+
+
+AMP_OPTIONS = [
+    dict(),
+    dict(score_ema=0.5),
+    dict(reselect_every=3),
+    dict(selection="random"),
+    dict(selection="random", reselect_every=2, seed=7),
+    dict(state_layout="compact", score_ema=0.5, reselect_every=2),
+    dict(error_feedback=True, max_grad_norm=0.5, score_ema=0.9),
+    dict(blueprint=True, blueprint_weight=0.5, reselect_every=2),
+    dict(scope="tensor", min_blocks_per_tensor=2, score="rms", state_layout="compact"),
+]
+
+
+def _amp_run(backend, options, grads, overflow_at, blueprint):
+    """Steps with GradScaler's attributes set as ``GradScaler.step`` sets them; a step in
+    ``overflow_at`` has an inf in its grads and found_inf = 1."""
+    torch.manual_seed(0)
+    params = _params([37, 20, 9])
+    options = dict(options)
+    if options.pop("blueprint", False):
+        options["blueprint"] = blueprint
+    opt = SparseAdamW([{"params": params[:2]}, {"params": params[2:]}],
+                      lr=1e-2, density=0.3, block_size=4, backend=backend, **options)
+    scale = 2.0 ** 10  # a power of two: scaling and unscaling are exact
+    for i, step_grads in enumerate(grads):
+        for p, g in zip(params, step_grads):
+            p.grad = g * scale
+        overflowed = i in overflow_at
+        if overflowed:
+            params[i % 3].grad[1] = float("inf")
+        opt.grad_scale = torch.full((1,), scale)
+        opt.found_inf = torch.full((1,), float(overflowed))
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+    return [p.detach() for p in params], opt.state_dict(), [s[2] for s in opt.selected_blocks()]
+
+
+# The host-side undo is the same for every backend; the interpreted Triton backend (slow) runs
+# the option sets that reach its kernels differently (compact slabs, per-tensor selection, a
+# clip coefficient beside the scale).
+AMP_CASES = [pytest.param(c, o, at, id=f"{c[1]}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'plain'}-"
+                                      f"at{'-'.join(map(str, at))}")
+             for c in backend_cases() for o in AMP_OPTIONS for at in [(0,), (2, 3)]
+             if c[1] != "triton" or o in AMP_OPTIONS[5:]]
+
+
+@pytest.mark.parametrize("case, options, overflow_at", AMP_CASES)
+def test_overflowed_steps_equal_the_run_without_them(case, options, overflow_at):
+    device, backend = case
+    assert device == "cpu"
+    steps = 7
+    grads = [[heavy_tailed((n,)) for n in (37, 20, 9)] for _ in range(steps)]
+    blueprint = _Blueprint()
+    with_overflow = _amp_run(backend, options, grads, overflow_at, blueprint)
+    kept = [g for i, g in enumerate(grads) if i not in overflow_at]
+    without = _amp_run(backend, options, kept, (), blueprint)
+    assert_same(with_overflow, without)

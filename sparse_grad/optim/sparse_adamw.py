@@ -21,6 +21,7 @@ from . import binding, checkpoint, options
 from .functional import sparse_adamw
 from .gradients import check_scaling
 from .group_state import GroupState, Selection
+from .overflow import Overflow
 
 __all__ = ["SparseAdamW"]
 
@@ -228,6 +229,7 @@ class SparseAdamW(Optimizer):
         :class:`~sparse_grad.BlockLayout` over ``params`` with ``block_size``. Read-only views
         of the optimizer's own selection: do not modify them.
         """
+        self._settle()
         selected = []
         for index, state in enumerate(self._group_states):
             selection = state.selection
@@ -300,14 +302,25 @@ class SparseAdamW(Optimizer):
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         check_scaling(grad_scale, "grad_scale")
         check_scaling(found_inf, "found_inf")
+        self._settle()
         steps = [self._bind(i, group) for i, group in enumerate(self.param_groups)]
         hooks = list(self._score_hooks.values())
+        overflow = Overflow.of(found_inf)
         for step in steps:
             if step is not None:
-                sparse_adamw(step, grad_scale, found_inf, hooks, self)
+                sparse_adamw(step, grad_scale, found_inf, hooks, self, overflow)
+        self._overflow = None if overflow is None else overflow.close()
         return loss
 
+    def _settle(self) -> None:
+        """Undo the host-side changes of the last step if it overflowed (see .overflow): read
+        before anything looks at or replaces the selection."""
+        overflow = self.__dict__.pop("_overflow", None)
+        if overflow is not None:
+            overflow.settle()
+
     def state_dict(self) -> dict[str, Any]:
+        self._settle()
         state_dict = super().state_dict()
         parts = [(i, state.state_dict()) for i, state in enumerate(self._group_states)]
         state_dict["selections"] = {i: part["selection"] for i, part in parts if "selection" in part}
@@ -316,6 +329,7 @@ class SparseAdamW(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`; checked in full before anything changes."""
+        self._settle()
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer "
