@@ -159,3 +159,66 @@ def test_overflowed_steps_equal_the_run_without_them(case, options, overflow_at)
     kept = [g for i, g in enumerate(grads) if i not in overflow_at]
     without = _amp_run(backend, options, kept, (), blueprint)
     assert_same(with_overflow, without)
+
+
+# -- item 5: block ids of ops.sparse_adamw_step ---------------------------------------------
+
+BAD_IDS = {
+    "duplicate": [0, 2, 2, 5],
+    "unsorted": [0, 4, 2],
+    "descending": [5, 2, 0],
+    "negative": [-1, 2],
+    "past the end": [0, 5],  # 40 + 23 elements in blocks of 16: blocks 0..4
+    "far past the end": [2 ** 40],
+}
+
+
+@pytest.mark.parametrize("name", BAD_IDS)
+@pytest.mark.parametrize("compact", [False, True])
+def test_bad_block_ids_are_refused_on_every_backend(case, name, compact):
+    device, backend = case
+    params = _params([40, 23], device)
+    grads = [heavy_tailed(p.shape, device=device) for p in params]
+    ids = torch.tensor(BAD_IDS[name], device=device)
+    if compact:
+        k = ids.numel()
+        state = ([torch.zeros(k, 16, device=device)], [torch.zeros(k, 16, device=device)],
+                 [torch.zeros(k, dtype=torch.int32, device=device)])
+    else:
+        state = ([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+                 [torch.zeros(-(-p.numel() // 16), dtype=torch.int32, device=device) for p in params])
+    before = snapshot(([p.detach() for p in params], state))
+    with pytest.raises(ValueError, match=r"block_ids must be strictly ascending \(unique\) ids in \[0, 5\)"):
+        ops.sparse_adamw_step([p.detach() for p in params], grads, *state, ids, block_size=16, backend=backend,
+                              compact=compact)
+    assert_same(([p.detach() for p in params], state), before)
+
+
+@pytest.mark.parametrize("ids, error, message", [
+    (torch.tensor([[0, 1]]), TypeError, "block_ids must be a 1-D int64 tensor"),
+    (torch.tensor([0, 1], dtype=torch.int32), TypeError, "block_ids must be a 1-D int64 tensor"),
+    (torch.tensor([0.0, 1.0]), TypeError, "block_ids must be a 1-D int64 tensor"),
+    ([0, 1], TypeError, "block_ids must be a 1-D int64 tensor"),
+    (torch.arange(6), ValueError, "block_ids has 6 ids but params have only 5 blocks"),
+])
+def test_block_ids_of_the_wrong_kind_are_refused(case, ids, error, message):
+    device, backend = case
+    params = _params([40, 23], device)
+    state = ([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+             [torch.zeros(-(-p.numel() // 16), dtype=torch.int32, device=device) for p in params])
+    before = snapshot(([p.detach() for p in params], state))
+    ids = ids.to(device) if isinstance(ids, torch.Tensor) else ids
+    with pytest.raises(error, match=message):
+        ops.sparse_adamw_step([p.detach() for p in params], [torch.ones_like(p) for p in params], *state, ids,
+                              block_size=16, backend=backend)
+    assert_same(([p.detach() for p in params], state), before)
+
+
+def test_good_block_ids_still_step(case):
+    device, backend = case
+    params = _params([40, 23], device)
+    state = ([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+             [torch.zeros(-(-p.numel() // 16), dtype=torch.int32, device=device) for p in params])
+    ops.sparse_adamw_step([p.detach() for p in params], [torch.ones_like(p) for p in params], *state,
+                          torch.tensor([0, 4], device=device), block_size=16, backend=backend)
+    assert state[2][0].tolist() == [1, 0, 0] and state[2][1].tolist() == [0, 1]
