@@ -222,3 +222,54 @@ def test_good_block_ids_still_step(case):
     ops.sparse_adamw_step([p.detach() for p in params], [torch.ones_like(p) for p in params], *state,
                           torch.tensor([0, 4], device=device), block_size=16, backend=backend)
     assert state[2][0].tolist() == [1, 0, 0] and state[2][1].tolist() == [0, 1]
+
+
+# -- item 7: element counts, not only block counts -------------------------------------------
+
+def _two_group_opt(backend, state_layout, device="cpu"):
+    """Two groups stepped twice: group 0 sound, group 1 the one a test breaks."""
+    params = _params([12, 30, 12, 16], device)
+    opt = SparseAdamW([{"params": params[:2]}, {"params": params[2:]}], lr=1e-2, density=0.5, block_size=4,
+                      backend=backend, state_layout=state_layout, score_ema=0.5)
+    for _ in range(2):
+        for p in params:
+            p.grad = heavy_tailed(p.shape, device=device)
+        opt.step()
+    for p in params:
+        p.grad = heavy_tailed(p.shape, device=device)
+    return params, opt
+
+
+def _refused_and_unchanged(opt, params, message):
+    before = snapshot(([p.detach() for p in params], opt.state_dict()))
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert_same(([p.detach() for p in params], opt.state_dict()), before)
+
+
+@pytest.mark.parametrize("state_layout", ["dense", "compact"])
+def test_block_size_changed_to_the_same_block_count_is_refused(case, state_layout):
+    device, backend = case
+    params, opt = _two_group_opt(backend, state_layout, device)
+    opt.param_groups[1]["block_size"] = 5  # 12 and 16 elements: 3 and 4 blocks of 4, as of 5
+    _refused_and_unchanged(opt, params, r"param_groups\[1\]\['block_size'\] is 5, but the group's .*state was made "
+                                        r"with (block_size 4|another block size)")
+
+
+@pytest.mark.parametrize("state_layout", ["dense", "compact"])
+@pytest.mark.parametrize("numel", [11, 10, 21])  # as many blocks as 12 (11, 10) and more (21)
+def test_resized_param_is_refused(case, state_layout, numel):
+    device, backend = case
+    params, opt = _two_group_opt(backend, state_layout, device)
+    params[2].data = heavy_tailed((numel,), device=device)
+    params[2].grad = heavy_tailed((numel,), device=device)
+    _refused_and_unchanged(opt, params, "resized by hand")
+
+
+@pytest.mark.parametrize("numel", [11, 13, 40])
+def test_grad_of_the_wrong_size_is_refused(case, numel):
+    device, backend = case
+    params, opt = _two_group_opt(backend, "dense", device)
+    params[3].grad.data = heavy_tailed((numel,), device=device)
+    _refused_and_unchanged(opt, params, r"param_groups\[1\]\['params'\]\[1\]\.grad has shape \(%d,\), but the "
+                                        r"parameter has \(16,\)" % numel)

@@ -168,6 +168,7 @@ def _compact_slabs(step, block_ids: torch.Tensor, reselected: bool) -> dict:
     slabs = state.compact
     if slabs is None:
         slabs = compact_state.create(view.compact_numels, group["block_size"], step.dtypes[0], view.device)
+        state.made_compact(slabs, view.compact_numels)
         reselected = True
     if reselected:
         ids = compact_state.group_ids(block_ids, step.all_numels, tuple(step.positions), group["block_size"])
