@@ -104,7 +104,7 @@ setup(
         # the test suite draws the plots too (headless: figures are saved without pyplot)
         # the integration tests train through transformers' Trainer and Lightning (CPU, tiny models)
         "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "transformers>=4.40", "accelerate>=0.26",
-                 "lightning>=2.2"],
+                 "lightning>=2.2", "hypothesis>=6"],
         "hf": ["transformers>=4.40", "accelerate>=0.26"],  # Trainer needs accelerate
         "lightning": ["lightning>=2.2"],
         "bench": ["pytest-benchmark>=4"],
