@@ -249,6 +249,7 @@ class SparseAdamW(Optimizer):
         """The state of param group ``index`` beside its per-param state: its current selection
         and compact slabs (:class:`~sparse_grad.optim.group_state.GroupState`). For tools that
         save or rebuild it (``sparse_grad.distributed``); a step owns it otherwise."""
+        self._settle()  # an overflowed step's undo must not land on state read or replaced here
         return self._group_states[index]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
