@@ -273,3 +273,34 @@ def test_grad_of_the_wrong_size_is_refused(case, numel):
     params[3].grad.data = heavy_tailed((numel,), device=device)
     _refused_and_unchanged(opt, params, r"param_groups\[1\]\['params'\]\[1\]\.grad has shape \(%d,\), but the "
                                         r"parameter has \(16,\)" % numel)
+
+
+@pytest.mark.parametrize("options, records", [
+    (dict(), False),  # reselected every step by norm: the device blends keep everything
+    (dict(score_ema=0.5, state_layout="compact"), False),
+    (dict(reselect_every=2), True),  # the age decides the next reselection
+    (dict(selection="random"), True),  # the draw count
+])
+def test_an_amp_step_records_host_state_only_where_an_overflow_could_change_it(monkeypatch, options, records):
+    """On CUDA a recorded step costs a read of found_inf at the next step; the common case
+    (a reselection by norm every step, state made) records nothing, so it reads nothing."""
+    from sparse_grad.optim import overflow
+
+    recorded = []
+    real_close = overflow.Overflow.close
+
+    def close(self):
+        recorded.append(len(self.undos))
+        return real_close(self)
+
+    monkeypatch.setattr(overflow.Overflow, "close", close)
+    params = _params([37, 20])
+    opt = SparseAdamW(params, density=0.3, block_size=4, **options)
+    for i in range(3):
+        for p in params:
+            p.grad = heavy_tailed(p.shape)
+        opt.found_inf = torch.zeros(1)
+        opt.step()
+        del opt.found_inf
+    assert recorded[0] == 1  # the first step makes the selection (and EMAs, compact state)
+    assert all(bool(n) == records for n in recorded[1:])
