@@ -51,6 +51,24 @@ def _numel(shape: Sequence[int]) -> int:
     return math.prod(int(d) for d in shape)
 
 
+def _header_parameters(h, path) -> list[dict]:
+    """The header's parameter list, its required keys present with the right types (a forged or
+    truncated header is a ValueError naming the file, not a KeyError)."""
+    missing = [key for key in ("parameters", "block_size", "steps") if key not in h]
+    if missing:
+        raise ValueError(f"{path}: the blueprint header lacks {', '.join(map(repr, missing))}")
+    params = h["parameters"]
+    if not isinstance(params, list) or not params:
+        raise ValueError(f"{path}: the blueprint header's 'parameters' must be a non-empty list")
+    for i, p in enumerate(params):
+        if (not isinstance(p, dict) or not isinstance(p.get("name"), str) or not isinstance(p.get("dtype"), str)
+                or not isinstance(p.get("shape"), list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in p["shape"])):
+            raise ValueError(f"{path}: the blueprint header's parameters[{i}] must have a str 'name', a str "
+                             f"'dtype' and a 'shape' list of non-negative ints, got {p!r}"[:300])
+    return params
+
+
 class Blueprint:
     """Per-block gradient mass of a model's parameters, with its statistics and metadata.
 
@@ -199,7 +217,7 @@ class Blueprint:
         if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
             raise ValueError(f"{path}: blueprint format version {version!r}; this sparse_grad ({__version__}) "
                              f"reads versions 1..{FORMAT_VERSION}")
-        params = h["parameters"]
+        params = _header_parameters(h, path)
         names = [p["name"] for p in params]
         for name in names:
             if name not in tensors:
@@ -207,10 +225,13 @@ class Blueprint:
         extra = [key for key in tensors if key not in set(names)]
         if extra:
             raise ValueError(f"{path}: the file has scores for {extra[0]!r}, which the header does not list")
-        bp = cls({n: tensors[n] for n in names}, block_size=h["block_size"],
-                 shapes={p["name"]: p["shape"] for p in params}, dtypes={p["name"]: p["dtype"] for p in params},
-                 steps=h["steps"], accumulate=h.get("accumulate", ""), provenance=h.get("provenance", []),
-                 target_share=h.get("target_share", 0.9), depth=h.get("depth"))
+        try:
+            bp = cls({n: tensors[n] for n in names}, block_size=h["block_size"],
+                     shapes={p["name"]: p["shape"] for p in params}, dtypes={p["name"]: p["dtype"] for p in params},
+                     steps=h["steps"], accumulate=h.get("accumulate", ""), provenance=h.get("provenance", []),
+                     target_share=h.get("target_share", 0.9), depth=h.get("depth"))
+        except (TypeError, ValueError) as err:  # a header edited by hand: say which file
+            raise ValueError(f"{path}: the blueprint header does not describe a blueprint: {err}") from None
         if h.get("fingerprint") != bp.fingerprint:
             raise ValueError(f"{path}: the fingerprint in the header does not match its parameter list "
                              "(the file was altered)")

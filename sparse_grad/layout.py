@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ._checks import positive_int
+from ._checks import block_size as check_block_size
 
 __all__ = ["BlockLayout", "cached_layout", "check_tensor", "num_blocks_of"]
 
@@ -60,7 +60,7 @@ class BlockLayout:
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], block_size: int, *, name: str = "tensors"):
-        block_size = positive_int(block_size, "block_size")
+        block_size = check_block_size(block_size)
         if isinstance(tensors, torch.Tensor):
             raise TypeError(f"{name} must be a list of tensors, not a single tensor")
         tensors = list(tensors)
@@ -73,7 +73,7 @@ class BlockLayout:
     def of_numels(cls, numels: Sequence[int], block_size: int, device: torch.device | None = None) -> "BlockLayout":
         """The layout of tensors with these element counts, for callers that checked them already."""
         layout = cls.__new__(cls)
-        layout._build(numels, positive_int(block_size, "block_size"), device)
+        layout._build(numels, check_block_size(block_size), device)
         return layout
 
     def _build(self, numels: Sequence[int], block_size: int, device: torch.device | None) -> None:

@@ -233,7 +233,9 @@ def sparse_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs: lists of contiguous tensors of matching shapes on
             one device; moments share a dtype. Grads may have another floating dtype than params.
         block_steps: one int32 tensor per param with one count per block.
-        block_ids: int64 ascending, unique global block ids (as from :func:`select_blocks`).
+        block_ids: 1-D int64, strictly ascending global block ids in ``[0, num_blocks)`` (as from
+            :func:`select_blocks`); anything else is a ``ValueError`` before anything is written
+            (checked on device for CUDA ids: see ``_check_ids`` for when the host reads it).
         lr, beta1, beta2, weight_decay: numbers, or one-element floating tensors (read by the
             kernel on device: no host sync, and a compiled caller does not recompile when they
             change).
@@ -271,6 +273,7 @@ def sparse_adamw_step(
     maximize = _checks.flag(maximize, "maximize")
     for value, name in ((grad_coef, "grad_coef"), (found_inf, "found_inf")):
         _check_device_scalar(value, name, device)
+    found_inf = _check_ids(block_ids, layout.num_blocks, found_inf)
     backend = backends.resolve(backend, device)
     if not params or block_ids.numel() == 0:
         return
@@ -278,6 +281,33 @@ def sparse_adamw_step(
     with torch.no_grad():
         unchecked.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper,
                                     layout.block_size, maximize, backend, grad_coef, found_inf, compact)
+
+
+def _check_ids(block_ids: torch.Tensor, num_blocks: int, found_inf: torch.Tensor | None) -> torch.Tensor | None:
+    """Ids strictly ascending (so unique) and in ``[0, num_blocks)``: a duplicate would be updated
+    twice by the native kernels and once by the reference one, an unsorted list would fail on one
+    backend only. CPU ids are read here. CUDA ids are checked on device and the one flag is read
+    (a checked call may wait for the device; SparseAdamW's step calls ``ops.unchecked`` with ids
+    ascending by construction), except where the host cannot read: under ``torch.compile`` and
+    in a CUDA graph capture the flag is added to ``found_inf`` instead, so a bad call changes
+    nothing, without an error. Returns the ``found_inf`` to pass on."""
+    if block_ids.numel() == 0:
+        return found_inf
+    bad = (block_ids[0] < 0) | (block_ids[-1] >= num_blocks)
+    if block_ids.numel() > 1:
+        bad = bad | (block_ids[1:] <= block_ids[:-1]).any()
+    if torch.compiler.is_compiling() or (block_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+        bad = bad.to(torch.float32).reshape(1)
+        return bad if found_inf is None else found_inf + bad
+    if bool(bad):
+        raise ValueError(f"block_ids must be strictly ascending (unique) ids in [0, {num_blocks}), got "
+                         f"{_preview(block_ids)}")
+    return found_inf
+
+
+def _preview(ids: torch.Tensor) -> str:
+    shown = ids[:8].tolist()
+    return f"{shown}{' ...' if ids.numel() > 8 else ''} ({ids.numel()} ids)"
 
 
 def _check_moments(exp_avgs, exp_avg_sqs, block_steps, params, layout: BlockLayout, device) -> None:

@@ -155,7 +155,7 @@ TAMPERED = [  # (options index, tamper, message)
     (0, _set(SEL + ("key",), (0, 1)), r"\['key'\] must be a tuple"),
     (0, _set(SEL + ("key",), lambda key: ((3, 1), *key[1:])), r"\['key'\]\[0\] must be ascending positions"),
     (0, _set(SEL + ("key",), lambda key: ((0, 9), *key[1:])), r"\['key'\]\[0\] must be ascending positions"),
-    (0, _set(SEL + ("key",), lambda key: (key[0], -8, *key[2:])), r"\['key'\]\[1\] must be a block size"),
+    (0, _set(SEL + ("key",), lambda key: (key[0], -8, *key[2:])), r"\['key'\]\[1\] must be a positive int"),
     (0, _set(SEL, "ids"), r"\['selection'\] must be a dict"),
     (0, _set(("state", 1, "block_step"), lambda s: s - s - 1), r"its block_step holds step counts outside"),
     (0, _set(("state", 1, "block_step"), lambda s: torch.full_like(s, 2**31 - 1)), r"step counts outside"),

@@ -90,3 +90,61 @@ def test_op_takes_tensor_hyperparameters(case):
     with pytest.raises(ValueError, match=r"beta1 must be in \[0, 1\)"):
         ops.sparse_adamw_step(*twin, ids, block_size=8, backend=backend, beta1=torch.tensor(1.0))
     assert_same(twin, state)
+
+
+def _compiled_and_eager(device, backend):
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(device)
+    twin = copy.deepcopy(model)
+    kwargs = dict(lr=1e-2, density=0.3, block_size=8, backend=backend, score_ema=0.5)
+    opt, eager = SparseAdamW(model.parameters(), **kwargs), SparseAdamW(twin.parameters(), **kwargs)
+    return model, twin, opt, eager, torch.compile(opt.step, fullgraph=True, backend="eager")
+
+
+def _train(pairs, device, steps, edit=None):
+    for i in range(steps):
+        x = torch.randn(4, 6, device=device)
+        for m, o, do_step in pairs:
+            if edit is not None and i == 1:
+                edit(o.param_groups[0])
+            m.zero_grad()
+            m(x).square().mean().backward()
+            do_step()
+
+
+@pytest.mark.parametrize("key, value", [("density", 0.6), ("eps", 1e-3), ("density", 1.0), ("lr", 0.05)])
+def test_compiled_step_follows_a_hand_change(case, key, value):
+    """A hand change of an option after the step was compiled: the compiled step recompiles (or
+    reads it as a dynamic value) and equals the eager step with the same change, bit for bit."""
+    device, backend = case
+    model, twin, opt, eager, step = _compiled_and_eager(device, backend)
+    pairs = [(model, opt, step), (twin, eager, eager.step)]
+    _train(pairs, device, 4, lambda group: group.__setitem__(key, value))
+    assert opt.param_groups[0][key] == value
+    assert_same([p.detach() for p in model.parameters()], [p.detach() for p in twin.parameters()])
+    assert_same(opt.state_dict(), eager.state_dict())
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("density", 2.0, r"param_groups\[0\]\['density'\] must be in \(0, 1\]"),
+    ("density", 0.0, r"param_groups\[0\]\['density'\] must be in \(0, 1\]"),
+    ("eps", -1.0, r"param_groups\[0\]\['eps'\] must be >= 0"),
+    ("eps", float("nan"), r"param_groups\[0\]\['eps'\] must be finite"),
+    ("block_size", 0, r"param_groups\[0\]\['block_size'\] must be a positive int"),
+])
+def test_compiled_step_refuses_a_bad_hand_change(key, value, message):
+    """A bad value set by hand reaches the compiled step's checks (they run while tracing): the
+    error names the option (dynamo wraps the ValueError; its text is kept) and nothing changes."""
+    model, _, opt, _, step = _compiled_and_eager("cpu", "reference")
+    _train([(model, opt, step)], "cpu", 2)
+    opt.param_groups[0][key] = value
+    model.zero_grad()
+    model(torch.randn(4, 6)).square().mean().backward()
+    def now():  # (not param_groups: a NaN eps is unequal to itself)
+        saved = opt.state_dict()
+        return [p.detach() for p in model.parameters()], saved["state"], saved["selections"]
+
+    before = copy.deepcopy(now())
+    with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match=message):
+        step()
+    assert_same(now(), before)

@@ -47,4 +47,6 @@ def load_tensors(path: str | os.PathLike, kind: str, what: str) -> tuple[dict[st
         header = json.loads(metadata[kind])
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: the {what} header is not valid JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the {what} header must be a JSON object, got {type(header).__name__}")
     return tensors, header

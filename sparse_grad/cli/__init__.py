@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; returns the exit status (errors in the input print one line, status 2)."""
     args = build_parser().parse_args(argv)
     try:
+        check = getattr(args, "check", None)
+        if check is not None:  # every argument, before any work
+            check(args)
         return args.run(args) or 0
     except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

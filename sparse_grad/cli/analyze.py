@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .. import SparseAdamW
+from .. import SparseAdamW, _checks
 from ..analysis import GradientMonitor, GradientSnapshot
 from ..demo import stdlib_bytes, train_steps
+from . import checks
 from .models import add_model_arguments, build_model
 
 __all__ = ["add_parser", "run"]
@@ -49,7 +50,23 @@ def add_parser(commands) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu")
     add_model_arguments(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, check=check)
+
+
+def check(args: argparse.Namespace) -> None:
+    if args.dump is None:  # training options matter only without a dump
+        checks.device(args.device)
+        checks.positive_ints(args, "steps", "batch", "bytes")
+        _checks.block_size(args.block_size, "--block-size")
+        _checks.non_negative(args.lr, "--lr")
+        _checks.density(args.density, "--density")
+        checks.model_arguments(args)
+    elif not args.dump.is_file():
+        raise FileNotFoundError(f"--dump {args.dump}: no such file")
+    checks.positive_ints(args, "depth")
+    share = _checks.finite(args.target_share, "--target-share")
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"--target-share must be in (0, 1], got {share}")
 
 
 def record(args: argparse.Namespace) -> GradientSnapshot:

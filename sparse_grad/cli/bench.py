@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+from .. import _checks, backends
 from ..bench import SHAPE_SETS, run as run_suite
 from ..bench.report import machine_info, plot, table, write_csv, write_json
 from ..progress import Progress
+from . import checks
 
 __all__ = ["add_parser", "run"]
 
@@ -45,7 +47,24 @@ def add_parser(commands) -> None:
                         help="steps back to back per pipelined run (median of 3 runs; default 10)")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for bench.csv/.json/.png")
     parser.add_argument("--no-plot", action="store_true", help="write no PNG (no matplotlib needed)")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, check=check)
+
+
+def check(args: argparse.Namespace) -> None:
+    checks.device(args.device)
+    for name in _list(args.shapes, "--shapes"):
+        if name not in SHAPE_SETS:
+            raise ValueError(f"--shapes: unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}")
+    for d in _list(args.densities, "--densities", float):
+        _checks.density(d, "--densities")
+    if args.backends is not None:
+        for name in _list(args.backends, "--backends"):
+            backends.check_backend(name, "--backends")
+    checks.positive_ints(args, "rounds", "pipeline_steps")
+    _checks.non_negative_int(args.warmup, "--warmup")
+    _checks.block_size(args.block_size, "--block-size")
+    if args.scale is not None:
+        _checks.positive(args.scale, "--scale")
 
 
 def _list(text: str, name: str, convert=str) -> list:
@@ -75,12 +94,7 @@ def progress_display(label: str):
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
     shape_sets = _list(args.shapes, "--shapes")
-    for name in shape_sets:
-        if name not in SHAPE_SETS:
-            raise ValueError(f"--shapes: unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}")
     densities = _list(args.densities, "--densities", float)
     backend_names = None if args.backends is None else _list(args.backends, "--backends")
     scale = args.scale if args.scale is not None else (1.0 if device.type == "cuda" else 0.05)

@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..demo.experiment import SIZES, config_for, default_threads, run_demo
+from .. import _checks
+from ..demo.experiment import SIZES, check_config, config_for, default_threads, run_demo
+from . import checks
 
 __all__ = ["add_parser", "run"]
 
@@ -44,7 +46,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--data-selection", action="store_true",
                         help="run the parameter x data selection experiment instead (CPU; --quick, --out, "
                              "--stage1-steps, --stage2-steps and --seed apply)")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, check=check)
 
 
 # The data-selection experiment has its own fixed model, budget and CPU setting (see its module).
@@ -53,10 +55,6 @@ _NOT_FOR_DATA_SELECTION = {"size": "small", "device": "cpu", "threads": None, "b
 
 
 def run_data_selection(args: argparse.Namespace) -> int:
-    for option, default in _NOT_FOR_DATA_SELECTION.items():
-        if getattr(args, option) != default:
-            raise ValueError(f"--{option} does not apply to --data-selection (it runs its own fixed "
-                             "setting on the CPU)")
     from ..demo.data_selection import run_experiment, to_markdown
 
     results = run_experiment(args.quick, args.out, steps=args.stage2_steps, pretrain_steps=args.stage1_steps,
@@ -66,13 +64,31 @@ def run_data_selection(args: argparse.Namespace) -> int:
     return 0
 
 
+def check(args: argparse.Namespace) -> None:
+    if args.data_selection:
+        for option, default in _NOT_FOR_DATA_SELECTION.items():
+            if getattr(args, option) != default:
+                raise ValueError(f"--{option} does not apply to --data-selection (it runs its own fixed "
+                                 "setting on the CPU)")
+        checks.positive_ints(args, "stage1_steps", "stage2_steps")
+    else:
+        check_config(_config(args))
+    if args.seed is not None:
+        _checks.non_negative_int(args.seed, "--seed")
+
+
+def _config(args: argparse.Namespace):
+    device = checks.device(args.device)
+    threads = args.threads if args.threads is not None else (default_threads() if device.type == "cpu" else None)
+    return config_for(args.size, args.quick, device=args.device, threads=threads, backend=args.backend,
+                      densities=tuple(args.densities) if args.densities else None, repeats=args.repeats,
+                      stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, seed=args.seed)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.data_selection:
         return run_data_selection(args)
-    threads = args.threads if args.threads is not None else (default_threads() if args.device == "cpu" else None)
-    cfg = config_for(args.size, args.quick, device=args.device, threads=threads, backend=args.backend,
-                     densities=tuple(args.densities) if args.densities else None, repeats=args.repeats,
-                     stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, seed=args.seed)
+    cfg = _config(args)
     started = time.perf_counter()
     results = run_demo(cfg, args.out, progress=not args.no_progress)
     from ..demo.report import (

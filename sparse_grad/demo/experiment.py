@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, _checks
+from .. import __version__, _checks, backends
 from ..backends import resolve
 from ..blueprint import Blueprint
 from ..cpr import MarginalReturnStopper
@@ -106,6 +106,7 @@ def check_config(cfg: DemoConfig) -> None:
         raise ValueError(f"device is {cfg.device!r}, but CUDA is not available here")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {cfg.device!r}")
+    backends.resolve(_checks.choice(cfg.backend, backends.BACKENDS, "backend"), device)  # raises if it cannot run
 
 
 @dataclass

@@ -145,6 +145,8 @@ def bind(index: int, group: dict, state: GroupState, opt_state: dict, blueprint)
         grad = p.grad.contiguous()
         reusable = reusable and grad is p.grad
         check_tensor(grad, f"{name}.grad", device)
+        if grad.shape != p.shape:  # .grad.data replaced by hand: the kernels would read past it
+            raise ValueError(f"{name}.grad has shape {tuple(grad.shape)}, but the parameter has {tuple(p.shape)}")
         if sharding.is_dtensor(p):  # the kernels run on the local shards (see .sharding)
             grad = grad.to_local() if sharding.is_dtensor(grad) else grad
         _check_param_state(opt_state.get(p, {}), p, group, where, name)
@@ -153,6 +155,7 @@ def bind(index: int, group: dict, state: GroupState, opt_state: dict, blueprint)
         grads.append(grad)
     if not params:
         return None
+    _check_block_size(state, group, opt_state, where)
     sharded = sharding.of_params(params, where, positions, group["block_size"])
     if sharded is not None:
         device = sharded.device
@@ -165,6 +168,12 @@ def bind(index: int, group: dict, state: GroupState, opt_state: dict, blueprint)
     whole = None
     if sharded is not None or (state.compact is not None and group["state_layout"] == "compact"):
         whole = sharding.whole_group(group["params"], group["block_size"], where)
+    if state.compact is not None and group["state_layout"] == "compact":
+        numels = whole.compact_numels if whole is not None else [p.numel() for p in group["params"]]
+        made_for = state.compact_numels()
+        if list(made_for) != list(numels):
+            raise ValueError(f"{where}'s compact state was made for params of {list(made_for)} elements, "
+                             f"its params now have {list(numels)} (resized by hand?)")
     check_compact(state.compact, group, where, whole)
     backend = backends.resolve(group["backend"], device)
     blueprint_scores = _blueprint_scores(blueprint, state, index, group, positions, params)
@@ -172,12 +181,34 @@ def bind(index: int, group: dict, state: GroupState, opt_state: dict, blueprint)
                      reusable, whole)
 
 
+def _check_block_size(state: GroupState, group: dict, opt_state: dict, where: str) -> None:
+    """Dense per-block counts made with another block size may still number as many blocks (12
+    elements are 3 blocks of 4 or of 5): the group's selection remembers the size they were made
+    with."""
+    selection = state.selection
+    if (selection is None or selection.key[1] == group["block_size"] or group["state_layout"] != "dense"
+            or not any("block_step" in opt_state.get(p, ()) for p in group["params"])):
+        return
+    raise ValueError(f"{where}['block_size'] is {group['block_size']}, but the group's state was made "
+                     f"with block_size {selection.key[1]}")
+
+
 def _check_param_state(state: dict, p: torch.Tensor, group: dict, where: str, name: str) -> None:
+    """The param's state against its current size (``p.data`` may have been replaced by hand):
+    counted in elements, not only blocks."""
     if "block_step" in state and group["state_layout"] == "compact":
         raise ValueError(f"{where}['state_layout'] is 'compact', but {name} has dense state")
-    if "block_step" in state and state["block_step"].numel() != num_blocks_of(p.numel(), group["block_size"]):
+    for key in ("exp_avg", "exp_avg_sq", "error"):
+        if key in state and state[key].shape != p.shape:
+            raise ValueError(f"the state of {name} was made for shape {tuple(state[key].shape)}, the "
+                             f"parameter has {tuple(p.shape)} (resized by hand?)")
+    blocks = num_blocks_of(p.numel(), group["block_size"])
+    if "block_step" in state and state["block_step"].numel() != blocks:
         raise ValueError(f"{where}['block_size'] is {group['block_size']}, but the state of "
                          f"{name} was made with another block size")
+    if "score_ema" in state and state["score_ema"].numel() != blocks:
+        raise ValueError(f"the score_ema of {name} has {state['score_ema'].numel()} blocks, the parameter "
+                         f"{blocks} (resized by hand, or block_size changed?)")
     if "exp_avg" in state and state["exp_avg"].dtype != options.state_dtype(group, p):
         raise ValueError(f"{where}['state_dtype'] is {group['state_dtype']}, but the state of "
                          f"{name} is {state['exp_avg'].dtype}")

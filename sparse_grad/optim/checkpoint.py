@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _checks
 from ..layout import num_blocks_of
 from . import compact_state, options, sharding
 from .group_state import Selection
@@ -96,8 +97,7 @@ def loaded_selection(saved, params: list, name: str):
             or list(positions) != sorted(set(positions)) or (positions and not 0 <= positions[0] <= positions[-1] < len(params))):
         raise ValueError(f"{name}['key'][0] must be ascending positions of the group's {len(params)} params, "
                          f"got {positions!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 0 < block_size <= options.MAX_BLOCK_SIZE:
-        raise ValueError(f"{name}['key'][1] must be a block size in [1, {options.MAX_BLOCK_SIZE}], got {block_size!r}")
+    _checks.block_size(block_size, f"{name}['key'][1]")
     ids = saved["block_ids"]
     if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1 or sharding.is_dtensor(ids):
         raise ValueError(f"{name}['block_ids'] must be a 1-D int64 tensor")

@@ -18,14 +18,16 @@ from . import compact_state
 from .dense_state import init_dense_state, init_error
 from .gradients import Scaling, add_error, grad_coef, keep_error
 from .group_state import Selection
+from .overflow import Overflow, Undo
 from .random_draws import random_scores
 from .selection import blend, scores_of, select, update_ema
 
 
 def sparse_adamw(step, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
-                 hooks: Iterable[Callable], optimizer) -> None:
+                 hooks: Iterable[Callable], optimizer, overflow: Overflow | None = None) -> None:
     """Step the group of ``step``; ``hooks`` are called as ``hook(optimizer, group_index, params,
-    scores, block_ids)`` after the update."""
+    scores, block_ids)`` after the update. ``overflow``: where an AMP step records the host
+    state it changes, undone if ``found_inf`` turns out nonzero (see :mod:`.overflow`)."""
     group, view = step.group, step.view
     scaling = Scaling.of(grad_scale, found_inf, view.device)
     states = step.states()
@@ -33,6 +35,8 @@ def sparse_adamw(step, grad_scale: torch.Tensor | None, found_inf: torch.Tensor 
     if group["error_feedback"]:
         grads = add_error(grads, _errors(step, states), scaling)
         inv_scale = None  # the buffers hold unscaled gradients
+    if overflow is not None:
+        _remember(step, overflow)
     block_ids, scores, reselected = _select(step, grads, inv_scale, scaling.skip, bool(hooks))
     coef = grad_coef(scores, group["max_grad_norm"], inv_scale)
     kernel_ids = view.kernel_ids(block_ids, step.state.caches)
@@ -108,6 +112,22 @@ def _dense(step, states: list[dict]) -> tuple:
     return step.dense
 
 
+def _remember(step, overflow: Overflow) -> None:
+    """Record the group's host state if an overflow of this step could change it: with a
+    reselection every step and a selection, compact state and score EMAs already made, the
+    device blends keep everything (the age is 1 after any step) and nothing is recorded."""
+    group, state = step.group, step.state
+    selection = state.selection
+    seeded = ([s for s in step.states() if "score_ema" not in s]
+              if group["score_ema"] > 0.0 and group["selection"] == "norm" else [])
+    if (selection is None or selection.key != step.selection_key or seeded
+            or (step.compact and state.compact is None)
+            or (group["density"] < 1.0 and (group["reselect_every"] > 1 or group["selection"] == "random"))):
+        undo = Undo.of(state)
+        undo.seeded = seeded
+        overflow.undos.append(undo)
+
+
 def _select(step, grads: list[torch.Tensor], inv_scale: torch.Tensor | None, skip: torch.Tensor | None,
             hooked: bool) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """The block ids this step updates, this step's block sums of squares (of the unscaled grads)
@@ -165,6 +185,7 @@ def _compact_slabs(step, block_ids: torch.Tensor, reselected: bool) -> dict:
     slabs = state.compact
     if slabs is None:
         slabs = compact_state.create(view.compact_numels, group["block_size"], step.dtypes[0], view.device)
+        state.made_compact(slabs, view.compact_numels)
         reselected = True
     if reselected:
         ids = compact_state.group_ids(block_ids, step.all_numels, tuple(step.positions), group["block_size"])

@@ -44,6 +44,20 @@ class GroupState:
         self.caches: dict = {}  # derived from the selection (a sharded group's local ids)
         self.bound = None  # the group's bound step (see .binding), valid while this state is
         self.record: dict | None = None  # what state_dict() handed out, if it was called
+        self._numels: tuple | None = None  # (compact["param_numels"], its values on the host)
+
+    def compact_numels(self) -> tuple[int, ...]:
+        """The element counts of the params the compact state was made for (a resized param is
+        refused at the next bind), read back once per state: a CUDA read waits for the device."""
+        numels = self.compact["param_numels"]
+        if self._numels is None or self._numels[0] is not numels:
+            self._numels = (numels, tuple(numels.tolist()))
+        return self._numels[1]
+
+    def made_compact(self, compact: dict, numels: list[int]) -> None:
+        """A step created compact state for params of these element counts (known on the host)."""
+        self.compact = compact
+        self._numels = (compact["param_numels"], tuple(numels))
 
     def clear(self) -> None:
         """Forget the selection and compact state (the blueprint's scores stay valid)."""

@@ -17,9 +17,6 @@ SCORES = ("l2", "rms")
 SELECTIONS = ("norm", "random")
 STATE_DTYPES = (None, torch.float32)
 
-# The largest block size: block offsets and sizes are int32 in the kernels.
-MAX_BLOCK_SIZE = 2**30
-
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
 # torch.optim.AdamW's implementation flags: accepted so that AdamW configs load unchanged, stored in
 # every group as torch stores them, and (but for the checks in check_group) no influence on the
@@ -46,13 +43,13 @@ def _namer(where: str):
 
 def check_hyper(group: dict, where: str = "") -> None:
     """The update's hyper-parameters; cheap, so checked on every step."""
-    if torch.compiler.is_compiling():
-        return  # checked when the group was added; a compiled step trusts it (no graph breaks)
+    # Also under torch.compile: a value changed by hand reaches a compiled step through a guard
+    # (it recompiles), and a bad one must fail here, not deep in the kernels' tracing.
     name = _namer(where)
     _checks.tensor_or(_checks.non_negative, group["lr"], name("lr"))
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"{name('betas')} must be a pair (beta1, beta2), got {betas!r}")
+        raise TypeError(f"{name('betas')} must be a pair (beta1, beta2), got {_checks.show(betas, 'repr')}")
     _checks.tensor_or(_checks.beta, betas[0], f"{name('betas')}[0]")
     _checks.tensor_or(_checks.beta, betas[1], f"{name('betas')}[1]")
     _checks.non_negative(group["eps"], name("eps"))
@@ -61,13 +58,10 @@ def check_hyper(group: dict, where: str = "") -> None:
 
 def check_group(group: dict, where: str = "", has_blueprint: bool = False) -> None:
     """Every option of a group; ``where`` prefixes the key in a message (``param_groups[1]``)."""
-    if torch.compiler.is_compiling():
-        return
     check_hyper(group, where)
     name = _namer(where)
     _checks.density(group["density"], name("density"))
-    if _checks.positive_int(group["block_size"], name("block_size")) > MAX_BLOCK_SIZE:
-        raise ValueError(f"{name('block_size')} must be at most {MAX_BLOCK_SIZE}, got {group['block_size']}")
+    _checks.block_size(group["block_size"], name("block_size"))
     _checks.choice(group["scope"], SCOPES, name("scope"))
     _checks.positive_int(group["reselect_every"], name("reselect_every"))
     _checks.flag(group["maximize"], name("maximize"))
@@ -77,7 +71,7 @@ def check_group(group: dict, where: str = "", has_blueprint: bool = False) -> No
     _checks.choice(group["selection"], SELECTIONS, name("selection"))
     _checks.non_negative_int(group["seed"], name("seed"))
     if group["selection"] == "random" and group["score_ema"] != 0.0:
-        raise ValueError(f"{name('score_ema')} is {group['score_ema']}, but selection='random' ranks "
+        raise ValueError(f"{name('score_ema')} is {_checks.show(group['score_ema'])}, but selection='random' ranks "
                          "no scores: set score_ema=0")
     _checks.beta(group["score_ema"], name("score_ema"))
     _checks.non_negative_int(group["min_blocks_per_tensor"], name("min_blocks_per_tensor"))
@@ -86,7 +80,7 @@ def check_group(group: dict, where: str = "", has_blueprint: bool = False) -> No
         _checks.positive(group["max_grad_norm"], name("max_grad_norm"))
     if group["state_dtype"] not in STATE_DTYPES:
         raise ValueError(f"{name('state_dtype')} must be None (the param's dtype) or torch.float32, "
-                         f"got {group['state_dtype']!r}")
+                         f"got {_checks.show(group['state_dtype'], 'repr')}")
     _checks.choice(group["state_layout"], STATE_LAYOUTS, name("state_layout"))
     check_blueprint_weight(group, name("blueprint_weight"), has_blueprint)
     check_adamw_flags(group, where)
@@ -113,10 +107,10 @@ def check_adamw_flags(group: dict, where: str = "") -> None:
 
 def check_blueprint_weight(group: dict, name: str, has_blueprint: bool) -> None:
     if not has_blueprint and group["blueprint_weight"] != 0.0:
-        raise ValueError(f"{name} is {group['blueprint_weight']}, but SparseAdamW has no blueprint "
+        raise ValueError(f"{name} is {_checks.show(group['blueprint_weight'])}, but SparseAdamW has no blueprint "
                          "to blend (pass blueprint=...)")
     if group["selection"] == "random" and group["blueprint_weight"] != 0.0:
-        raise ValueError(f"{name} is {group['blueprint_weight']}, but selection='random' blends no "
+        raise ValueError(f"{name} is {_checks.show(group['blueprint_weight'])}, but selection='random' blends no "
                          "blueprint: set blueprint_weight=0")
 
 

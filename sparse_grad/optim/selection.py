@@ -75,7 +75,8 @@ class Counts:
     host: the selection never syncs).
 
     ``scope="tensor"``: ``ks[t]`` of tensor ``t``'s ``sizes[t]`` blocks. ``"global"``: ``ks[0]``
-    of the ``num_blocks``; with ``min_blocks_per_tensor``, ``minima[t]`` of each tensor first.
+    of the ``num_blocks``; with ``min_blocks_per_tensor``, ``minima[t]`` of each tensor first,
+    then ``ks[0]`` more of the rest.
     """
 
     per_tensor: bool
@@ -95,15 +96,15 @@ class Counts:
         if minimum == 0:
             return cls(False, sizes, [k], layout.num_blocks, None)
         minima = [min(minimum, n) for n in sizes]
-        return cls(False, sizes, [max(k, sum(minima))], layout.num_blocks, minima)
+        return cls(False, sizes, [max(k - sum(minima), 0)], layout.num_blocks, minima)
 
 
 def select(scores: torch.Tensor, counts: Counts, backend: str, cache: dict | None = None) -> torch.Tensor:
     """The ids to update: ``ceil(density·n)`` of the group (``scope="global"``) or of every tensor
     (``"tensor"``), and at least ``min(min_blocks_per_tensor, its blocks)`` of every tensor.
 
-    Global scope with a minimum: every tensor's own top blocks are guaranteed (scored +inf), then
-    ``max(ceil(density·n), Σ minima)`` blocks are taken over the group.
+    Global scope with a minimum: every tensor's own top blocks are taken first, then the
+    ``max(ceil(density·n), Σ minima) − Σ minima`` best of the other blocks over the group.
     """
     def part(name):
         return None if cache is None else cache.setdefault(name, {})
@@ -113,8 +114,14 @@ def select(scores: torch.Tensor, counts: Counts, backend: str, cache: dict | Non
     if counts.minima is None:
         return unchecked.select_blocks(scores, [counts.num_blocks], counts.ks, backend, part("global"))
     guaranteed = unchecked.select_blocks(scores, counts.sizes, counts.minima, backend, part("minima"))
-    boosted = scores.index_fill(0, guaranteed, float("inf"))
-    return unchecked.select_blocks(boosted, [counts.num_blocks], counts.ks, backend, part("global"))
+    if counts.ks[0] == 0:
+        return guaranteed
+    # The guaranteed blocks are ranked last, not first: no score ranks above NaN or ties with
+    # +inf strictly, but every other block (scores are never -inf; clamping makes sure) ranks
+    # above -inf, so the rest never takes a guaranteed block again.
+    rest = scores.clamp_min(-torch.finfo(torch.float32).max).index_fill(0, guaranteed, float("-inf"))
+    others = unchecked.select_blocks(rest, [counts.num_blocks], counts.ks, backend, part("global"))
+    return torch.cat([guaranteed, others]).sort().values
 
 
 def normalized(scores: torch.Tensor) -> torch.Tensor:

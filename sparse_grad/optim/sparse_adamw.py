@@ -21,6 +21,7 @@ from . import binding, checkpoint, options
 from .functional import sparse_adamw
 from .gradients import check_scaling
 from .group_state import GroupState, Selection
+from .overflow import Overflow
 
 __all__ = ["SparseAdamW"]
 
@@ -37,6 +38,23 @@ def _split_names(params: list) -> tuple[list, list[str] | None]:
     if params and all(named):
         return [p for _, p in params], [name for name, _ in params]
     return params, None
+
+
+def _check_unique(tensors: list[torch.Tensor], where: str, groups: list[dict]) -> None:
+    """A param listed twice (tied weights) would be stepped twice per step, and the native
+    kernels, which update a group's params in parallel, would race on it: refused (torch
+    only warns within a group)."""
+    seen = {}
+    for j, p in enumerate(tensors):
+        if id(p) in seen:
+            raise ValueError(f"{where}['params'][{j}] is the same tensor as {where}['params'][{seen[id(p)]}]: "
+                             "list a shared (tied) parameter once")
+        seen[id(p)] = j
+    for i, group in enumerate(groups):
+        for k, q in enumerate(group["params"]):
+            if id(q) in seen:
+                raise ValueError(f"{where}['params'][{seen[id(q)]}] is already in param_groups[{i}]['params'][{k}]: "
+                                 "a parameter may belong to one param group only")
 
 
 class SparseAdamW(Optimizer):
@@ -196,7 +214,8 @@ class SparseAdamW(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps defaults, state and param_groups; a copy (deepcopy, pickle, torch.save of
         # the optimizer) also needs the groups' selections and compact slabs, and the blueprint.
-        # Score hooks are dropped, like torch's own step hooks.
+        # Score hooks are dropped, like torch's own step hooks; a pending overflow undo is applied.
+        self._settle()
         state = super().__getstate__()
         state["group_states"] = [group_state.state_dict() for group_state in self._group_states]
         state["blueprint"] = self._blueprint
@@ -251,6 +270,7 @@ class SparseAdamW(Optimizer):
         :class:`~sparse_grad.BlockLayout` over ``params`` with ``block_size``. Read-only views
         of the optimizer's own selection: do not modify them.
         """
+        self._settle()
         selected = []
         for index, state in enumerate(self._group_states):
             selection = state.selection
@@ -270,6 +290,7 @@ class SparseAdamW(Optimizer):
         """The state of param group ``index`` beside its per-param state: its current selection
         and compact slabs (:class:`~sparse_grad.optim.group_state.GroupState`). For tools that
         save or rebuild it (``sparse_grad.distributed``); a step owns it otherwise."""
+        self._settle()  # an overflowed step's undo must not land on state read or replaced here
         return self._group_states[index]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -287,6 +308,7 @@ class SparseAdamW(Optimizer):
         device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
         for j, p in enumerate(tensors):
             check_tensor(p, f"{where}['params'][{j}]", device, contiguous=False)
+        _check_unique(tensors, where, self.param_groups)
         if self._blueprint is not None and group["blueprint_weight"] > 0.0 and tensors:
             self._blueprint.block_scores(tensors, names, group["block_size"])  # raises on a mismatch
         if device is not None:  # load the backend now (an import), not inside a compiled step
@@ -322,20 +344,33 @@ class SparseAdamW(Optimizer):
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         check_scaling(grad_scale, "grad_scale")
         check_scaling(found_inf, "found_inf")
+        self._settle()
         steps = [self._bind(i, group) for i, group in enumerate(self.param_groups)]
         hooks = list(self._score_hooks.values())
+        overflow = Overflow.of(found_inf)
         for step in steps:
             if step is not None:
-                sparse_adamw(step, grad_scale, found_inf, hooks, self)
+                sparse_adamw(step, grad_scale, found_inf, hooks, self, overflow)
+        self._overflow = None if overflow is None else overflow.close()
         for group_state in self._group_states:
             group_state.refresh()  # a state dict handed out before shows this step
         return loss
+
+    def _settle(self) -> None:
+        """Undo the host-side changes of the last step if it overflowed (see .overflow): read
+        before anything looks at or replaces the selection."""
+        overflow = self.__dict__.pop("_overflow", None)
+        if overflow is not None:
+            overflow.settle()
+            for group_state in self._group_states:
+                group_state.refresh()
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict; each saved param group also holds the group's own state under
         ``"sparse_grad"`` (its selection and compact slabs), so torch's checkpoint APIs and any
         framework that saves ``state`` and ``param_groups`` keep it. Like torch's, it holds the
         live state: a state dict kept across a step shows that step (take a copy to keep one)."""
+        self._settle()
         state_dict = super().state_dict()
         for saved, group_state in zip(state_dict["param_groups"], self._group_states):
             saved[GROUP_STATE_KEY] = group_state.state_dict()
@@ -347,6 +382,7 @@ class SparseAdamW(Optimizer):
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list) \
                 or not isinstance(state_dict.get("state"), dict):
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups', as state_dict() gives")
+        self._settle()
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer "
