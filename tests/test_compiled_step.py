@@ -142,7 +142,7 @@ def test_compiled_step_refuses_a_bad_hand_change(key, value, message):
     model(torch.randn(4, 6)).square().mean().backward()
     def now():  # (not param_groups: a NaN eps is unequal to itself)
         saved = opt.state_dict()
-        return [p.detach() for p in model.parameters()], saved["state"], saved["selections"]
+        return [p.detach() for p in model.parameters()], saved["state"], saved["param_groups"][0]["sparse_grad"]
 
     before = copy.deepcopy(now())
     with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match=message):

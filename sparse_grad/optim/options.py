@@ -99,7 +99,9 @@ def check_adamw_flags(group: dict, where: str = "") -> None:
     if group.get("differentiable", False):
         raise ValueError(f"{name('differentiable')}=True is not supported: SparseAdamW's step runs under "
                          "torch.no_grad() in fused kernels, so autograd cannot see through it")
-    if group.get("capturable", False) and group["backend"] == "reference":
+    # Dynamo sets capturable=True in its traced view of every param group of an optimizer it
+    # compiles (torch's own optimizers then take their capturable path): not the user's choice.
+    if group.get("capturable", False) and group["backend"] == "reference" and not torch.compiler.is_compiling():
         raise ValueError(f"{name('capturable')}=True with backend='reference': that backend reads block ids "
                          "on the host (a sync on CUDA), so its step cannot be captured in a CUDA graph; "
                          "use backend='auto', 'triton' or 'cuda'")
