@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import cProfile
+import gc
 import importlib
 import pstats
 import sys
@@ -81,12 +82,19 @@ def counting_without(kernels):
 
 
 def count_calls(fn, kernels=()) -> int:
+    # The collector paused, as in sparse_grad.bench.timing.python_calls: its callbacks (other
+    # tests' hypothesis installs one) are not the step's calls, and run when earlier tests'
+    # allocations say so.
+    collecting = gc.isenabled()
+    gc.disable()
     with counting_without(kernels) as counter:
         sys.setprofile(counter)
         try:
             fn()
         finally:
             sys.setprofile(None)
+            if collecting:
+                gc.enable()
     return counter.calls
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import cProfile
 import contextlib
+import gc
 import math
 import pstats
 import statistics
@@ -242,15 +243,21 @@ def host_time(fn: Callable[[], object], device: torch.device, module: ModuleType
 
 def python_calls(fn: Callable[[], object]) -> int:
     """Python function calls (builtins included) that one call of ``fn`` makes, counted by
-    cProfile: unlike a time, the same on a busy and an idle machine."""
+    cProfile: unlike a time, the same on a busy and an idle machine. The garbage collector is
+    paused meanwhile: its callbacks (hypothesis installs one, for instance) are not ``fn``'s calls,
+    and when it runs depends on everything allocated before."""
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__} {fn!r}")
+    collecting = gc.isenabled()
+    gc.disable()
     profiler = cProfile.Profile()
     profiler.enable()
     try:
         fn()
     finally:
         profiler.disable()
+        if collecting:
+            gc.enable()
     return pstats.Stats(profiler).total_calls
 
 
