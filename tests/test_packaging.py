@@ -82,15 +82,19 @@ def copy_sources(target: Path) -> Path:
     return target
 
 
-def test_install_without_a_compiler_is_pure_python(tmp_path):
-    """No working compiler: the install still succeeds, and backend="cpp" says what is missing."""
+def pip_without_a_compiler(tmp_path, command: str, *args: str) -> None:
+    """``pip <command>`` of a copy of the sources with no working compiler (CC/CXX fail)."""
     source = copy_sources(tmp_path / "src")
     env = {**os.environ, "CC": "false", "CXX": "false"}
     env.pop("SPARSE_GRAD_REQUIRE_NATIVE", None)
-    run = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
-                          "--target", str(tmp_path / "site"), str(source)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "pip", command, "-q", "--no-build-isolation", "--no-deps",
+                          *args, str(source)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_install_without_a_compiler_is_pure_python(tmp_path):
+    """No working compiler: the install still succeeds, and backend="cpp" says what is missing."""
+    pip_without_a_compiler(tmp_path, "install", "--target", str(tmp_path / "site"))
     assert not list((tmp_path / "site" / "sparse_grad").glob("_C*"))
     check = subprocess.run([sys.executable, "-c", NO_EXTENSION_SCRIPT], cwd=tmp_path,
                            env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
@@ -107,13 +111,7 @@ def test_wheel_builds_with_the_project_metadata(tmp_path):
 
     import sparse_grad
 
-    source = copy_sources(tmp_path / "src")
-    env = {**os.environ, "CC": "false", "CXX": "false"}
-    env.pop("SPARSE_GRAD_REQUIRE_NATIVE", None)
-    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
-                          "-w", str(tmp_path / "wheels"), str(source)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    pip_without_a_compiler(tmp_path, "wheel", "-w", str(tmp_path / "wheels"))
     (wheel,) = (tmp_path / "wheels").glob("sparse_grad-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
