@@ -1,35 +1,36 @@
 #!/usr/bin/env bash
-# One lent-GPU session: build with CUDA, correctness on CUDA first, then the host-cost and step
-# benchmarks. Every stage has its own time limit and log under $OUT, so a slow stage costs only
-# itself. Usage (on the GPU machine, repository root): OUT=/some/dir bash benchmarks/gpu_session.sh
-# Optional: an older copy of the package in build/old (sparse_grad/ and triton_kernels/, e.g.
-# `git archive <commit> sparse_grad triton_kernels | tar -x -C build/old`) is measured by
-# benchmarks/host_time.py beside the checkout, on the same card.
+# One lent-GPU session: build with CUDA, correctness on CUDA first, then the per-op timings.
+# Every stage has its own time limit and log under $OUT, so a slow stage costs only itself.
+# Usage (on the GPU machine, repository root): OUT=/some/dir bash benchmarks/gpu_session.sh [STAGES]
+# STAGES: a comma-separated subset of build,cuda_tests,cuda_all,gpu_ops,bench (default: all but bench).
 set -u
 OUT=${OUT:-gpu_out}
+STAGES=,${1:-build,cuda_tests,gpu_ops},
 mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST=9.0 SPARSE_GRAD_REQUIRE_NATIVE=1 PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=9.0 SPARSE_GRAD_REQUIRE_NATIVE=1 PYTHONUNBUFFERED=1 MAX_JOBS=16
 stage() {  # stage NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
+    case $STAGES in *,$name,*) ;; *) return ;; esac
     local t0=$SECONDS
     timeout "$limit" "$@" >> "$OUT/$name.log" 2>&1
     local rc=$?
     echo "stage $name: rc=$rc in $((SECONDS - t0)) s  | $(tail -n 1 "$OUT/$name.log")" | tee -a "$OUT/summary.txt"
 }
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-  lscpu | grep "Model name"
+  lscpu | grep "Model name"; git log -1 --format='commit %h %s' 2>/dev/null
 } >> "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
-HOST="benchmarks/host_time.py --device cuda --densities 1,0.05,0.01 --json $OUT/host.jsonl"
-if [ -d build/old/sparse_grad ]; then  # before the install: nothing but PYTHONPATH finds it
-    stage host 70 env PYTHONPATH=build/old python3 $HOST --backends triton --label old
-fi
-stage build 120 python3 -m pip install --no-build-isolation --no-deps -e .
-P="python3 -m pytest -q -p no:cacheprovider -p no:logging --timeout 120"
-stage cuda_focus 150 $P tests/test_cuda_step.py tests/test_native.py tests/test_host_calls.py tests/test_launch_count.py \
-    tests/test_compiled_step.py tests/test_sparse_adamw.py tests/test_distributed_cuda.py -k cuda
-stage host 70 python3 $HOST --backends triton,cuda --label checkout
+stage build 110 python3 -m pip install --no-build-isolation --no-deps -e .
+P="python3 -m pytest -q -p no:cacheprovider -p no:logging --timeout 90 -n 8"
+# The kernels and the step on CUDA (both GPU backends), against the reference backend.
+stage cuda_tests 110 $P -k cuda tests/test_block_sqnorms.py tests/test_select_blocks.py tests/test_triton_select.py \
+    tests/test_sparse_adamw_step.py tests/test_sparse_adamw.py tests/test_cuda_step.py tests/test_launch_count.py \
+    tests/test_kernel_numerics.py tests/test_compact_state.py
+# Everything else that has a CUDA case.
+stage cuda_all 240 $P -k cuda tests --ignore=tests/test_torch_parity.py
+stage gpu_ops 150 python3 benchmarks/gpu_ops.py --out "$OUT"
 stage bench 110 python3 -m sparse_grad bench --device cuda --shapes llm-400m --backends triton,cuda \
     --densities 1,0.05,0.01 --out "$OUT/bench" --no-plot
 cat "$OUT/summary.txt"
+[ -f "$OUT/gpu_ops.md" ] && cat "$OUT/gpu_ops.md"

@@ -157,9 +157,9 @@ def select_blocks(scores: torch.Tensor, k: int | Sequence[int] | None = None, *,
             least one block of every non-empty segment).
         segments: ``None`` to choose over all blocks, or a :class:`BlockLayout` / list of segment
             lengths to choose within each tensor (``scope="tensor"``).
-        backend: ``"auto"``, ``"reference"``, ``"triton"`` (a one-launch radix select on
-            device), ``"cpp"`` (a partial selection in C++) or ``"cuda"`` (torch.topk on
-            device).
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` (a multi-program radix select on
+            device), ``"cpp"`` (a partial selection in C++) or ``"cuda"`` (the same radix select,
+            or torch.topk where Triton is missing).
 
     Returns:
         int64 tensor of global block ids, ascending, of length ``sum(k)``.

@@ -367,3 +367,27 @@ def test_table_marks_unmeasured_values_and_shows_pre_launch_only_when_measured()
     with_launch = table(rows).splitlines()
     assert "pre-launch µs" in with_launch[0] and with_launch[2].split()[-2:] == ["25.0", "321"]
     assert with_launch[1].split()[-3:] == ["-", "-", "-"]
+
+
+def test_gpu_ops_script_runs_on_cpu_and_checks_every_selection(tmp_path):
+    """benchmarks/gpu_ops.py (the per-op GPU timings) at a tiny size on CPU: its cases, its
+    selection check against the reference, and its table cannot rot between GPU sessions."""
+    import importlib.util
+    import json
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "gpu_ops.py"
+    spec = importlib.util.spec_from_file_location("gpu_ops", path)
+    gpu_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_ops)
+    assert gpu_ops.phase_of("_block_sqnorms_kernel") == "norm"
+    assert gpu_ops.phase_of("_histogram_kernel") == "select"
+    assert gpu_ops.phase_of("void sparse_adamw_kernel<float>") == "update"
+    assert gpu_ops.main(["--device", "cpu", "--scale", "0.0005", "--backends", "cpp", "--rounds", "1",
+                         "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "gpu_ops.json").read_text())
+    steps = [r for r in rows if r["case"] == "SparseAdamW"]
+    assert [(r["density"], r["reselect_every"]) for r in steps] == [(1.0, 1), (0.05, 1), (0.01, 1), (0.05, 10), (0.01, 10)]
+    assert all(r["synced"] > 0 and 0 < r["pct_ideal"] for r in steps)
+    assert len([r for r in rows if r["case"] == "select_only"]) == 4
+    table = (tmp_path / "gpu_ops.md").read_text()
+    assert table.count("\n") == len(rows) + 2 and "| torch AdamW fused |" in table

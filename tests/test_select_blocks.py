@@ -113,6 +113,23 @@ def test_cuda_selection_never_syncs(segments):
     assert ids.tolist() == brute_force(scores.cpu(), sizes, [num_selected(0.1, n) for n in sizes])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("triton_select", [True, False], ids=["cuda-radix", "cuda-topk-fallback"])
+@pytest.mark.parametrize("segments", [None, [300, 0, 700, 24, 1]])
+def test_cuda_backend_selection_both_paths(monkeypatch, triton_select, segments):
+    """The cuda backend's selection: Triton's radix select, and torch.topk where Triton is missing."""
+    from sparse_grad.backends import native
+    monkeypatch.setitem(native._GPU_SELECT, "triton", triton_select)
+    torch.manual_seed(3)
+    scores = torch.rand(1025, device="cuda") ** 6
+    scores[::7] = scores[3]  # ties across the threshold
+    scores[5], scores[9] = float("nan"), -0.0
+    sizes = segments or [1025]
+    for density in (0.01, 0.3, 1.0):
+        ids = ops.select_blocks(scores, density=density, segments=segments, backend="cuda")
+        assert ids.tolist() == brute_force(scores.cpu(), sizes, [num_selected(density, n) for n in sizes])
+
+
 def test_num_selected_still_rounds_up_real_excess():
     assert num_selected(0.30000001, 10) == 4
     assert num_selected(0.2, 11) == 3

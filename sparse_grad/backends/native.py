@@ -3,9 +3,12 @@
 ``"cpp"`` (csrc/cpu: vectorized loops, OpenMP across blocks) and ``"cuda"`` (csrc/cuda) share
 the op schemas ``sparse_grad::native_block_sqnorms`` and ``sparse_grad::native_sparse_adamw_step``
 (sparse_grad/library.py), implemented in C++ for the CPU and CUDA dispatch keys: the dispatcher
-picks the kernel by the tensors' device. Selection
-on CPU is ``sparse_grad::native_select_blocks`` (a partial selection of unique rank keys, O(n));
-on CUDA it is ``torch.topk`` on the same keys (sparse_grad/backends/topk_select.py).
+picks the kernel by the tensors' device. Selection on CPU is ``sparse_grad::native_select_blocks``
+(a partial selection of unique rank keys, O(n)). On CUDA it is the Triton backend's multi-program
+radix select (triton_kernels/select_blocks.py: 7 launches, no program reads more than 8,192
+scores), which every CUDA build of torch can run; only where Triton is missing does it fall back to
+``torch.topk`` on the same keys (sparse_grad/backends/topk_select.py, one program per top-k and
+three sorts). Both give the reference selection exactly.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import importlib
 
 import torch
 
-from . import topk_select
+from . import topk_select, triton_kernels, triton_unavailable_reason
 
 __all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step", "unavailable_reason", "cpu_isa"]
 
@@ -71,9 +74,22 @@ def block_sqnorms(tensors, block_size, cache=None):
     return torch.ops.sparse_grad.native_block_sqnorms(tensors, block_size)
 
 
+# Whether CUDA selection runs on Triton, found once (see _REASONS on why not functools.cache).
+_GPU_SELECT: dict[str, bool] = {}
+
+
+def cuda_select_uses_triton() -> bool:
+    """Whether the cuda backend selects with Triton's multi-program radix select (else torch.topk)."""
+    if "triton" not in _GPU_SELECT:
+        _GPU_SELECT["triton"] = triton_unavailable_reason(torch.device("cuda")) is None
+    return _GPU_SELECT["triton"]
+
+
 def select_blocks(scores, segment_sizes, segment_ks, cache=None):
     if scores.device.type == "cpu":
         return torch.ops.sparse_grad.native_select_blocks(scores, list(segment_sizes), list(segment_ks))
+    if cuda_select_uses_triton():
+        return triton_kernels().select_blocks(scores, segment_sizes, segment_ks, cache)
     return topk_select.select_blocks(scores, segment_sizes, segment_ks)
 
 
