@@ -220,11 +220,22 @@ class Plan:
     num_warps: int
 
 
+# On a GPU: about this many programs over all scores (4 per SM of a 132-SM H100/H200), with
+# tiles of GPU_MIN_TILE to GPU_MAX_TILE scores (see benchmarks/RESULTS.md for the tile sweep).
+GPU_PROGRAMS = 512
+GPU_MIN_TILE, GPU_MAX_TILE = 1024, 4096
+
+
 def tile_size(sizes: Sequence[int], device: torch.device) -> int:
-    """Scores per program: no wider than the longest segment needs, at most ``MAX_TILE``; on a
-    GPU 4096, so that a large vector spreads over many SMs (untuned: no GPU measured it yet)."""
-    cap = MAX_TILE if device.type == "cpu" else 4096
-    return min(cap, max(16, triton.next_power_of_2(max(sizes, default=1))))
+    """Scores per program: no wider than the longest segment needs. The interpreter pays per
+    operation, so on CPU tiles are as wide as allowed (``MAX_TILE``); on a GPU a tile is sized so
+    that all scores spread over about ``GPU_PROGRAMS`` programs: a histogram pass over 98,688
+    scores in tiles of 4,096 ran on 25 of an H100's 132 SMs (21 us a pass)."""
+    widest = triton.next_power_of_2(max(sizes, default=1))
+    if device.type == "cpu":
+        return min(MAX_TILE, max(16, widest))
+    spread = triton.next_power_of_2(-(-sum(sizes) // GPU_PROGRAMS))
+    return min(max(16, widest), GPU_MAX_TILE, max(GPU_MIN_TILE, spread))
 
 
 def plan(sizes: Sequence[int], ks: Sequence[int], device: torch.device, tile: int | None = None) -> Plan:
