@@ -13,6 +13,8 @@ import importlib
 import pstats
 import sys
 
+import operator
+
 import pytest
 import torch
 
@@ -188,7 +190,18 @@ def _twins(device: str) -> tuple[list, list]:
     return params, twin
 
 
-def test_a_bound_step_sees_changes_made_by_hand(case):
+@pytest.fixture(params=["native", "python"])
+def fingerprint(request, monkeypatch):
+    """The bound step's fingerprint read by the extension's one C call, or by maps from Python."""
+    from sparse_grad.optim import binding
+    native = binding._native_fingerprint()
+    if request.param == "native" and native is None:
+        pytest.skip("sparse_grad._C is not built")
+    monkeypatch.setattr(binding, "_FINGERPRINT", [native if request.param == "native" else None])
+    return request.param
+
+
+def test_a_bound_step_sees_changes_made_by_hand(case, fingerprint):
     """Each change the fingerprint covers is honoured on the next step: the same result as a
     fresh optimizer given the same state (so nothing stale was reused)."""
     from _utils import assert_same
@@ -200,6 +213,8 @@ def test_a_bound_step_sees_changes_made_by_hand(case):
         lambda params, opt: opt.param_groups[0]["params"].__setitem__(5, params[5]),  # same object: no-op
         lambda params, opt: [setattr(p, "grad", p.grad.clone()) for p in params],
         lambda params, opt: setattr(params[7], "grad", None),
+        lambda params, opt: setattr(params[2], "data", params[2].data.reshape(-1)),  # same address, new shape
+        lambda params, opt: setattr(params[6], "grad", params[6].grad.as_subclass(_Marked)),  # same address
     ]
     for change in changes:
         params, twin_params = _twins(device)
@@ -213,6 +228,47 @@ def test_a_bound_step_sees_changes_made_by_hand(case):
         opt.step()
         fresh.step()
         assert_same([p.detach() for p in params], [p.detach() for p in twin_params])
+
+
+class _Marked(torch.Tensor):
+    """A Tensor subclass: a grad view of this type at the same address is not a plain grad."""
+
+
+def test_group_fingerprint_changes_with_everything_reuse_relies_on():
+    """sparse_grad._C.group_fingerprint: equal bytes exactly when the params, their addresses,
+    shapes and contiguity, and their grads' presence, address, shape, contiguity, dtype, device
+    and type are unchanged; None where only the full check can say."""
+    from sparse_grad.optim import binding
+    native = binding._native_fingerprint()
+    if native is None:
+        pytest.skip("sparse_grad._C is not built")
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 5)) for _ in range(3)]
+    for p in params[:2]:
+        p.grad = torch.randn_like(p)
+    key, grads = native(params)
+    assert native(params)[0] == key and all(map(operator.is_, grads, [params[0].grad, params[1].grad]))
+    changes = [
+        lambda ps: setattr(ps[0], "data", ps[0].data.clone()),
+        lambda ps: setattr(ps[0], "data", ps[0].data.reshape(5, 6)),
+        lambda ps: setattr(ps[1], "data", ps[1].data.t()),
+        lambda ps: setattr(ps[1], "grad", ps[1].grad.clone()),
+        lambda ps: setattr(ps[1], "grad", ps[1].grad.reshape(5, 6).t()),  # same address and shape, strided
+        lambda ps: setattr(ps[1], "grad", ps[1].grad.as_subclass(_Marked)),
+        lambda ps: setattr(ps[1], "grad", None),
+        lambda ps: setattr(ps[2], "grad", torch.randn_like(ps[2])),
+        lambda ps: ps.__setitem__(0, torch.nn.Parameter(ps[0].detach())),  # same address, another object
+    ]
+    for change in changes:
+        changed = [torch.nn.Parameter(p.detach()) for p in params]
+        for p, q in zip(params, changed):
+            q.grad = p.grad
+        base = native(changed)[0]
+        change(changed)
+        assert native(changed)[0] != base
+    assert native([params[0], "not a tensor"]) is None
+    with pytest.raises(TypeError, match="list of tensors"):
+        native(tuple(params))
 
 
 def test_a_param_replaced_in_the_group_is_bound_again(case):

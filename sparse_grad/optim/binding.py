@@ -10,6 +10,10 @@ whether the bound step still describes the group:
     which params have a grad, the params' data pointers, shapes and contiguity, the
     optimizer's state mapping, and the group state (a load or clear drops the bound step).
 
+With the extension ``sparse_grad._C`` the per-tensor part of the fingerprint is read in one C
+call (``group_fingerprint``: on a GPU host about 0.3 us per param instead of several Python-level
+accesses to each Parameter); without it, by C-level maps from Python. Same answers either way.
+
 A grad re-allocated at another address is checked again (type, layout, dtype, device, shape,
 contiguity, with C-level maps) and the kernel tables built from the old addresses are dropped;
 any other change binds the group again, with the full check and its messages. The update's
@@ -24,6 +28,7 @@ replace state.
 """
 from __future__ import annotations
 
+import importlib
 from operator import attrgetter, is_
 
 import torch
@@ -72,6 +77,7 @@ class BoundStep:
         self.options = options.shaping_values(group)
         self.has_grad = [p.grad is not None for p in group["params"]]
         self.all_have_grads = all(self.has_grad)
+        self.fingerprint: bytes | None = None  # of the group when reuse() last checked it in full
         if reusable:
             self.param_ptrs = list(map(_data_ptr, params))
             self.param_shapes = list(map(_shape, params))
@@ -86,12 +92,36 @@ class BoundStep:
         return self.param_states
 
 
+def _native_fingerprint():
+    """``sparse_grad._C.group_fingerprint`` where the extension loads, else None (then the
+    maps of :func:`reuse` do the same work in Python)."""
+    if not _FINGERPRINT:
+        from ..backends import native
+        _FINGERPRINT.append(None if native._load_error() is not None
+                            else getattr(importlib.import_module("sparse_grad._C"), "group_fingerprint", None))
+    return _FINGERPRINT[0]
+
+
+_FINGERPRINT: list = []  # filled once by _native_fingerprint
+
+
 def reuse(bound: BoundStep | None, group: dict, opt_state: dict) -> bool:
-    """Whether ``bound`` still describes ``group``; if only grads moved, it is updated to them."""
+    """Whether ``bound`` still describes ``group``; if only grads moved, it is updated to them.
+
+    With the extension, one C call fingerprints the group (each param's object, address, shape
+    and contiguity; each grad's presence, address, shape, contiguity, dtype, device and type):
+    the same bytes as when the checks below last passed mean they pass again."""
     if (bound is None or not bound.reusable or group["params"] is not bound.param_list
             or len(group["params"]) != bound.num_params or opt_state is not bound.opt_state
-            or options.shaping_values(group) != bound.options
-            or not all(map(is_, group["params"], bound.all_params))):
+            or options.shaping_values(group) != bound.options):
+        return False
+    fingerprint_of = _native_fingerprint()
+    fingerprint = None if fingerprint_of is None else fingerprint_of(group["params"])
+    if fingerprint is not None and fingerprint[0] == bound.fingerprint:
+        bound.grads = fingerprint[1]
+        return True
+    bound.fingerprint = None
+    if not all(map(is_, group["params"], bound.all_params)):
         return False
     grads = [p.grad for p in group["params"]]
     if not bound.all_have_grads:  # (when all had one, a None now fails the pointer map below)
@@ -113,6 +143,7 @@ def reuse(bound: BoundStep | None, group: dict, opt_state: dict) -> bool:
         bound.caches["norms"].clear()
         bound.caches["update"].clear()
     bound.grads = grads
+    bound.fingerprint = None if fingerprint is None else fingerprint[0]
     return True
 
 

@@ -351,6 +351,10 @@ class SparseAdamW(Optimizer):
         for step in steps:
             if step is not None:
                 sparse_adamw(step, grad_scale, found_inf, hooks, self, overflow)
+                # Hold no grad past the step: after zero_grad(set_to_none=True) the next backward
+                # can then reuse their memory, so the grads come back at the same addresses and
+                # the bound step's kernel tables stay valid (else they are rebuilt every step).
+                step.grads = None
         self._overflow = None if overflow is None else overflow.close()
         for group_state in self._group_states:
             group_state.refresh()  # a state dict handed out before shows this step
