@@ -376,3 +376,17 @@ def test_bad_state_dict_is_refused_and_changes_nothing():
         with pytest.raises(ValueError, match=message):
             opt.load_state_dict(tampered(edit))
         assert_same(opt.state_dict(), before)
+
+
+def test_every_backend_selects_as_the_reference(case):
+    device, backend = case
+    params = [p.to(device) for p in _params()]
+    grads = [[g.to(device) for g in step] for step in _grads(params, 3)]
+    runs = []
+    for name in (backend, "reference"):
+        ps = snapshot(params)
+        opt = sparse_grad.sparsify(torch.optim.RMSprop(ps, lr=0.01, momentum=0.5), density=0.3, block_size=BLOCK,
+                                   scope="tensor", min_blocks_per_tensor=2, backend=name)
+        _run(opt, ps, grads)
+        runs.append((ps, opt.selected_blocks()[0][2]))
+    assert_same(runs[0], runs[1])

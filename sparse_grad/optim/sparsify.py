@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from .. import backends
 from ..layout import cached_layout, check_tensor, num_blocks_of
-from . import checkpoint, options, torch_rules
+from . import checkpoint, options, sharding, torch_rules
 from .functional import _select
 from .group_state import GroupState, Selection
 from .group_view import PlainGroup
@@ -124,7 +124,7 @@ class SparsifiedOptimizer(Optimizer):
         self._check_options({**self.defaults, **param_group}, where)
         device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
         for j, p in enumerate(tensors):
-            check_tensor(p, f"{where}['params'][{j}]", device)
+            _check_param(p, f"{where}['params'][{j}]", device)
         _check_unique(tensors, where, self.param_groups)
         backend = param_group.get("backend", self.defaults["backend"])
         if device is not None:  # load the backend now (an import), not inside a step
@@ -172,7 +172,7 @@ class SparsifiedOptimizer(Optimizer):
             if p.grad is None:
                 continue
             name = f"{where}['params'][{j}]"
-            check_tensor(p, name, params[0].device if params else None)
+            _check_param(p, name, params[0].device if params else None)
             grad = p.grad
             if grad.layout != torch.strided:
                 raise TypeError(f"{name}.grad is sparse; sparsify needs dense gradients")
@@ -294,6 +294,15 @@ class SparsifiedOptimizer(Optimizer):
                 self.state[p][key] = value.to(device=p.device, copy=True)
         for group_state, selection in zip(self._group_states, selections):
             group_state.set(selection, None)
+
+
+def _check_param(p, name: str, device: torch.device | None) -> None:
+    """A param sparsify can step: dense, real floating and contiguous (its blocks are gathered
+    from its flat view), on the group's device, and not an FSDP2 shard (whose blocks would be
+    selected per rank)."""
+    check_tensor(p, name, device)
+    if sharding.is_dtensor(p):
+        raise ValueError(f"{name} is a DTensor (FSDP2): sparsify does not step sharded params; use SparseAdamW")
 
 
 def _check_state(state: dict, p: torch.Tensor, group: dict, name: str, rule=None) -> None:
