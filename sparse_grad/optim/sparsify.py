@@ -24,7 +24,7 @@ from .functional import _select
 from .group_state import GroupState, Selection
 from .group_view import PlainGroup
 from .selection import Counts
-from .sparse_adamw import GROUP_STATE_KEY, _check_unique
+from .sparse_adamw import GROUP_STATE_KEY, _check_unique, _new_group_params, _saved_parts
 
 __all__ = ["SparsifiedOptimizer", "sparsify"]
 
@@ -112,15 +112,7 @@ class SparsifiedOptimizer(Optimizer):
                              "gathered copies, which autograd cannot see through")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        where = f"param_groups[{len(self.param_groups)}]"
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else params
-        if isinstance(params, set):
-            raise TypeError("optimizer parameters need to be organized in ordered collections")
-        params = list(params)
-        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        where, params, tensors, _ = _new_group_params(param_group, len(self.param_groups))
         self._check_options({**self.defaults, **param_group}, where)
         device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
         for j, p in enumerate(tensors):
@@ -247,13 +239,7 @@ class SparsifiedOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`; checked in full before anything changes."""
-        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list) \
-                or not isinstance(state_dict.get("state"), dict):
-            raise ValueError("state_dict must be a dict with 'state' and 'param_groups', as state_dict() gives")
-        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer "
-                             f"{len(self.param_groups)}")
+        saved_groups, saved_state = _saved_parts(state_dict, len(self.param_groups))
         own, selections, groups = {}, [], []
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             where = f"state_dict['param_groups'][{i}]"
