@@ -138,14 +138,13 @@ class Piece:
 
     def __init__(self, numel: int, block_ids: list[int], block_size: int, device: torch.device):
         first, last = block_ids[0], block_ids[-1]
-        self.count = len(block_ids)
-        self.ids = torch.tensor(block_ids, dtype=torch.int64, device=device)
-        if last - first + 1 == len(block_ids):  # one run: a view, updated in place
+        self.blocks = _blocks(block_ids, device)
+        if isinstance(self.blocks, slice):  # one run: a view, updated in place
             self.run = slice(first * block_size, min((last + 1) * block_size, numel))
             self.index = None
             return
         self.run = None
-        index = (self.ids[:, None] * block_size + torch.arange(block_size, device=device)).view(-1)
+        index = (self.blocks[:, None] * block_size + torch.arange(block_size, device=device)).view(-1)
         short = (last + 1) * block_size - numel  # the tensor's last block is partial
         self.index = index[:index.numel() - short] if short > 0 else index
 
@@ -159,6 +158,18 @@ class Piece:
             flat.index_copy_(0, self.index, part)
         elif part.data_ptr() != flat[self.run].data_ptr():  # a buffer torch made (a lazy one)
             flat[self.run].copy_(part)
+
+
+def _blocks(block_ids: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Ascending block ids as a slice where they are one run (most tensors at high density: no
+    tensor to build), else as an int64 tensor, for indexing per-block vectors."""
+    if block_ids[-1] - block_ids[0] + 1 == len(block_ids):
+        return slice(block_ids[0], block_ids[-1] + 1)
+    return torch.tensor(block_ids, dtype=torch.int64, device=device)
+
+
+def _read(vector: torch.Tensor, blocks: slice | torch.Tensor) -> list:
+    return (vector[blocks] if isinstance(blocks, slice) else vector.index_select(0, blocks)).tolist()
 
 
 def cohorts(block_ids: list[list[int]], scalars: list[list[tuple]]) -> dict[tuple, dict[int, list[int]]]:
@@ -187,20 +198,21 @@ def apply(rule: UpdateRule, group: dict, params: list[torch.Tensor], grads: list
         if not ids:
             scalars.append([])
             continue
-        index = torch.tensor(ids, dtype=torch.int64, device=state["block_step"].device)
-        steps = state["block_step"].index_select(0, index).tolist()
-        mus = state["block_mu_product"].index_select(0, index).tolist() if has_mu else [None] * len(ids)
+        blocks = _blocks(ids, state["block_step"].device)
+        steps = _read(state["block_step"], blocks)
+        mus = _read(state["block_mu_product"], blocks) if has_mu else [None] * len(ids)
         scalars.append(list(zip(steps, mus)))
     kwargs = _kwargs(rule, group)
-    on_device = _on_device(group)
+    where = device if _on_device(group) else torch.device("cpu")
     scalar_dtype = _scalar_dtype(group)
     for (step, mu), members in cohorts(local_ids, scalars).items():
         pieces = [(t, Piece(params[t].numel(), ids, block_size, device)) for t, ids in members.items()]
-        where = device if on_device else torch.device("cpu")
         lists = {key: [piece.take(states[t][key]) if not (key == rule.lazy and step == 0) else None
                        for t, piece in pieces] for key in keys}
-        lists["step"] = [torch.tensor(float(step), dtype=scalar_dtype, device=where) for _ in pieces]
-        lists["mu_product"] = [torch.tensor(mu, dtype=scalar_dtype, device=where) for _ in pieces] if has_mu else []
+        # One scalar tensor per entry: the functional increments each in place.
+        lists["step"] = list(torch.full((len(pieces),), float(step), dtype=scalar_dtype, device=where).unbind())
+        if has_mu:
+            lists["mu_product"] = list(torch.full((len(pieces),), mu, dtype=scalar_dtype, device=where).unbind())
         taken_params = [piece.take(params[t]) for t, piece in pieces]
         taken_grads = [piece.take(grads[t]) for t, piece in pieces]
         rule.functional(taken_params, taken_grads, *(lists.get(key, []) for key in rule.lists), **kwargs)
@@ -209,9 +221,13 @@ def apply(rule: UpdateRule, group: dict, params: list[torch.Tensor], grads: list
             for key in keys:
                 piece.put(states[t][key], lists[key][j])
             if has_mu:
-                states[t]["block_mu_product"].index_fill_(0, piece.ids, lists["mu_product"][j].to(device))
+                mu_products = states[t]["block_mu_product"]
+                mu_products[piece.blocks] = lists["mu_product"][j].to(device)
     for ids, state in zip(local_ids, states):
         if ids:
             counts = state["block_step"]
-            counts.index_add_(0, torch.tensor(ids, dtype=torch.int64, device=counts.device),
-                              torch.ones(len(ids), dtype=torch.int32, device=counts.device))
+            blocks = _blocks(ids, counts.device)
+            if isinstance(blocks, slice):
+                counts[blocks] += 1
+            else:
+                counts.index_add_(0, blocks, torch.ones(len(ids), dtype=torch.int32, device=counts.device))
