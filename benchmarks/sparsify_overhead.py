@@ -7,10 +7,12 @@ see the same load. Then it splits one sparsify step into where the time goes (cP
 time per function, summed by part over ``--profile-steps`` steps):
 
 - ``selection``: the norm pass and the selection (sparse_grad's kernels, as in SparseAdamW);
-- ``update``: the torch ops of the wrapped optimizer's functional on the gathered blocks;
+- ``update``: the wrapped optimizer's functional on the gathered blocks: its torch ops and its
+  own Python loop (``torch/optim/``), what the unwrapped optimizer runs too;
 - ``gather/scatter``: ``index_select``/``index_copy_`` of params, grads and state;
 - ``host reads``: reading ids and the selected blocks' step counts to the host (``tolist``);
-- ``python``: everything else (checks, cohorts, per-tensor bookkeeping, torch's Python).
+- ``python``: everything else: sparsify's checks, cohorts and per-tensor bookkeeping (views,
+  scalars, counts), and the Python of the selection.
 
     python benchmarks/sparsify_overhead.py --scale 0.01 --rounds 9 --threads 1
 """
@@ -43,6 +45,9 @@ def variants(densities: list[float], backend: str) -> dict:
             made[f"sparsify({name}) d={density:g}"] = (
                 lambda ps, cls=cls, options=options, density=density:
                 sparse_grad.sparsify(cls(ps, **options), density=density, block_size=4096, backend=backend))
+    # Random blocks every step: step counts spread, so one functional call per cohort of equal counts.
+    made["sparsify(AdamW) d=0.05 random"] = lambda ps: sparse_grad.sparsify(
+        torch.optim.AdamW(ps, lr=1e-3), density=0.05, block_size=4096, backend=backend, selection="random")
     for density in densities:
         made[f"SparseAdamW {backend} d={density:g}"] = (
             lambda ps, density=density: SparseAdamW(ps, lr=1e-3, density=density, block_size=4096, backend=backend))
@@ -53,8 +58,8 @@ def part_of(function: str, filename: str) -> str:
     for part, names in PARTS.items():
         if any(name in function for name in names):
             return part
-    if "torch._C" in filename or "TensorBase" in function or filename == "~":
-        return "update"
+    if "torch._C" in filename or "TensorBase" in function or filename == "~" or "torch/optim/" in filename:
+        return "update"  # torch's ops and its functional's own Python loop over the tensors
     return "python"
 
 
@@ -106,14 +111,14 @@ def main() -> None:
     mins = {name: min(values) for name, values in times.items()}
     for name, values in times.items():
         dense = next((mins[f"torch {w}"] for w in WRAPPED if f"({w})" in name or name == f"torch {w}"), None)
-        fused = next((mins[f"SparseAdamW {backend} d={d:g}"] for d in densities if name.endswith(f"d={d:g}")), None)
+        fused = next((mins[f"SparseAdamW {backend} d={d:g}"] for d in densities if f"d={d:g}" in name), None)
         print(f"| {name} | {1e3 * mins[name]:.2f} | {1e3 * statistics.median(values):.2f} | "
               f"{'' if dense is None else f'{dense / mins[name]:.2f}x'} | "
               f"{'' if fused is None or name.startswith('SparseAdamW') else f'{mins[name] / fused:.1f}x slower'} |")
-    for density in densities:
-        parts = breakdown(optimizers[f"sparsify(AdamW) d={density:g}"], args.profile_steps)
+    for case in [f"sparsify(AdamW) d={density:g}" for density in densities] + ["sparsify(AdamW) d=0.05 random"]:
+        parts = breakdown(optimizers[case], args.profile_steps)
         total = sum(parts.values())
-        print(f"sparsify(AdamW) d={density:g}, cProfile own time per step: {1e3 * total:.2f} ms = "
+        print(f"{case}, cProfile own time per step: {1e3 * total:.2f} ms = "
               + ", ".join(f"{part} {1e3 * value:.2f} ms ({100 * value / total:.0f}%)"
                           for part, value in sorted(parts.items(), key=lambda kv: -kv[1])))
 
