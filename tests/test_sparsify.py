@@ -83,7 +83,7 @@ class BlockOracle:
     """One unwrapped optimizer per block of every param: a block's optimizer steps only when the
     wrapper selected the block, so its state and step count are the block's own."""
 
-    def __init__(self, cls, kw, params, block_size):
+    def __init__(self, cls, kw, params, block_size, foreach=False):
         self.block_size = block_size
         self.blocks = []  # per param: [(slice, tensor, optimizer)]
         for p in params:
@@ -91,7 +91,7 @@ class BlockOracle:
             parts = []
             for start in range(0, flat.numel(), block_size):
                 piece = flat[start:start + block_size].clone()
-                parts.append((slice(start, start + piece.numel()), piece, cls([piece], foreach=False, **kw)))
+                parts.append((slice(start, start + piece.numel()), piece, cls([piece], foreach=foreach, **kw)))
             self.blocks.append(parts)
         self.counts = [[0] * len(parts) for parts in self.blocks]
 
@@ -132,15 +132,16 @@ def _expected_ids(grads, density, scope, block_size):
 
 
 @pytest.mark.parametrize("cls,kw", CASES, ids=IDS)
-@pytest.mark.parametrize("density,scope,reselect_every", [(0.3, "global", 1), (0.5, "tensor", 2)])
-def test_below_density_one_matches_per_block_oracle(cls, kw, density, scope, reselect_every):
+@pytest.mark.parametrize("density,scope,reselect_every,foreach", [(0.3, "global", 1, False), (0.5, "tensor", 2, False),
+                                                                  (0.2, "global", 1, True)])
+def test_below_density_one_matches_per_block_oracle(cls, kw, density, scope, reselect_every, foreach):
     dtype = torch.float64 if cls is torch.optim.NAdam else torch.float32
     params = _params(dtype)
     shapes = [p.shape for p in params]
     grads = _grads(params, 6)
-    oracle = BlockOracle(cls, kw, params, BLOCK)
+    oracle = BlockOracle(cls, kw, params, BLOCK, foreach)  # torch's foreach path rounds differently
     ours = snapshot(params)
-    opt = sparse_grad.sparsify(cls(ours, foreach=False, **kw), density=density, block_size=BLOCK, scope=scope,
+    opt = sparse_grad.sparsify(cls(ours, foreach=foreach, **kw), density=density, block_size=BLOCK, scope=scope,
                                reselect_every=reselect_every, backend="reference")
     for i, step in enumerate(grads):
         for p, g in zip(ours, step):
@@ -390,3 +391,21 @@ def test_every_backend_selects_as_the_reference(case):
         _run(opt, ps, grads)
         runs.append((ps, opt.selected_blocks()[0][2]))
     assert_same(runs[0], runs[1])
+
+
+def test_named_parameters_and_params_without_grad():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 1))
+    twin = snapshot(model)
+    opt = sparse_grad.sparsify(torch.optim.Adam(model.named_parameters(), lr=0.01), density=1.0, block_size=BLOCK)
+    assert opt.param_groups[0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    reference = torch.optim.Adam(twin.parameters(), lr=0.01)
+    x = heavy_tailed((4, 5))
+    for step in range(3):
+        for m, o in ((model, opt), (twin, reference)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            if step == 1:
+                m[1].bias.grad = None  # takes no part in this step, like torch
+            o.step()
+    assert_same(list(model.parameters()), list(twin.parameters()))
+    assert opt.state[model[1].bias]["block_step"].tolist() == [2]
