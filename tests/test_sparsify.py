@@ -265,15 +265,23 @@ def test_grad_scaler_matches_unwrapped():
     assert wrapper.state[ours[1]]["block_step"].tolist() == [3] * 5  # the skipped step did not count
 
 
-def test_compiled_step_says_so():
+def test_compiled_step_runs_eagerly_or_says_why():
     params = _params()
-    opt = sparse_grad.sparsify(torch.optim.SGD(params, lr=0.1), density=0.5, block_size=BLOCK)
-    for p in params:
-        p.grad = heavy_tailed(p.shape)
-    before = snapshot(params)
-    with pytest.raises(Exception, match="cannot be compiled"):
-        torch.compile(opt.step, fullgraph=True)()
-    assert_same(params, before)
+    grads = _grads(params, 4)
+    ours, theirs = snapshot(params), snapshot(params)
+    compiled = sparse_grad.sparsify(torch.optim.Adam(ours, lr=0.1), density=0.4, block_size=BLOCK)
+    step = torch.compile(compiled.step)
+    for grad in grads:
+        for p, g in zip(ours, grad):
+            p.grad = g.clone()
+        step()
+    _run(sparse_grad.sparsify(torch.optim.Adam(theirs, lr=0.1), density=0.4, block_size=BLOCK), theirs, grads)
+    assert_same(ours, theirs)
+    before = snapshot((ours, compiled.state_dict()["state"]))
+    torch._dynamo.reset()  # else dynamo may reuse the entry it cached for the call above
+    with pytest.raises(Exception, match="runs eagerly: compile the model"):  # dynamo's Unsupported, our reason
+        torch.compile(compiled.step, fullgraph=True)()
+    assert_same((ours, compiled.state_dict()["state"]), before)
 
 
 def test_copies_continue_bit_for_bit():
