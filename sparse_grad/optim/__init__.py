@@ -6,8 +6,10 @@ bound), ``functional`` (one step of one group), ``group_view`` / ``sharding`` (p
 FSDP2-sharded groups behind one interface), ``group_state`` (selection, compact slabs),
 ``selection`` and ``random_draws`` (what a reselection ranks and takes), ``gradients``
 (AMP scaling, clipping, error feedback), ``dense_state`` / ``compact_state`` (the two state
-layouts) and ``checkpoint`` (what a load checks). Only ``SparseAdamW`` is public API.
+layouts), ``checkpoint`` (what a load checks), and ``sparsify`` / ``torch_rules`` (any elementwise
+torch.optim optimizer on the selected blocks). Public API: ``SparseAdamW``, ``sparsify``.
 """
 from .sparse_adamw import SparseAdamW
+from .sparsify import SparsifiedOptimizer, sparsify
 
-__all__ = ["SparseAdamW"]
+__all__ = ["SparseAdamW", "SparsifiedOptimizer", "sparsify"]

@@ -59,31 +59,38 @@ def check_hyper(group: dict, where: str = "") -> None:
 def check_group(group: dict, where: str = "", has_blueprint: bool = False) -> None:
     """Every option of a group; ``where`` prefixes the key in a message (``param_groups[1]``)."""
     check_hyper(group, where)
+    check_selection(group, where)
     name = _namer(where)
-    _checks.density(group["density"], name("density"))
-    _checks.block_size(group["block_size"], name("block_size"))
-    _checks.choice(group["scope"], SCOPES, name("scope"))
-    _checks.positive_int(group["reselect_every"], name("reselect_every"))
     _checks.flag(group["maximize"], name("maximize"))
-    backends.check_backend(group["backend"], name("backend"))
     _checks.unit_interval(group["blueprint_weight"], name("blueprint_weight"))
-    _checks.choice(group["score"], SCORES, name("score"))
-    _checks.choice(group["selection"], SELECTIONS, name("selection"))
-    _checks.non_negative_int(group["seed"], name("seed"))
     if group["selection"] == "random" and group["score_ema"] != 0.0:
         raise ValueError(f"{name('score_ema')} is {_checks.show(group['score_ema'])}, but selection='random' ranks "
                          "no scores: set score_ema=0")
     _checks.beta(group["score_ema"], name("score_ema"))
-    _checks.non_negative_int(group["min_blocks_per_tensor"], name("min_blocks_per_tensor"))
     _checks.flag(group["error_feedback"], name("error_feedback"))
     if group["max_grad_norm"] is not None:
         _checks.positive(group["max_grad_norm"], name("max_grad_norm"))
     if group["state_dtype"] not in STATE_DTYPES:
         raise ValueError(f"{name('state_dtype')} must be None (the param's dtype) or torch.float32, "
                          f"got {_checks.show(group['state_dtype'], 'repr')}")
-    _checks.choice(group["state_layout"], STATE_LAYOUTS, name("state_layout"))
     check_blueprint_weight(group, name("blueprint_weight"), has_blueprint)
     check_adamw_flags(group, where)
+
+
+def check_selection(group: dict, where: str = "") -> None:
+    """The options that choose the blocks and lay out their state: shared by SparseAdamW and
+    ``sparse_grad.sparsify``, which selects the same way."""
+    name = _namer(where)
+    _checks.density(group["density"], name("density"))
+    _checks.block_size(group["block_size"], name("block_size"))
+    _checks.choice(group["scope"], SCOPES, name("scope"))
+    _checks.positive_int(group["reselect_every"], name("reselect_every"))
+    backends.check_backend(group["backend"], name("backend"))
+    _checks.choice(group["score"], SCORES, name("score"))
+    _checks.choice(group["selection"], SELECTIONS, name("selection"))
+    _checks.non_negative_int(group["seed"], name("seed"))
+    _checks.non_negative_int(group["min_blocks_per_tensor"], name("min_blocks_per_tensor"))
+    _checks.choice(group["state_layout"], STATE_LAYOUTS, name("state_layout"))
 
 
 def check_adamw_flags(group: dict, where: str = "") -> None:

@@ -57,6 +57,29 @@ def _check_unique(tensors: list[torch.Tensor], where: str, groups: list[dict]) -
                                  "a parameter may belong to one param group only")
 
 
+def _new_group_params(param_group, index: int) -> tuple[str, list, list[torch.Tensor], list[str] | None]:
+    """An added param group's name in messages, its params as a list, their tensors and names
+    (checked as torch's add_param_group checks them)."""
+    if not isinstance(param_group, dict):
+        raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+    params = param_group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else params
+    if isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections")
+    params = list(params)
+    return (f"param_groups[{index}]", params, *_split_names(params))
+
+
+def _saved_parts(state_dict, num_groups: int) -> tuple[list, dict]:
+    """A state dict's param groups and state, if it has the form state_dict() gives."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list) \
+            or not isinstance(state_dict.get("state"), dict):
+        raise ValueError("state_dict must be a dict with 'state' and 'param_groups', as state_dict() gives")
+    if len(state_dict["param_groups"]) != num_groups:
+        raise ValueError(f"state_dict has {len(state_dict['param_groups'])} param groups, the optimizer {num_groups}")
+    return state_dict["param_groups"], state_dict["state"]
+
+
 class SparseAdamW(Optimizer):
     r"""AdamW on the blocks with the largest gradients; at ``density=1.0`` it is ``torch.optim.AdamW``.
 
@@ -294,15 +317,7 @@ class SparseAdamW(Optimizer):
         return self._group_states[index]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        where = f"param_groups[{len(self.param_groups)}]"
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else params
-        if isinstance(params, set):
-            raise TypeError("optimizer parameters need to be organized in ordered collections")
-        params = list(params)
-        tensors, names = _split_names(params)
+        where, params, tensors, names = _new_group_params(param_group, len(self.param_groups))
         group = {**self.defaults, **param_group}
         options.check_group(group, where, self._blueprint is not None)
         device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
@@ -383,14 +398,8 @@ class SparseAdamW(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`; checked in full before anything changes, so
         a state dict that loads also steps."""
-        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list) \
-                or not isinstance(state_dict.get("state"), dict):
-            raise ValueError("state_dict must be a dict with 'state' and 'param_groups', as state_dict() gives")
+        saved_groups, saved_state = _saved_parts(state_dict, len(self.param_groups))
         self._settle()
-        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer "
-                             f"{len(self.param_groups)}")
         own_dtypes, parts, groups = {}, [], []
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             where = f"state_dict['param_groups'][{i}]"

@@ -1,0 +1,233 @@
+"""The torch.optim optimizers ``sparse_grad.sparsify`` can wrap, and how it runs their update on
+the selected blocks only (docs/design.md §10).
+
+Each supported class is described by an :class:`UpdateRule`: torch's own functional
+implementation (``torch.optim.adam.adam``, ...), the per-param state lists it takes, in its
+positional order, and which of them exist under which options. Only elementwise optimizers
+qualify: their update of an element reads nothing but that element's param, grad and state and
+a few per-tensor scalars (the step count, NAdam's ``mu_product``), so running the functional on
+the selected blocks gathered into compact buffers gives each block exactly the numbers the
+unwrapped optimizer would. Those per-tensor scalars become per-block vectors here (a block's
+step count is the number of times *it* was updated), and blocks are run in cohorts that share
+them (:func:`apply`).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.optim import adagrad, adam, adamax, adamw, nadam, radam, rmsprop, sgd
+from torch.optim.optimizer import _get_scalar_dtype
+
+# A per-tensor scalar of torch's state, kept per block under this key (the step count is an
+# int32 count, as SparseAdamW keeps it; the scalar torch wants is made from it per cohort).
+BLOCK_KEYS = {"step": "block_step", "mu_product": "block_mu_product"}
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """How to run one torch optimizer's update on compact buffers.
+
+    ``lists``: the functional's state arguments after ``params`` and ``grads``, as state keys
+    (``"step"`` and ``"mu_product"`` are per-tensor scalars, kept per block). ``when``: a key
+    present only under an option (``amsgrad``, ``centered``, ``momentum``). ``lazy``: a buffer
+    torch creates from the gradient on a param's first step (SGD's momentum), passed as None
+    for a block that has never been updated. ``fill``: the group option whose value a new
+    buffer starts at (Adagrad's ``initial_accumulator_value``), else zeros.
+    """
+
+    functional: Callable
+    lists: tuple[str, ...]
+    when: dict[str, Callable[[dict], bool]] = field(default_factory=dict)
+    lazy: str | None = None
+    fill: dict[str, str] = field(default_factory=dict)
+
+    def state_keys(self, group: dict) -> list[str]:
+        """The elementwise (param-shaped) state keys this group's options use, in list order."""
+        return [key for key in self.lists if key not in BLOCK_KEYS and self.when.get(key, _always)(group)]
+
+    @functools.cached_property
+    def options(self) -> tuple[str, ...]:
+        """The functional's keyword arguments after its lists (its options)."""
+        names = list(inspect.signature(self.functional).parameters)
+        return tuple(names[2 + len(self.lists):])
+
+
+def _always(group: dict) -> bool:
+    return True
+
+
+RULES: dict[type, UpdateRule] = {
+    torch.optim.SGD: UpdateRule(sgd.sgd, ("momentum_buffer",), {"momentum_buffer": lambda g: g["momentum"] != 0},
+                                lazy="momentum_buffer"),
+    torch.optim.Adam: UpdateRule(adam.adam, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
+                                 {"max_exp_avg_sq": lambda g: g["amsgrad"]}),
+    torch.optim.AdamW: UpdateRule(adamw.adamw, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
+                                  {"max_exp_avg_sq": lambda g: g["amsgrad"]}),
+    torch.optim.RMSprop: UpdateRule(rmsprop.rmsprop, ("square_avg", "grad_avg", "momentum_buffer", "step"),
+                                    {"grad_avg": lambda g: g["centered"],
+                                     "momentum_buffer": lambda g: g["momentum"] > 0}),
+    torch.optim.Adagrad: UpdateRule(adagrad.adagrad, ("sum", "step"), fill={"sum": "initial_accumulator_value"}),
+    torch.optim.Adamax: UpdateRule(adamax.adamax, ("exp_avg", "exp_inf", "step")),
+    torch.optim.NAdam: UpdateRule(nadam.nadam, ("exp_avg", "exp_avg_sq", "mu_product", "step")),
+    torch.optim.RAdam: UpdateRule(radam.radam, ("exp_avg", "exp_avg_sq", "step")),
+}
+
+# State that is a mean or sum of squares: never negative (a load refuses a negative one).
+SQUARES = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
+
+
+def rule_of(optimizer) -> UpdateRule:
+    """The rule of ``optimizer``'s class; anything else is refused, naming the class. Exact
+    classes only: a subclass may change the update in ways the rule cannot see."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    rule = RULES.get(type(optimizer))
+    if rule is None:
+        supported = ", ".join(f"torch.optim.{cls.__name__}" for cls in RULES)
+        kind = type(optimizer)
+        raise TypeError(f"sparsify cannot wrap {kind.__module__}.{kind.__qualname__}: it runs only the "
+                        f"elementwise torch.optim optimizers whose update it knows ({supported}); "
+                        "subclasses, non-elementwise optimizers (LBFGS, factored or sparse state) and "
+                        "other classes are refused")
+    return rule
+
+
+def init_state(rule: UpdateRule, state: dict, p: torch.Tensor, group: dict, num_blocks: int) -> None:
+    """A param's state on its first step, or the buffers a changed option now needs: per-block
+    scalars, and every elementwise buffer the options use."""
+    if "block_step" not in state:
+        state["block_step"] = torch.zeros(num_blocks, dtype=torch.int32, device=p.device)
+    if "mu_product" in rule.lists and "block_mu_product" not in state:
+        state["block_mu_product"] = torch.ones(num_blocks, dtype=_scalar_dtype(group), device=p.device)
+    for key in rule.state_keys(group):
+        if key not in state:
+            fill = group[rule.fill[key]] if key in rule.fill else 0.0
+            state[key] = torch.full_like(p, fill, memory_format=torch.preserve_format)
+
+
+def _scalar_dtype(group: dict) -> torch.dtype:
+    # What torch's classes give their step and mu_product tensors.
+    return torch.float32 if group.get("fused") else _get_scalar_dtype()
+
+
+def _on_device(group: dict) -> bool:
+    """Whether torch keeps the per-tensor scalars on the param's device (else on the CPU)."""
+    return bool(group.get("capturable") or group.get("fused"))
+
+
+def _kwargs(rule: UpdateRule, group: dict) -> dict:
+    """The functional's options from the group, as torch's class passes them."""
+    kwargs = {}
+    for name in rule.options:
+        if name in ("beta1", "beta2"):
+            kwargs[name] = group["betas"][name == "beta2"]
+        elif name in ("has_complex", "has_sparse_grad"):
+            kwargs[name] = False  # refused before (sparse_grad takes real, dense tensors)
+        elif name in group and name not in ("grad_scale", "found_inf"):
+            kwargs[name] = group[name]
+    return kwargs
+
+
+class Piece:
+    """The selected blocks of one tensor in one cohort: a view if they are one run of memory,
+    else gathered into a compact copy (:meth:`take`) and scattered back (:meth:`put`)."""
+
+    def __init__(self, numel: int, block_ids: list[int], block_size: int, device: torch.device):
+        first, last = block_ids[0], block_ids[-1]
+        self.blocks = _blocks(block_ids, device)
+        if isinstance(self.blocks, slice):  # one run: a view, updated in place
+            self.run = slice(first * block_size, min((last + 1) * block_size, numel))
+            self.index = None
+            return
+        self.run = None
+        index = (self.blocks[:, None] * block_size + torch.arange(block_size, device=device)).view(-1)
+        short = (last + 1) * block_size - numel  # the tensor's last block is partial
+        self.index = index[:index.numel() - short] if short > 0 else index
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        flat = tensor.view(-1)
+        return flat[self.run] if self.run is not None else flat.index_select(0, self.index)
+
+    def put(self, tensor: torch.Tensor, part: torch.Tensor) -> None:
+        flat = tensor.view(-1)
+        if self.run is None:
+            flat.index_copy_(0, self.index, part)
+        elif part.data_ptr() != flat[self.run].data_ptr():  # a buffer torch made (a lazy one)
+            flat[self.run].copy_(part)
+
+
+def _blocks(block_ids: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Ascending block ids as a slice where they are one run (most tensors at high density: no
+    tensor to build), else as an int64 tensor, for indexing per-block vectors."""
+    if block_ids[-1] - block_ids[0] + 1 == len(block_ids):
+        return slice(block_ids[0], block_ids[-1] + 1)
+    return torch.tensor(block_ids, dtype=torch.int64, device=device)
+
+
+def _read(vector: torch.Tensor, blocks: slice | torch.Tensor) -> list:
+    return (vector[blocks] if isinstance(blocks, slice) else vector.index_select(0, blocks)).tolist()
+
+
+def cohorts(block_ids: list[list[int]], scalars: list[list[tuple]]) -> dict[tuple, dict[int, list[int]]]:
+    """Selected blocks grouped by their per-block scalars: ``{scalars: {tensor: [block ids]}}``."""
+    groups: dict[tuple, dict[int, list[int]]] = {}
+    for t, (ids, values) in enumerate(zip(block_ids, scalars)):
+        for b, value in zip(ids, values):
+            groups.setdefault(value, {}).setdefault(t, []).append(b)
+    return groups
+
+
+def apply(rule: UpdateRule, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
+          states: list[dict], local_ids: list[list[int]]) -> None:
+    """The wrapped optimizer's update on the selected blocks (``local_ids[t]``: ascending block
+    ids of ``params[t]``), in place; every other element of params and state is untouched.
+
+    Blocks are run in cohorts of equal per-block scalars (step count, mu_product), one call of
+    torch's functional per cohort with one compact buffer per tensor, so every block sees the
+    scalars it would have under the unwrapped optimizer had it been updated only at these steps.
+    """
+    block_size, device = group["block_size"], params[0].device
+    keys = rule.state_keys(group)
+    has_mu = "mu_product" in rule.lists
+    scalars = []
+    for ids, state in zip(local_ids, states):
+        if not ids:
+            scalars.append([])
+            continue
+        blocks = _blocks(ids, state["block_step"].device)
+        steps = _read(state["block_step"], blocks)
+        mus = _read(state["block_mu_product"], blocks) if has_mu else [None] * len(ids)
+        scalars.append(list(zip(steps, mus)))
+    kwargs = _kwargs(rule, group)
+    where = device if _on_device(group) else torch.device("cpu")
+    scalar_dtype = _scalar_dtype(group)
+    for (step, mu), members in cohorts(local_ids, scalars).items():
+        pieces = [(t, Piece(params[t].numel(), ids, block_size, device)) for t, ids in members.items()]
+        lists = {key: [piece.take(states[t][key]) if not (key == rule.lazy and step == 0) else None
+                       for t, piece in pieces] for key in keys}
+        # One scalar tensor per entry: the functional increments each in place.
+        lists["step"] = list(torch.full((len(pieces),), float(step), dtype=scalar_dtype, device=where).unbind())
+        if has_mu:
+            lists["mu_product"] = list(torch.full((len(pieces),), mu, dtype=scalar_dtype, device=where).unbind())
+        taken_params = [piece.take(params[t]) for t, piece in pieces]
+        taken_grads = [piece.take(grads[t]) for t, piece in pieces]
+        rule.functional(taken_params, taken_grads, *(lists.get(key, []) for key in rule.lists), **kwargs)
+        for j, (t, piece) in enumerate(pieces):
+            piece.put(params[t], taken_params[j])
+            for key in keys:
+                piece.put(states[t][key], lists[key][j])
+            if has_mu:
+                mu_products = states[t]["block_mu_product"]
+                mu_products[piece.blocks] = lists["mu_product"][j].to(device)
+    for ids, state in zip(local_ids, states):
+        if ids:
+            counts = state["block_step"]
+            blocks = _blocks(ids, counts.device)
+            if isinstance(blocks, slice):
+                counts[blocks] += 1
+            else:
+                counts.index_add_(0, blocks, torch.ones(len(ids), dtype=torch.int32, device=counts.device))
