@@ -186,6 +186,8 @@ def test_step_refused_when_plan_changes_after_forward():
         assert torch.equal(p, b)
     for k, v in opt.state[model[0].weight].items():
         assert torch.equal(v, state[k])
+    with pytest.raises(RuntimeError, match="sparse_backward computed"):  # again, without a new backward
+        opt.step()
     opt.zero_grad()
     model(x).sum().backward()  # run again: the new plan reads everything
     opt.step()
@@ -293,3 +295,20 @@ def test_fsdp2_refused(tmp_path):
     from _distributed import spawn
     message, = spawn(_fsdp2_refused, 1, tmp_path)
     assert message is not None and "DTensor (FSDP2" in message
+
+
+@pytest.mark.parametrize("shape,block_size", [((37, 13), 16), ((29, 37), 16), ((3, 2), 16), ((7, 5), 4),
+                                              ((11, 64), 64), ((5, 100), 7)])
+def test_rows_of_blocks_are_the_rows_the_blocks_touch(shape, block_size):
+    from sparse_grad.nn.selected_rows import rows_of_blocks
+    rows, cols = shape
+    numel = rows * cols
+    blocks = -(-numel // block_size)
+    first = 3  # the tensor's blocks start after another tensor's
+    ids = torch.randperm(blocks)[:max(1, blocks // 3)].sort().values + first
+    ids = torch.cat([torch.tensor([0, 1]), ids, torch.tensor([first + blocks, first + blocks + 5])])  # others'
+    touched = torch.zeros(numel, dtype=torch.bool)
+    for b in (ids[(ids >= first) & (ids < first + blocks)] - first).tolist():
+        touched[b * block_size:(b + 1) * block_size] = True
+    expected = touched.view(rows, cols).any(dim=1).nonzero().squeeze(1)
+    assert torch.equal(rows_of_blocks(ids, first, first + blocks, numel, cols, block_size, rows), expected)

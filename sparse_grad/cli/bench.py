@@ -46,7 +46,7 @@ def add_parser(commands) -> None:
                         help=f"comma-separated shape sets: {', '.join(SHAPE_SETS)} (default llm-400m)")
     parser.add_argument("--scale", type=float,
                         help="fraction of the ~400M-parameter sets to allocate (default 1.0 on cuda, 0.05 on cpu)")
-    parser.add_argument("--densities", default="1,0.2,0.05,0.01", help="comma-separated (default 1,0.2,0.05,0.01)")
+    parser.add_argument("--densities", help="comma-separated (default 1,0.2,0.05,0.01; --end-to-end: one, 0.05)")
     parser.add_argument("--backends", help="comma-separated (default: every backend timed on the device; "
                                            "triton on cuda only)")
     parser.add_argument("--block-size", type=int, help="default 4096 (--end-to-end: the model preset's)")
@@ -70,8 +70,13 @@ def check(args: argparse.Namespace) -> None:
     for name in _list(args.shapes, "--shapes"):
         if name not in SHAPE_SETS:
             raise ValueError(f"--shapes: unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}")
-    for d in _list(args.densities, "--densities", float):
+    if args.densities is None:
+        args.densities = "0.05" if args.end_to_end else "1,0.2,0.05,0.01"
+    densities = _list(args.densities, "--densities", float)
+    for d in densities:
         _checks.density(d, "--densities")
+    if args.end_to_end and len(densities) != 1:
+        raise ValueError("--end-to-end takes one density in --densities")
     if args.backends is not None:
         for name in _list(args.backends, "--backends"):
             backends.check_backend(name, "--backends")
