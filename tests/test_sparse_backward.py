@@ -252,6 +252,9 @@ def test_under_torch_compile():
             opt.zero_grad()
     torch._dynamo.reset()
     assert_close_params([p.detach() for p in model.parameters()], expected, torch.float32)
+    with sparse_backward(model, opt), pytest.raises(Exception, match="sparse_backward runs the patched Linear"):
+        torch.compile(model, fullgraph=True)(data[0])
+    torch._dynamo.reset()
 
 
 def test_hf_model_linear_layers_are_patched():

@@ -62,7 +62,7 @@ class SparseBackward:
         self._own_forwards = [m.__dict__.get("forward") for m in self.layers]
         for m in self.layers:
             setattr(m, _PATCHED_BY, (self, m.forward))
-            m.forward = torch.compiler.disable(types.MethodType(_forward, m))
+            m.forward = _not_compiled(types.MethodType(_forward, m))
 
     def remove(self) -> None:
         """Give the layers their own forward back and unregister the optimizer hooks."""
@@ -128,6 +128,18 @@ class SparseBackward:
     def _forget_step(self, *args) -> None:
         self._plan = None
         self._used = {}
+
+
+_NOT_COMPILED = ("sparse_grad.nn.sparse_backward runs the patched Linear layers eagerly (their backward reads "
+                 "the optimizer's selection on the host): a graph break per layer, so fullgraph=True cannot "
+                 "hold; remove() the handle to compile the whole model")
+
+
+def _not_compiled(forward):
+    try:
+        return torch.compiler.disable(forward, reason=_NOT_COMPILED)
+    except TypeError:  # a torch whose disable() takes no reason
+        return torch.compiler.disable(forward)
 
 
 def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
