@@ -40,19 +40,21 @@ class SparseBackward:
         layers = [(name, m) for name, m in model.named_modules()
                   if isinstance(m, nn.Linear) and id(m.weight) in in_groups]
         for name, m in layers:
+            where = f"model.{name}" if name else "model"
             if is_dtensor(m.weight):
-                raise ValueError(f"model.{name}.weight is a DTensor (FSDP2 or tensor parallel): sparse_backward "
+                raise ValueError(f"{where}.weight is a DTensor (FSDP2 or tensor parallel): sparse_backward "
                                  "supports unsharded weights only (the sharded grads are reduce-scattered "
                                  "in full); train without it under FSDP2")
             if getattr(m, _PATCHED_BY, None) is not None:
-                raise ValueError(f"model.{name} is already patched by another sparse_backward handle: "
+                raise ValueError(f"{where} is already patched by another sparse_backward handle: "
                                  "remove() that one first")
         if not layers:
             raise ValueError("model has no nn.Linear whose weight is in one of optimizer's param groups: "
                              "sparse_backward would change nothing")
         self.optimizer = optimizer
         self.layers = [m for _, m in layers]
-        self._plan: dict[int, tuple] | None = None  # id(weight) → (group index, its layout range, ids)
+        # This step's plan: id(weight) → (its first block, end block, the selected ids, block size).
+        self._plan: dict[int, tuple] | None = None
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) → (ids, rows)
         self._used: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # this step: id(weight) → (weight, ids)
         self._hooks = [optimizer.register_step_pre_hook(self._check_step),
