@@ -315,3 +315,28 @@ def test_rows_of_blocks_are_the_rows_the_blocks_touch(shape, block_size):
         touched[b * block_size:(b + 1) * block_size] = True
     expected = touched.view(rows, cols).any(dim=1).nonzero().squeeze(1)
     assert torch.equal(rows_of_blocks(ids, first, first + blocks, numel, cols, block_size, rows), expected)
+
+
+def test_same_params_under_grad_scaler(case):
+    _, backend = case
+    data = batches(torch.float32)
+
+    def run(use):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = SparseAdamW(model.parameters(), lr=1e-2, block_size=16, density=0.2, reselect_every=3,
+                          state_layout="compact", backend=backend)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        handle = sparse_backward(model, opt) if use else None
+        for x in data:
+            scaler.scale(model(x).square().mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        if handle is not None:
+            handle.remove()
+        return [p.detach().clone() for p in model.parameters()], scaler.get_scale()
+
+    (expected, scale), (got, got_scale) = run(False), run(True)
+    assert got_scale == scale
+    assert_close_params(got, expected, torch.float32)
