@@ -8,9 +8,10 @@ targeting); ``sparse_grad.ops`` exposes the kernels as functions and
 """
 from . import ops
 from .layout import BlockLayout
+from . import nn
 from .optim import SparseAdamW, SparsifiedOptimizer, sparsify
 from .targeting import param_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockLayout", "SparseAdamW", "SparsifiedOptimizer", "ops", "param_groups", "sparsify", "__version__"]
+__all__ = ["BlockLayout", "SparseAdamW", "SparsifiedOptimizer", "nn", "ops", "param_groups", "sparsify", "__version__"]

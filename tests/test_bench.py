@@ -391,3 +391,26 @@ def test_gpu_ops_script_runs_on_cpu_and_checks_every_selection(tmp_path):
     assert len([r for r in rows if r["case"] == "select_only"]) == 4
     table = (tmp_path / "gpu_ops.md").read_text()
     assert table.count("\n") == len(rows) + 2 and "| torch AdamW fused |" in table
+
+
+def test_end_to_end_cli_runs_every_case_and_sparse_backward_changes_no_loss(tmp_path, capsys):
+    import json
+
+    from sparse_grad.cli import main
+    status = main(["bench", "--end-to-end", "--device", "cpu", "--size", "quick", "--steps", "4", "--warmup", "1",
+                   "--densities", "0.05", "--backends", "reference", "--threads", "1", "--out", str(tmp_path)])
+    assert status == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "end_to_end.json").read_text())
+    results = {r["case"]: r for r in saved["results"]}
+    assert saved["command"].startswith("python -m sparse_grad bench --end-to-end --device cpu --size quick")
+    assert list(results)[0] == "AdamW (fused)" and len(results) in (9, 10)  # 10 with peft's LoRA
+    for name, r in results.items():
+        assert r["median_seconds"] > 0 and r["state_bytes"] > 0 and name in out
+        if name.endswith(" +sparse_backward"):  # the same parameters: the same losses
+            plain = results[name.removesuffix(" +sparse_backward")]
+            assert abs(r["val_loss"] - plain["val_loss"]) <= 1e-5 * plain["val_loss"]
+            assert abs(r["train_loss"] - plain["train_loss"]) <= 1e-5 * plain["train_loss"]
+    dense, compact = results["d=0.05 R=10 dense"], results["d=0.05 R=10 compact"]
+    assert compact["state_bytes"] < 0.6 * dense["state_bytes"]  # dense: + one int32 step count per block
+    assert dense["state_bytes"] <= 1.01 * results["AdamW (fused)"]["state_bytes"]

@@ -154,6 +154,8 @@ def _garbage(tmp_path):
         (["bench", "--device", "cpu", "--rounds", "0", "--out", out], "--rounds must be a positive int"),
         (["bench", "--device", "cpu", "--scale", "-1", "--out", out], "--scale must be > 0"),
         (["bench", "--device", "cpu", "--shapes", "nope", "--out", out], "--shapes: unknown shape set"),
+        (["bench", "--end-to-end", "--steps", "2", "--warmup", "3", "--out", out], r"--steps \(2\) must be more"),
+        (["bench", "--end-to-end", "--backends", "cpp,reference", "--out", out], "--end-to-end takes one backend"),
         (["demo", "--backend", "foo", "--quick", "--out", out], "backend must be one of"),
         (["demo", "--device", "xyz", "--quick", "--out", out], "--device must be cpu or cuda"),
         (["demo", "--quick", "--stage2-steps", "0", "--out", out], "stage2_steps must be a positive int"),
@@ -180,6 +182,7 @@ def test_garbage_invocations_are_one_error_line_before_any_work(tmp_path, capsys
     for module, name in ((analyze_cli, "record"), (bench_cli, "run_suite"), (demo_cli, "run_demo")):
         monkeypatch.setattr(module, name, no_work)
     monkeypatch.setattr("sparse_grad.demo.data_selection.run_experiment", no_work)
+    monkeypatch.setattr("sparse_grad.bench.end_to_end.run", no_work)
     for argv, message in _garbage(tmp_path):
         status, out, err = cli(capsys, *argv)
         assert status == 2 and out == "", argv

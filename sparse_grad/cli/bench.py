@@ -11,16 +11,25 @@ points, so torch AdamW has none; CUDA: wall of an unsynchronized step, with the 
 first kernel call as "pre-launch µs") and the Python calls of one step (cProfile); writes
 bench.csv and bench.json (with the machine, card, versions and date) and bench.png (speed-up vs
 density, one line per backend, the ideal curve drawn in) to --out.
+
+``--end-to-end`` times whole training steps instead (forward, backward, step) of the demo's
+transformer LM (``--size``, default medium): dense torch AdamW (fused), SparseAdamW at the first
+of --densities with reselect_every 1 and 10, dense and compact state, with and without
+``sparse_grad.nn.sparse_backward``, and LoRA where peft is installed; steps interleaved across
+the cases; median and mean step time, params + grads + optimizer state, the step's peak memory
+(CUDA), and the loss after --steps steps; writes end_to_end.json to --out.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from pathlib import Path
 
 import torch
 
 from .. import _checks, backends
-from ..bench import SHAPE_SETS, run as run_suite
+from ..bench import SHAPE_SETS, end_to_end, run as run_suite
 from ..bench.report import machine_info, plot, table, write_csv, write_json
 from ..progress import Progress
 from . import checks
@@ -37,16 +46,22 @@ def add_parser(commands) -> None:
                         help=f"comma-separated shape sets: {', '.join(SHAPE_SETS)} (default llm-400m)")
     parser.add_argument("--scale", type=float,
                         help="fraction of the ~400M-parameter sets to allocate (default 1.0 on cuda, 0.05 on cpu)")
-    parser.add_argument("--densities", default="1,0.2,0.05,0.01", help="comma-separated (default 1,0.2,0.05,0.01)")
+    parser.add_argument("--densities", help="comma-separated (default 1,0.2,0.05,0.01; --end-to-end: one, 0.05)")
     parser.add_argument("--backends", help="comma-separated (default: every backend timed on the device; "
                                            "triton on cuda only)")
-    parser.add_argument("--block-size", type=int, default=4096)
+    parser.add_argument("--block-size", type=int, help="default 4096 (--end-to-end: the model preset's)")
     parser.add_argument("--rounds", type=int, default=7, help="timed runs per case; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before them")
     parser.add_argument("--pipeline-steps", type=int, default=10,
                         help="steps back to back per pipelined run (median of 3 runs; default 10)")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for bench.csv/.json/.png")
     parser.add_argument("--no-plot", action="store_true", help="write no PNG (no matplotlib needed)")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="time whole training steps of a transformer LM (see below) instead of the step")
+    parser.add_argument("--size", default="medium", choices=["quick", "small", "medium", "large"],
+                        help="--end-to-end: the demo's model preset (default medium)")
+    parser.add_argument("--steps", type=int, default=30, help="--end-to-end: training steps per case (default 30)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.set_defaults(run=run, check=check)
 
 
@@ -55,14 +70,24 @@ def check(args: argparse.Namespace) -> None:
     for name in _list(args.shapes, "--shapes"):
         if name not in SHAPE_SETS:
             raise ValueError(f"--shapes: unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}")
-    for d in _list(args.densities, "--densities", float):
+    if args.densities is None:
+        args.densities = "0.05" if args.end_to_end else "1,0.2,0.05,0.01"
+    densities = _list(args.densities, "--densities", float)
+    for d in densities:
         _checks.density(d, "--densities")
+    if args.end_to_end and len(densities) != 1:
+        raise ValueError("--end-to-end takes one density in --densities")
     if args.backends is not None:
         for name in _list(args.backends, "--backends"):
             backends.check_backend(name, "--backends")
-    checks.positive_ints(args, "rounds", "pipeline_steps")
+    checks.positive_ints(args, "rounds", "pipeline_steps", "steps", "threads")
     _checks.non_negative_int(args.warmup, "--warmup")
-    _checks.block_size(args.block_size, "--block-size")
+    if args.block_size is not None:
+        _checks.block_size(args.block_size, "--block-size")
+    if args.end_to_end and args.steps <= args.warmup:
+        raise ValueError(f"--steps ({args.steps}) must be more than --warmup ({args.warmup})")
+    if args.end_to_end and args.backends is not None and len(_list(args.backends, "--backends")) != 1:
+        raise ValueError("--end-to-end takes one backend in --backends")
     if args.scale is not None:
         _checks.positive(args.scale, "--scale")
 
@@ -93,6 +118,11 @@ def progress_display(label: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.end_to_end:
+        return run_end_to_end(args)
+    args.block_size = args.block_size or 4096
     device = torch.device(args.device)
     shape_sets = _list(args.shapes, "--shapes")
     densities = _list(args.densities, "--densities", float)
@@ -124,4 +154,28 @@ def run(args: argparse.Namespace) -> int:
         plot(args.out / "bench.png", results, f"SparseAdamW step on {device.type} ({', '.join(shape_sets)})")
         written.append("bench.png")
     print(f"wrote {', '.join(str(args.out / w) for w in written)}")
+    return 0
+
+
+def run_end_to_end(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    density = _list(args.densities, "--densities", float)[0]
+    backend = "auto" if args.backends is None else _list(args.backends, "--backends")[0]
+    results, info = end_to_end.run(device, args.size, args.steps, args.warmup, density, args.block_size, backend,
+                                   progress=progress_display("bench --end-to-end"))
+    command = (f"python -m sparse_grad bench --end-to-end --device {device} --size {args.size} --steps {args.steps} "
+               f"--warmup {args.warmup} --densities {density:g} --block-size {info['block_size']} "
+               f"--backends {backend}" + (f" --threads {args.threads}" if args.threads else ""))
+    meta = {**machine_info(device), "command": command, "run": info}
+    print(f"{meta['cpu']} ({meta['cpu_count']} CPUs, {meta['torch_threads']} torch threads)"
+          + (f", {meta['card']}" if meta["card"] else "") + f"; torch {torch.__version__}; {meta['date']}")
+    print(f"TinyLM {info['size']}: {info['params']:,} params (width {info['width']}, {info['layers']} layers), "
+          f"batch {info['batch']}x{info['context']} tokens, block size {info['block_size']}, {info['steps']} steps "
+          f"(times: median and mean of the last {info['steps'] - info['warmup']}), "
+          + ("LoRA via peft" if info["peft"] else "peft not installed: no LoRA case"))
+    print(end_to_end.table(results))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "end_to_end.json"
+    path.write_text(json.dumps({**meta, "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+    print(f"wrote {path}")
     return 0

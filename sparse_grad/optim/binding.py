@@ -39,7 +39,7 @@ from . import options, sharding
 from .compact_state import check_compact
 from .group_state import GroupState
 from .group_view import PlainGroup
-from .selection import Counts
+from .selection import Counts, selection_key
 
 _data_ptr = torch.Tensor.data_ptr
 _shape, _dtype, _device, _layout = attrgetter("shape"), attrgetter("dtype"), attrgetter("device"), attrgetter("layout")
@@ -59,8 +59,7 @@ class BoundStep:
         self.dtypes = [options.state_dtype(group, p) for p in params]
         self.counts = Counts.of(view.layout, group)
         # What a selection depends on besides the scores: a change of any of it reselects.
-        self.selection_key = (tuple(positions), group["block_size"], group["density"], group["scope"],
-                              group["score"], group["min_blocks_per_tensor"], group["selection"], group["seed"])
+        self.selection_key = selection_key(group, positions)
         # The compact slot table counts blocks over all the group's params.
         self.compact_view = compact_view or view
         self.all_numels = tuple(p.numel() for p in group["params"])

@@ -20,7 +20,7 @@ from .gradients import Scaling, add_error, grad_coef, keep_error
 from .group_state import Selection
 from .overflow import Overflow, Undo
 from .random_draws import random_scores
-from .selection import blend, scores_of, select, update_ema
+from .selection import blend, reselection_due, scores_of, select, update_ema
 
 
 def sparse_adamw(step, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
@@ -139,8 +139,7 @@ def _select(step, grads: list[torch.Tensor], inv_scale: torch.Tensor | None, ski
     # Counted only for random draws: a count changing every step would make a compiled step
     # recompile (dynamo specializes on it).
     draw = selection.draw if selection is not None and group["selection"] == "random" else 0
-    due = (selection is None or selection.key != key
-           or (group["density"] < 1.0 and selection.age >= group["reselect_every"]))
+    due = reselection_due(selection, key, group)
     ranks_current = (due and group["density"] < 1.0 and group["blueprint_weight"] < 1.0
                      and group["selection"] == "norm")
     scores = None

@@ -69,6 +69,20 @@ def update_ema(states: list[dict], scores: torch.Tensor, layout: BlockLayout, be
     return torch.cat(parts)
 
 
+def selection_key(group: dict, positions) -> tuple:
+    """What a selection depends on besides the scores (the positions of the params that take
+    part, and the shaping options): a change of any of it reselects."""
+    return (tuple(positions), group["block_size"], group["density"], group["scope"], group["score"],
+            group["min_blocks_per_tensor"], group["selection"], group["seed"])
+
+
+def reselection_due(selection, key: tuple, group: dict) -> bool:
+    """Whether a step with selection key ``key`` ranks new blocks: the group has no selection
+    yet, its key changed, or (density < 1) the selection is ``reselect_every`` steps old."""
+    return (selection is None or selection.key != key
+            or (group["density"] < 1.0 and selection.age >= group["reselect_every"]))
+
+
 @dataclass(frozen=True)
 class Counts:
     """How many blocks a reselection takes, worked out once per bound step (sizes known on the

@@ -22,6 +22,7 @@ from .functional import sparse_adamw
 from .gradients import check_scaling
 from .group_state import GroupState, Selection
 from .overflow import Overflow
+from .step_plan import GroupPlan, group_plan
 
 __all__ = ["SparseAdamW"]
 
@@ -303,6 +304,21 @@ class SparseAdamW(Optimizer):
             params = [self.param_groups[index]["params"][j] for j in positions]
             selected.append((index, params, selection.block_ids, block_size))
         return selected
+
+    def plan_next_step(self) -> list[GroupPlan]:
+        """What the next ``step()`` will read of each param group's gradients, one
+        :class:`~sparse_grad.optim.step_plan.GroupPlan` per group: whether it reselects, whether
+        it reads every block's gradient (and why), else the selected blocks it reads. For code
+        that computes only the gradients a step reads (``sparse_grad.nn.sparse_backward``).
+
+        Ask after the last step and before the next one; the params that take part are those
+        with a grad, or before any has one, those of the current selection. Changing a group's
+        options or which params get a grad after asking may make the step reselect.
+        """
+        self._settle()
+        hooked = bool(self._score_hooks)
+        return [group_plan(i, group, state, hooked)
+                for i, (group, state) in enumerate(zip(self.param_groups, self._group_states))]
 
     @property
     def blueprint(self) -> Any:
