@@ -8,9 +8,9 @@ targeting); ``sparse_grad.ops`` exposes the kernels as functions and
 """
 from . import ops
 from .layout import BlockLayout
-from .optim import SparseAdamW
+from .optim import SparseAdamW, SparseLion, SparseSGD
 from .targeting import param_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockLayout", "SparseAdamW", "ops", "param_groups", "__version__"]
+__all__ = ["BlockLayout", "SparseAdamW", "SparseLion", "SparseSGD", "ops", "param_groups", "__version__"]

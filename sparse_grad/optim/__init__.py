@@ -6,8 +6,10 @@ bound), ``functional`` (one step of one group), ``group_view`` / ``sharding`` (p
 FSDP2-sharded groups behind one interface), ``group_state`` (selection, compact slabs),
 ``selection`` and ``random_draws`` (what a reselection ranks and takes), ``gradients``
 (AMP scaling, clipping, error feedback), ``dense_state`` / ``compact_state`` (the two state
-layouts) and ``checkpoint`` (what a load checks). Only ``SparseAdamW`` is public API.
+layouts), ``checkpoint`` (what a load checks), ``rules`` (the update of each optimizer) and
+``sparse_sgd`` (SparseSGD, SparseLion). ``SparseAdamW``, ``SparseSGD`` and ``SparseLion`` are public API.
 """
 from .sparse_adamw import SparseAdamW
+from .sparse_sgd import SparseLion, SparseSGD
 
-__all__ = ["SparseAdamW"]
+__all__ = ["SparseAdamW", "SparseLion", "SparseSGD"]
