@@ -80,7 +80,7 @@ SCRIPT = textwrap.dedent("""
                     MAXIMIZE=maximize, HAS_GRAD_COEF=fused, HAS_FOUND_INF=fused, COMPACT=fused,
                     PARAM_DTYPE=param, GRAD_DTYPE=grad, STATE_DTYPE=state,
                     COMPUTE_DTYPE=f64 if param == f64 else f32, CHUNK=chunk, NUM_CHUNKS=4096 // chunk,
-                    PARAM_VEC=vec[0], GRAD_VEC=vec[1], STATE_VEC=vec[2]),
+                    PARAM_VEC=vec[0], GRAD_VEC=vec[1], STATE_VEC=vec[2], RULE=0, NESTEROV=False, HAS_BUFFER=True),
                     num_warps=4,  # as launch_config gives for such a chunk
                     typed=[("param_base_ptr", "PARAM_DTYPE"), ("grad_base_ptr", "GRAD_DTYPE"),
                            ("exp_avg_base_ptr", "STATE_DTYPE"), ("exp_avg_sq_base_ptr", "STATE_DTYPE")])

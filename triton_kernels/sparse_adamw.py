@@ -101,7 +101,8 @@ def _adamw_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, lanes, count,
         tl.store(exp_avg_sq_ptr + lanes, _round_to(exp_avg_sq, STATE_DTYPE))
 
 
-ADAMW, SGD, LION = 0, 1, 2
+ADAMW, SGD, LION = 0, 1, 2  # the RULE of a launch
+_ADAMW, _SGD = tl.constexpr(ADAMW), tl.constexpr(SGD)  # the same, readable inside kernels
 
 
 @triton.jit
@@ -139,7 +140,7 @@ def _other_block(hparams_ptr, grad_coef_ptr, step, param_base_ptr, grad_base_ptr
     state_ptr = state_base_ptr + state_first
     count = tl.minimum(start + block_size, tl.load(numels_ptr + t)) - start
     count = tl.where(active, count, 0)
-    if RULE == SGD:
+    if RULE == _SGD:
         momentum = h1.to(COMPUTE_DTYPE)
         one_minus_dampening = (1.0 - h2).to(COMPUTE_DTYPE)
         weight_decay = h3.to(COMPUTE_DTYPE)
@@ -300,7 +301,7 @@ def _sparse_adamw_kernel(
     tl.store(step_ptr, step, mask=active)
 
     # Scalars in fp64 then rounded once, as torch.optim.AdamW computes them on the host.
-    if RULE != ADAMW:
+    if RULE != _ADAMW:
         _other_block(hparams_ptr, grad_coef_ptr, step, param_base_ptr, grad_base_ptr, exp_avg_base_ptr,
                      param_offsets_ptr, grad_offsets_ptr, exp_avg_offsets_ptr, numels_ptr, t, local, pid, active,
                      block_size, MAXIMIZE, HAS_GRAD_COEF, COMPACT, PARAM_DTYPE, STATE_DTYPE, COMPUTE_DTYPE, CHUNK,

@@ -41,6 +41,20 @@ def shaping_values(group: dict) -> tuple:
     return tuple(map(group.get, SHAPING_KEYS + SGD_SHAPING_KEYS))
 
 
+def sparsity_options(density, block_size, scope, reselect_every, backend, blueprint, blueprint_weight, state_dtype,
+                     score, score_ema, min_blocks_per_tensor, error_feedback, max_grad_norm, state_layout, selection,
+                     seed) -> dict:
+    """The group options every sparse optimizer has (SparseAdamW documents them), in their order;
+    ``blueprint`` only decides the default ``blueprint_weight`` (0.5 with one, else 0)."""
+    if blueprint_weight is None:
+        blueprint_weight = 0.0 if blueprint is None else 0.5
+    return {"density": density, "block_size": block_size, "scope": scope, "reselect_every": reselect_every,
+            "backend": backend, "blueprint_weight": blueprint_weight, "state_dtype": state_dtype, "score": score,
+            "score_ema": score_ema, "min_blocks_per_tensor": min_blocks_per_tensor,
+            "error_feedback": error_feedback, "max_grad_norm": max_grad_norm, "state_layout": state_layout,
+            "selection": selection, "seed": seed}
+
+
 def namer(where: str):
     return (lambda key: f"{where}[{key!r}]") if where else (lambda key: key)
 
@@ -51,13 +65,17 @@ def check_hyper(group: dict, where: str = "") -> None:
     # (it recompiles), and a bad one must fail here, not deep in the kernels' tracing.
     name = namer(where)
     _checks.tensor_or(_checks.non_negative, group["lr"], name("lr"))
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"{name('betas')} must be a pair (beta1, beta2), got {_checks.show(betas, 'repr')}")
-    _checks.tensor_or(_checks.beta, betas[0], f"{name('betas')}[0]")
-    _checks.tensor_or(_checks.beta, betas[1], f"{name('betas')}[1]")
+    check_betas(group["betas"], name("betas"))
     _checks.non_negative(group["eps"], name("eps"))
     _checks.tensor_or(_checks.non_negative, group["weight_decay"], name("weight_decay"))
+
+
+def check_betas(betas, name: str) -> None:
+    """A pair (beta1, beta2), each a number or a one-element tensor in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {_checks.show(betas, 'repr')}")
+    _checks.tensor_or(_checks.beta, betas[0], f"{name}[0]")
+    _checks.tensor_or(_checks.beta, betas[1], f"{name}[1]")
 
 
 def check_group(group: dict, where: str = "", has_blueprint: bool = False, rule=None) -> None:

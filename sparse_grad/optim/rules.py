@@ -93,11 +93,7 @@ SGD = UpdateRule(
 def _check_lion_hyper(group: dict, where: str = "") -> None:
     name = options.namer(where)
     _checks.tensor_or(_checks.non_negative, group["lr"], name("lr"))
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"{name('betas')} must be a pair (beta1, beta2), got {_checks.show(betas, 'repr')}")
-    _checks.tensor_or(_checks.beta, betas[0], f"{name('betas')}[0]")
-    _checks.tensor_or(_checks.beta, betas[1], f"{name('betas')}[1]")
+    options.check_betas(group["betas"], name("betas"))
     _checks.tensor_or(_checks.non_negative, group["weight_decay"], name("weight_decay"))
 
 

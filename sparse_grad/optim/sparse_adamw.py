@@ -448,14 +448,10 @@ class SparseAdamW(SparseOptimizer):
     ):
         if amsgrad is not False:
             raise ValueError("amsgrad=True is not supported by SparseAdamW")
-        if blueprint_weight is None:
-            blueprint_weight = 0.0 if blueprint is None else 0.5
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "maximize": maximize,
-                    "density": density, "block_size": block_size, "scope": scope,
-                    "reselect_every": reselect_every, "backend": backend, "blueprint_weight": blueprint_weight,
-                    "state_dtype": state_dtype, "score": score, "score_ema": score_ema,
-                    "min_blocks_per_tensor": min_blocks_per_tensor, "error_feedback": error_feedback,
-                    "max_grad_norm": max_grad_norm, "state_layout": state_layout, "selection": selection,
-                    "seed": seed, "foreach": foreach, "fused": fused, "capturable": capturable,
-                    "differentiable": differentiable}
+                    **options.sparsity_options(density, block_size, scope, reselect_every, backend, blueprint,
+                                               blueprint_weight, state_dtype, score, score_ema,
+                                               min_blocks_per_tensor, error_feedback, max_grad_norm,
+                                               state_layout, selection, seed),
+                    "foreach": foreach, "fused": fused, "capturable": capturable, "differentiable": differentiable}
         super().__init__(params, defaults, blueprint)

@@ -11,22 +11,11 @@ from typing import Any
 
 import torch
 
+from .options import sparsity_options
 from .rules import LION, SGD
 from .sparse_adamw import SparseOptimizer
 
 __all__ = ["SparseLion", "SparseSGD"]
-
-
-def _sparsity(density, block_size, scope, reselect_every, backend, blueprint, blueprint_weight, state_dtype, score,
-              score_ema, min_blocks_per_tensor, error_feedback, max_grad_norm, state_layout, selection, seed) -> dict:
-    """The options every sparse optimizer has (SparseAdamW documents them)."""
-    if blueprint_weight is None:
-        blueprint_weight = 0.0 if blueprint is None else 0.5
-    return {"density": density, "block_size": block_size, "scope": scope, "reselect_every": reselect_every,
-            "backend": backend, "blueprint_weight": blueprint_weight, "state_dtype": state_dtype, "score": score,
-            "score_ema": score_ema, "min_blocks_per_tensor": min_blocks_per_tensor,
-            "error_feedback": error_feedback, "max_grad_norm": max_grad_norm, "state_layout": state_layout,
-            "selection": selection, "seed": seed}
 
 
 class SparseSGD(SparseOptimizer):
@@ -85,9 +74,9 @@ class SparseSGD(SparseOptimizer):
     ):
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay,
                     "nesterov": nesterov, "maximize": maximize,
-                    **_sparsity(density, block_size, scope, reselect_every, backend, blueprint, blueprint_weight,
-                                state_dtype, score, score_ema, min_blocks_per_tensor, error_feedback,
-                                max_grad_norm, state_layout, selection, seed),
+                    **sparsity_options(density, block_size, scope, reselect_every, backend, blueprint,
+                                        blueprint_weight, state_dtype, score, score_ema, min_blocks_per_tensor,
+                                        error_feedback, max_grad_norm, state_layout, selection, seed),
                     "foreach": foreach, "fused": fused, "differentiable": differentiable}
         super().__init__(params, defaults, blueprint)
 
@@ -139,7 +128,7 @@ class SparseLion(SparseOptimizer):
         seed: int = 0,
     ):
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize,
-                    **_sparsity(density, block_size, scope, reselect_every, backend, blueprint, blueprint_weight,
-                                state_dtype, score, score_ema, min_blocks_per_tensor, error_feedback,
-                                max_grad_norm, state_layout, selection, seed)}
+                    **sparsity_options(density, block_size, scope, reselect_every, backend, blueprint,
+                                        blueprint_weight, state_dtype, score, score_ema, min_blocks_per_tensor,
+                                        error_feedback, max_grad_norm, state_layout, selection, seed)}
         super().__init__(params, defaults, blueprint)
