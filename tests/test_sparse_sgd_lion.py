@@ -416,3 +416,33 @@ def test_cuda_sparse_lion_step_makes_no_host_sync(backend):
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("cls", [SparseSGD, SparseLion])
+def test_grad_scaler_unscales_in_the_kernel_and_skips_an_overflow(cls):
+    """Under torch.amp.GradScaler the update reads grad / scale, and an overflowed step changes
+    nothing (params, state, selection), as for SparseAdamW."""
+    kw = dict(lr=0.01, density=0.5, block_size=8, reselect_every=3, backend="reference", error_feedback=True)
+    if cls is SparseSGD:
+        kw["momentum"] = 0.9
+    params = [heavy_tailed(s).requires_grad_() for s in [(37,), (4, 5)]]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    scaled, plain = cls(params, **kw), cls(twins, **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    for step in range(4):
+        grads = [heavy_tailed(p.shape) for p in params]
+        scale = scaler.scale(torch.ones(()))  # as scaler.scale(loss) would scale the grads
+        for p, t, g in zip(params, twins, grads):
+            p.grad = g * scale
+            t.grad = g.clone()
+        if step == 2:  # an overflow: nothing may change
+            params[0].grad[3] = float("inf")
+            before = snapshot(([p.detach() for p in params], scaled.state_dict()["state"]))
+            scaler.step(scaled)
+            scaler.update()
+            assert_same(before, snapshot(([p.detach() for p in params], scaled.state_dict()["state"])))
+            continue
+        scaler.step(scaled)
+        scaler.update()
+        plain.step()
+    assert_close([p.detach() for p in params], [p.detach() for p in twins], torch.float32)
