@@ -28,8 +28,11 @@ fi
 stage build 120 python3 -m pip install --no-build-isolation --no-deps -e .
 P="python3 -m pytest -q -p no:cacheprovider -p no:logging --timeout 120"
 stage cuda_focus 150 $P tests/test_cuda_step.py tests/test_native.py tests/test_host_calls.py tests/test_launch_count.py \
-    tests/test_compiled_step.py tests/test_sparse_adamw.py tests/test_distributed_cuda.py -k cuda
+    tests/test_compiled_step.py tests/test_sparse_adamw.py tests/test_distributed_cuda.py \
+    tests/test_sparse_sgd_lion.py -k cuda
 stage host 70 python3 $HOST --backends triton,cuda --label checkout
 stage bench 110 python3 -m sparse_grad bench --device cuda --shapes llm-400m --backends triton,cuda \
     --densities 1,0.05,0.01 --out "$OUT/bench" --no-plot
+stage sgd_lion_bench 100 python3 -m pytest -q -p no:cacheprovider benchmarks/test_sgd_lion_step.py --benchmark-only \
+    --device cuda --shapes llm-400m --scale 1.0 -k "not reference"
 cat "$OUT/summary.txt"

@@ -2,7 +2,7 @@
 
 Per-block gradient norms in one fused pass, top-block selection on device, and an AdamW step
 whose cost is proportional to the density. ``SparseAdamW`` is a drop-in for
-``torch.optim.AdamW``; ``sparse_grad.param_groups`` picks what it trains (PEFT-style
+``torch.optim.AdamW``, ``SparseSGD`` for ``torch.optim.SGD``, ``SparseLion`` runs Lion; ``sparse_grad.param_groups`` picks what it trains (PEFT-style
 targeting); ``sparse_grad.ops`` exposes the kernels as functions and
 ``torch.ops.sparse_grad`` custom ops.
 """

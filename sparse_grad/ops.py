@@ -9,6 +9,9 @@ matching ``torch.ops.sparse_grad`` custom op::
     ids    = ops.select_blocks(scores, density=0.05)              # or k=..., segments=layout
     ops.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, ids,
                           block_size=4096, lr=1e-3, weight_decay=1e-2)
+    ops.sparse_sgd_step(params, grads, momentum_buffers, block_steps, ids, block_size=4096,
+                        lr=0.1, momentum=0.9)                      # [] buffers: plain SGD
+    ops.sparse_lion_step(params, grads, exp_avgs, block_steps, ids, block_size=4096, lr=1e-4)
 
 ``backend`` is ``"auto"`` (CUDA tensors: triton, else cuda, else reference; CPU tensors: cpp,
 else reference), ``"reference"``, ``"triton"`` (CUDA tensors, or CPU tensors under

@@ -446,3 +446,33 @@ def test_grad_scaler_unscales_in_the_kernel_and_skips_an_overflow(cls):
         scaler.update()
         plain.step()
     assert_close([p.detach() for p in params], [p.detach() for p in twins], torch.float32)
+
+
+@pytest.mark.parametrize("op", ["sparse_sgd_step", "sparse_lion_step"])
+def test_public_and_native_schemas_agree(op):
+    """The native schema is the public op's, less the backend name (sparse_grad/library.py)."""
+    public = getattr(torch.ops.sparse_grad, op).default._schema.arguments
+    native = getattr(torch.ops.sparse_grad, "native_" + op).default._schema.arguments
+    strip = lambda args: [(a.name, str(a.type)) for a in args if a.name != "backend"]  # noqa: E731
+    assert strip(public) == strip(native)
+
+
+@pytest.mark.parametrize("kind, hyper", [OP_CASES[2], OP_CASES[-2]], ids=["sgd", "lion"])
+def test_cpp_is_independent_of_the_thread_count(kind, hyper):
+    if sparse_grad.backends.unavailable_reason("cpp", torch.device("cpu")) is not None:
+        pytest.skip("the extension is not built")
+    block_size = 7
+    shapes = [(3 * block_size + 5,), (1,), (0,), (4000,)]
+    state = make(shapes, block_size, torch.float32, torch.float32, "cpu")
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            copy_ = snapshot(state)
+            ids = torch.arange(0, blocks_of(shapes, block_size), 2)
+            run_op(kind, "cpp", copy_, ids, block_size, hyper)
+            results.append(copy_)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(results[0], results[1])

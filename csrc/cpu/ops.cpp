@@ -191,11 +191,14 @@ const double* hyper_values(const at::Tensor& hyper, std::int64_t count) {
 }
 
 // One parallel loop over the selected ids: for each id in range, its count is advanced and
-// `apply(t, start, state_start, step, length)` updates the block; t is the tensor, `start` the
-// block's first element in it, `state_start` in its state (slab row i with compact state).
-// Ids out of range update nothing. Nothing at all when found_inf is set (an overflowed AMP
-// step keeps even the counts).
-template <typename Apply>
+// `apply(local, t, start, state_start, step, length)` updates the block; t is the tensor, `start`
+// the block's first element in it, `state_start` in its state (slab row i with compact state),
+// `local` a Local made afresh for each chunk of ids (a cache of per-block scalars). Ids out of
+// range update nothing. Nothing at all when found_inf is set (an overflowed AMP step keeps even
+// the counts).
+struct NoLocal {};
+
+template <typename Local = NoLocal, typename Apply>
 void for_each_selected(const Blocks& blocks, at::TensorList block_steps, const at::Tensor& block_ids, bool compact,
                        const float* found_inf, Apply&& apply) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;
@@ -204,13 +207,14 @@ void for_each_selected(const Blocks& blocks, at::TensorList block_steps, const a
   const std::int64_t* ids = block_ids.data_ptr<std::int64_t>();
   const std::int64_t block_size = blocks.block_size;
   at::parallel_for(0, block_ids.numel(), blocks.grain(), [&](std::int64_t begin, std::int64_t end) {
+    Local local{};
     for (std::int64_t i = begin; i < end; ++i) {
       const std::int64_t block = ids[i];
       if (block < 0 || block >= blocks.count()) continue;
       const std::size_t t = blocks.tensor_of(block);
       const std::int64_t start = blocks.start(t, block);
       const std::int32_t step = ++steps[compact ? 0 : t][compact ? i : block - blocks.first[t]];
-      apply(t, start, compact ? i * block_size : start, step, blocks.length(t, block));
+      apply(local, t, start, compact ? i * block_size : start, step, blocks.length(t, block));
     }
   });
 }
@@ -233,14 +237,12 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
   const float coef_value = coef != nullptr ? *coef : 1.0f;
   const std::vector<Operand> param = operands(params), grad = operands(grads),
                             exp_avg = operands(exp_avgs), exp_avg_sq = operands(exp_avg_sqs);
-  // Blocks mostly share a step count: the scalars (two pow) are computed once per count a
-  // thread sees in a row.
+  // Blocks mostly share a step count: the scalars (two pow) are computed once per count seen in
+  // a row within a chunk.
   struct Cached { std::int32_t step = 0; AdamWScalars scalars{}; };
-  std::vector<Cached> cached(at::get_num_threads());
-  for_each_selected(blocks, block_steps, block_ids, compact, inf,
-                    [&](std::size_t t, std::int64_t start, std::int64_t state_start, std::int32_t step,
-                        std::int64_t length) {
-    Cached& c = cached[at::get_thread_num()];
+  for_each_selected<Cached>(blocks, block_steps, block_ids, compact, inf,
+                            [&](Cached& c, std::size_t t, std::int64_t start, std::int64_t state_start,
+                                std::int32_t step, std::int64_t length) {
     if (step != c.step) {
       c.step = step;
       c.scalars = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay, coef_value);
@@ -272,7 +274,7 @@ void sparse_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList
   const SGDScalars scalars{-h[0], h[1], 1.0 - h[2], h[3], false, coef != nullptr ? *coef : 1.0f};
   const std::vector<Operand> param = operands(params), grad = operands(grads), buffer = operands(momentum_buffers);
   for_each_selected(blocks, block_steps, block_ids, compact, inf,
-                    [&](std::size_t t, std::int64_t start, std::int64_t state_start, std::int32_t step,
+                    [&](NoLocal&, std::size_t t, std::int64_t start, std::int64_t state_start, std::int32_t step,
                         std::int64_t length) {
     SGDScalars block_scalars = scalars;
     block_scalars.first = step == 1;
@@ -298,7 +300,7 @@ void sparse_lion_step(at::TensorList params, at::TensorList grads, at::TensorLis
                             coef != nullptr ? *coef : 1.0f};
   const std::vector<Operand> param = operands(params), grad = operands(grads), exp_avg = operands(exp_avgs);
   for_each_selected(blocks, block_steps, block_ids, compact, inf,
-                    [&](std::size_t t, std::int64_t start, std::int64_t state_start, std::int32_t,
+                    [&](NoLocal&, std::size_t t, std::int64_t start, std::int64_t state_start, std::int32_t,
                         std::int64_t length) {
     update[t](param[t].at(start), grad[t].at(start), exp_avg[compact ? 0 : t].at(state_start), length, scalars);
   });
