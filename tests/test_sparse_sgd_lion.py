@@ -476,3 +476,22 @@ def test_cpp_is_independent_of_the_thread_count(kind, hyper):
     finally:
         torch.set_num_threads(threads)
     assert_same(results[0], results[1])
+
+
+@pytest.mark.parametrize("cls, options", [(SparseSGD, dict(momentum=0.9)), (SparseSGD, dict()),
+                                          (SparseLion, dict(weight_decay=0.1))], ids=["sgd-momentum", "sgd", "lion"])
+def test_python_calls_per_step_do_not_grow_with_the_tensors(case, cls, options):
+    """The bound step of docs/design.md §9 holds for every rule: a constant number of Python
+    calls per steady-state step (kernels excluded), within 3 per tensor + 300."""
+    from test_host_calls import BLOCK, count_calls, kernels_of, make_params
+    device, backend = case
+    if backend == "triton":
+        pytest.skip("the Triton selection under the interpreter: tests/test_host_calls.py covers the host path")
+    calls = []
+    for n in (12, 96):
+        opt = cls(make_params(n, device), block_size=BLOCK, backend=backend, density=0.05, **options)
+        for _ in range(3):  # state created, selection made, the step bound
+            opt.step()
+        calls.append(count_calls(opt.step, kernels_of(backend)))
+        assert calls[-1] <= 3 * n + 300, f"{calls[-1]} Python calls for a step over {n} tensors"
+    assert calls[0] == calls[1], f"calls per step grow with the tensors: {calls}"
