@@ -32,5 +32,7 @@ stage cuda_all 240 $P -k cuda tests --ignore=tests/test_torch_parity.py
 stage gpu_ops 150 python3 benchmarks/gpu_ops.py --out "$OUT"
 stage bench 110 python3 -m sparse_grad bench --device cuda --shapes llm-400m --backends triton,cuda \
     --densities 1,0.05,0.01 --out "$OUT/bench" --no-plot
+stage sgd_lion_bench 100 python3 -m pytest -q -p no:cacheprovider benchmarks/test_sgd_lion_step.py --benchmark-only \
+    --device cuda --shapes llm-400m --scale 1.0 -k "not reference"
 cat "$OUT/summary.txt"
 [ -f "$OUT/gpu_ops.md" ] && cat "$OUT/gpu_ops.md"

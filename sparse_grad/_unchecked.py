@@ -22,7 +22,7 @@ import torch
 
 from . import backends, library
 
-__all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step"]
+__all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step", "sparse_lion_step", "sparse_sgd_step"]
 
 
 def block_sqnorms(tensors: list[torch.Tensor], block_size: int, backend: str,
@@ -54,3 +54,33 @@ def sparse_adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp
                                             block_size, maximize, grad_coef, found_inf, compact, cache)
     torch._C._increment_version(mutated if mutated is not None
                                 else [*params, *exp_avgs, *exp_avg_sqs, *block_steps])
+
+
+def sparse_sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
+                    block_steps: list[torch.Tensor], block_ids: torch.Tensor, hyper: torch.Tensor, block_size: int,
+                    maximize: bool, nesterov: bool, backend: str, grad_coef: torch.Tensor | None = None,
+                    found_inf: torch.Tensor | None = None, compact: bool = False, cache: dict | None = None,
+                    mutated: list | None = None) -> None:
+    """``mutated``: ``[*params, *momentum_buffers, *block_steps]`` if the caller keeps one."""
+    if torch.compiler.is_compiling():
+        library.sparse_sgd_step(params, grads, momentum_buffers, block_steps, block_ids, hyper, block_size,
+                                maximize, nesterov, backend, grad_coef, found_inf, compact)
+        return
+    backends.get(backend).sparse_sgd_step(params, grads, momentum_buffers, block_steps, block_ids, hyper,
+                                          block_size, maximize, nesterov, grad_coef, found_inf, compact, cache)
+    torch._C._increment_version(mutated if mutated is not None else [*params, *momentum_buffers, *block_steps])
+
+
+def sparse_lion_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                     block_steps: list[torch.Tensor], block_ids: torch.Tensor, hyper: torch.Tensor, block_size: int,
+                     maximize: bool, backend: str, grad_coef: torch.Tensor | None = None,
+                     found_inf: torch.Tensor | None = None, compact: bool = False, cache: dict | None = None,
+                     mutated: list | None = None) -> None:
+    """``mutated``: ``[*params, *exp_avgs, *block_steps]`` if the caller keeps one."""
+    if torch.compiler.is_compiling():
+        library.sparse_lion_step(params, grads, exp_avgs, block_steps, block_ids, hyper, block_size, maximize,
+                                 backend, grad_coef, found_inf, compact)
+        return
+    backends.get(backend).sparse_lion_step(params, grads, exp_avgs, block_steps, block_ids, hyper, block_size,
+                                           maximize, grad_coef, found_inf, compact, cache)
+    torch._C._increment_version(mutated if mutated is not None else [*params, *exp_avgs, *block_steps])

@@ -9,6 +9,9 @@ matching ``torch.ops.sparse_grad`` custom op::
     ids    = ops.select_blocks(scores, density=0.05)              # or k=..., segments=layout
     ops.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, ids,
                           block_size=4096, lr=1e-3, weight_decay=1e-2)
+    ops.sparse_sgd_step(params, grads, momentum_buffers, block_steps, ids, block_size=4096,
+                        lr=0.1, momentum=0.9)                      # [] buffers: plain SGD
+    ops.sparse_lion_step(params, grads, exp_avgs, block_steps, ids, block_size=4096, lr=1e-4)
 
 ``backend`` is ``"auto"`` (CUDA tensors: triton, else cuda, else reference; CPU tensors: cpp,
 else reference), ``"reference"``, ``"triton"`` (CUDA tensors, or CPU tensors under
@@ -31,7 +34,7 @@ from . import _checks, _unchecked as unchecked, backends
 from .layout import BlockLayout, check_tensor
 
 __all__ = ["BlockLayout", "block_sqnorms", "hyper_table", "num_selected", "select_blocks", "sparse_adamw_step",
-           "unchecked"]
+           "sparse_lion_step", "sparse_sgd_step", "unchecked"]
 
 num_selected = _checks.num_selected
 
@@ -247,10 +250,134 @@ def sparse_adamw_step(
         found_inf: optional one-element fp32 tensor on the params' device, as GradScaler's:
             nonzero makes the call change nothing (params, moments and step counts).
     """
-    params = _tensor_list(params, "params")
-    grads = _tensor_list(grads, "grads")
     exp_avgs = _tensor_list(exp_avgs, "exp_avgs")
     exp_avg_sqs = _tensor_list(exp_avg_sqs, "exp_avg_sqs")
+    checked = _check_update(params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, block_steps,
+                            block_ids, block_size, compact, grad_coef, found_inf, backend)
+    for check, value, name in ((_checks.non_negative, lr, "lr"), (_checks.beta, beta1, "beta1"),
+                               (_checks.beta, beta2, "beta2"), (_checks.non_negative, weight_decay, "weight_decay")):
+        _checks.tensor_or(check, value, name)
+    eps = _checks.non_negative(eps, "eps")
+    maximize = _checks.flag(maximize, "maximize")
+    if checked is None:
+        return
+    params, grads, block_steps, layout, found_inf, backend = checked
+    hyper = hyper_table([lr, beta1, beta2, eps, weight_decay], layout.device)
+    with torch.no_grad():
+        unchecked.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper,
+                                    layout.block_size, maximize, backend, grad_coef, found_inf, compact)
+
+
+def sparse_sgd_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    block_steps: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    *,
+    block_size: int = 4096,
+    lr: float | torch.Tensor = 1e-3,
+    momentum: float | torch.Tensor = 0.0,
+    dampening: float | torch.Tensor = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    backend: str = "auto",
+    grad_coef: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    compact: bool = False,
+) -> None:
+    r"""SGD as ``torch.optim.SGD``, in place, on the blocks ``block_ids`` only (docs/design.md §3.7).
+
+    Unless ``found_inf`` is nonzero, for every selected block ``b`` of tensor ``t``::
+
+        block_steps[t][b] += 1;  s = block_steps[t][b]
+        g   = grad * grad_coef;  g = -g if maximize
+        g   = g + weight_decay * param                       (if weight_decay != 0)
+        buf = g if s == 1 else momentum * buf + (1 - dampening) * g
+        g   = g + momentum * buf if nesterov else buf
+        param -= lr * g
+
+    ``momentum_buffers``: one tensor per param like it (or, ``compact=True``, one slab
+    ``[len(block_ids), block_size]``), or an empty list for plain SGD (``momentum`` must then be
+    0). ``nesterov`` needs buffers and ``dampening == 0``, as in torch. The other arguments are
+    those of :func:`sparse_adamw_step`.
+    """
+    buffers = _tensor_list(momentum_buffers, "momentum_buffers")
+    checked = _check_update(params, grads, {"momentum_buffers": buffers} if buffers else {}, block_steps,
+                            block_ids, block_size, compact, grad_coef, found_inf, backend)
+    for check, value, name in ((_checks.non_negative, lr, "lr"), (_checks.non_negative, momentum, "momentum"),
+                               (_checks.non_negative, dampening, "dampening"),
+                               (_checks.non_negative, weight_decay, "weight_decay")):
+        _checks.tensor_or(check, value, name)
+    nesterov, maximize = _checks.flag(nesterov, "nesterov"), _checks.flag(maximize, "maximize")
+    if not buffers and (isinstance(momentum, torch.Tensor) or momentum != 0):
+        raise ValueError("momentum_buffers is empty, so momentum must be the number 0, got "
+                         f"{_checks.show(momentum, 'repr')}")
+    if nesterov and (not buffers or isinstance(dampening, torch.Tensor) or dampening != 0):
+        raise ValueError("nesterov=True needs momentum buffers (momentum > 0) and dampening 0, as torch.optim.SGD")
+    if checked is None:
+        return
+    params, grads, block_steps, layout, found_inf, backend = checked
+    hyper = hyper_table([lr, momentum, dampening, weight_decay], layout.device)
+    with torch.no_grad():
+        unchecked.sparse_sgd_step(params, grads, buffers, block_steps, block_ids, hyper, layout.block_size,
+                                  maximize, nesterov, backend, grad_coef, found_inf, compact)
+
+
+def sparse_lion_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    block_steps: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    *,
+    block_size: int = 4096,
+    lr: float | torch.Tensor = 1e-4,
+    beta1: float | torch.Tensor = 0.9,
+    beta2: float | torch.Tensor = 0.99,
+    weight_decay: float | torch.Tensor = 0.0,
+    maximize: bool = False,
+    backend: str = "auto",
+    grad_coef: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    compact: bool = False,
+) -> None:
+    r"""Lion, in place, on the blocks ``block_ids`` only (docs/design.md §3.7).
+
+    Unless ``found_inf`` is nonzero, for every selected block ``b`` of tensor ``t``
+    (``block_steps[t][b] += 1``: a count, Lion has no bias correction)::
+
+        g       = grad * grad_coef;  g = -g if maximize
+        param   = param * (1 - lr * weight_decay)
+        param  -= lr * sign(beta1 * exp_avg + (1 - beta1) * g)
+        exp_avg = beta2 * exp_avg + (1 - beta2) * g
+
+    The other arguments are those of :func:`sparse_adamw_step`.
+    """
+    exp_avgs = _tensor_list(exp_avgs, "exp_avgs")
+    checked = _check_update(params, grads, {"exp_avgs": exp_avgs}, block_steps, block_ids, block_size, compact,
+                            grad_coef, found_inf, backend)
+    for check, value, name in ((_checks.non_negative, lr, "lr"), (_checks.beta, beta1, "beta1"),
+                               (_checks.beta, beta2, "beta2"), (_checks.non_negative, weight_decay, "weight_decay")):
+        _checks.tensor_or(check, value, name)
+    maximize = _checks.flag(maximize, "maximize")
+    if checked is None:
+        return
+    params, grads, block_steps, layout, found_inf, backend = checked
+    hyper = hyper_table([lr, beta1, beta2, weight_decay], layout.device)
+    with torch.no_grad():
+        unchecked.sparse_lion_step(params, grads, exp_avgs, block_steps, block_ids, hyper, layout.block_size,
+                                   maximize, backend, grad_coef, found_inf, compact)
+
+
+def _check_update(params, grads, moments: dict, block_steps, block_ids, block_size, compact, grad_coef, found_inf,
+                  backend):
+    """The checks every update op shares (tensors, state, ids, device scalars, backend);
+    ``moments`` maps each state list's name to it. Returns ``(params, grads, block_steps,
+    layout, found_inf, backend)`` to call the op with, or None when there is nothing to update."""
+    params = _tensor_list(params, "params")
+    grads = _tensor_list(grads, "grads")
     block_steps = _tensor_list(block_steps, "block_steps")
     layout = BlockLayout(params, block_size, name="params")
     device = layout.device
@@ -263,24 +390,16 @@ def sparse_adamw_step(
         raise ValueError(f"block_ids has {block_ids.numel()} ids but params have only {layout.num_blocks} blocks")
     compact = _checks.flag(compact, "compact")
     if compact:
-        _check_slabs(exp_avgs, exp_avg_sqs, block_steps, params, block_ids.numel(), layout.block_size, device)
+        _check_slabs(moments, block_steps, params, block_ids.numel(), layout.block_size, device)
     else:
-        _check_moments(exp_avgs, exp_avg_sqs, block_steps, params, layout, device)
-    for check, value, name in ((_checks.non_negative, lr, "lr"), (_checks.beta, beta1, "beta1"),
-                               (_checks.beta, beta2, "beta2"), (_checks.non_negative, weight_decay, "weight_decay")):
-        _checks.tensor_or(check, value, name)
-    eps = _checks.non_negative(eps, "eps")
-    maximize = _checks.flag(maximize, "maximize")
+        _check_moments(moments, block_steps, params, layout, device)
     for value, name in ((grad_coef, "grad_coef"), (found_inf, "found_inf")):
         _check_device_scalar(value, name, device)
     found_inf = _check_ids(block_ids, layout.num_blocks, found_inf)
     backend = backends.resolve(backend, device)
     if not params or block_ids.numel() == 0:
-        return
-    hyper = hyper_table([lr, beta1, beta2, eps, weight_decay], device)
-    with torch.no_grad():
-        unchecked.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper,
-                                    layout.block_size, maximize, backend, grad_coef, found_inf, compact)
+        return None
+    return params, grads, block_steps, layout, found_inf, backend
 
 
 def _check_ids(block_ids: torch.Tensor, num_blocks: int, found_inf: torch.Tensor | None) -> torch.Tensor | None:
@@ -310,13 +429,15 @@ def _preview(ids: torch.Tensor) -> str:
     return f"{shown}{' ...' if ids.numel() > 8 else ''} ({ids.numel()} ids)"
 
 
-def _check_moments(exp_avgs, exp_avg_sqs, block_steps, params, layout: BlockLayout, device) -> None:
-    """Dense state: moments like the params, one int32 count per block of each param."""
-    _check_like(exp_avgs, params, "exp_avgs", device)
-    _check_like(exp_avg_sqs, params, "exp_avg_sqs", device)
-    for i, (m, v) in enumerate(zip(exp_avgs, exp_avg_sqs)):
-        if m.dtype != v.dtype:
-            raise TypeError(f"exp_avg_sqs[{i}] is {v.dtype} but exp_avgs[{i}] is {m.dtype}")
+def _check_moments(moments: dict, block_steps, params, layout: BlockLayout, device) -> None:
+    """Dense state: moments like the params (one dtype per param), one int32 count per block."""
+    lists = list(moments.items())
+    for name, tensors in lists:
+        _check_like(tensors, params, name, device)
+    for (first, ms), (name, others) in zip(lists, lists[1:]):
+        for i, (m, v) in enumerate(zip(ms, others)):
+            if m.dtype != v.dtype:
+                raise TypeError(f"{name}[{i}] is {v.dtype} but {first}[{i}] is {m.dtype}")
     if len(block_steps) != len(params):
         raise ValueError(f"block_steps has {len(block_steps)} tensors but params has {len(params)}")
     for i, (steps, n) in enumerate(zip(block_steps, layout.block_counts)):
@@ -327,23 +448,26 @@ def _check_moments(exp_avgs, exp_avg_sqs, block_steps, params, layout: BlockLayo
                              f"{device}, got shape {tuple(steps.shape)} on {steps.device}")
 
 
-def _check_slabs(exp_avgs, exp_avg_sqs, block_steps, params, num_ids: int, block_size: int, device) -> None:
-    """Compact state: one moment slab each, [num_ids, block_size], and one int32 count per id."""
-    for lst, name in ((exp_avgs, "exp_avgs"), (exp_avg_sqs, "exp_avg_sqs"), (block_steps, "block_steps")):
+def _check_slabs(moments: dict, block_steps, params, num_ids: int, block_size: int, device) -> None:
+    """Compact state: one slab per moment, [num_ids, block_size], and one int32 count per id."""
+    for name, lst in (*moments.items(), ("block_steps", block_steps)):
         if len(lst) != 1:
             raise ValueError(f"with compact=True, {name} must hold exactly one tensor, got {len(lst)}")
-    (m,), (v,), (steps,) = exp_avgs, exp_avg_sqs, block_steps
-    for slab, name in ((m, "exp_avgs[0]"), (v, "exp_avg_sqs[0]")):
+    slabs = [(f"{name}[0]", lst[0]) for name, lst in moments.items()]
+    (steps,) = block_steps
+    for name, slab in slabs:
         check_tensor(slab, name, device)
         if slab.numel() != num_ids * block_size:
             raise ValueError(f"{name} must hold block_size elements per block id ({num_ids} x {block_size}), "
                              f"got shape {tuple(slab.shape)}")
-    if m.dtype != v.dtype:
-        raise TypeError(f"exp_avg_sqs[0] is {v.dtype} but exp_avgs[0] is {m.dtype}")
-    for i, p in enumerate(params):
-        if m.dtype not in (p.dtype, torch.float32):
-            raise TypeError(f"exp_avgs[0] is {m.dtype}; params[{i}] is {p.dtype}: the state dtype must be "
-                            "the param dtype or float32")
+    for (first, m), (name, v) in zip(slabs, slabs[1:]):
+        if m.dtype != v.dtype:
+            raise TypeError(f"{name} is {v.dtype} but {first} is {m.dtype}")
+    for name, m in slabs[:1]:
+        for i, p in enumerate(params):
+            if m.dtype not in (p.dtype, torch.float32):
+                raise TypeError(f"{name} is {m.dtype}; params[{i}] is {p.dtype}: the state dtype must be "
+                                "the param dtype or float32")
     if not isinstance(steps, torch.Tensor) or steps.dtype != torch.int32:
         raise TypeError("block_steps[0] must be an int32 tensor")
     if steps.dim() != 1 or steps.numel() != num_ids or not steps.is_contiguous() or steps.device != device:

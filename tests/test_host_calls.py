@@ -161,15 +161,15 @@ def test_the_counter_counts_as_cprofile_does():
 def test_the_count_sees_per_tensor_work(monkeypatch):
     """The harness is not blind: a per-tensor Python call in the step shows up in the count."""
     from sparse_grad.optim import functional
-    real = functional.sparse_adamw
+    real = functional.sparse_step
 
     def per_tensor(step, *args):
         for p in step.params:
             p.numel()
         return real(step, *args)
 
-    monkeypatch.setattr(functional, "sparse_adamw", per_tensor)
-    monkeypatch.setattr("sparse_grad.optim.sparse_adamw.sparse_adamw", per_tensor)
+    monkeypatch.setattr(functional, "sparse_step", per_tensor)
+    monkeypatch.setattr("sparse_grad.optim.sparse_adamw.sparse_step", per_tensor)
     device, backend = backend_cases()[0]
     small, large = (calls_per_step(n, device, backend, {}) for n in (COUNTS[0], COUNTS[-1]))
     assert large - small == COUNTS[-1] - COUNTS[0]

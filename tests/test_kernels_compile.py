@@ -3,7 +3,7 @@
 The CPU tests run the kernels in Triton's interpreter, which accepts some programs the compiler
 rejects; this builds the cubins the GPU would run and checks the PTX for correctly rounded
 division and square root (Triton's default fp32 `/` and `sqrt` are approximate), and the
-selection kernels' cubins for what a GPU would launch: no register spills, at most 128 registers
+selection kernels' cubins for what a GPU would launch (the update for AdamW, SGD and Lion): no register spills, at most 128 registers
 per thread at the GPU's tile size, and histogram atomics that go to shared memory per key and to
 global memory once per bin.
 """
@@ -80,7 +80,7 @@ SCRIPT = textwrap.dedent("""
                     MAXIMIZE=maximize, HAS_GRAD_COEF=fused, HAS_FOUND_INF=fused, COMPACT=fused,
                     PARAM_DTYPE=param, GRAD_DTYPE=grad, STATE_DTYPE=state,
                     COMPUTE_DTYPE=f64 if param == f64 else f32, CHUNK=chunk, NUM_CHUNKS=4096 // chunk,
-                    PARAM_VEC=vec[0], GRAD_VEC=vec[1], STATE_VEC=vec[2]),
+                    PARAM_VEC=vec[0], GRAD_VEC=vec[1], STATE_VEC=vec[2], RULE=0, NESTEROV=False, HAS_BUFFER=True),
                     num_warps=4,  # as launch_config gives for such a chunk
                     typed=[("param_base_ptr", "PARAM_DTYPE"), ("grad_base_ptr", "GRAD_DTYPE"),
                            ("exp_avg_base_ptr", "STATE_DTYPE"), ("exp_avg_sq_base_ptr", "STATE_DTYPE")])
@@ -96,6 +96,35 @@ SCRIPT = textwrap.dedent("""
                 wide = r"global\\.(v4\\.b32|v2\\.b64)"
                 assert bool(re.search(r"ld\\." + wide, ptx)) == (vec != (1, 1, 1)), (param, grad, state, vec)
                 assert bool(re.search(r"st\\." + wide, ptx)) == (vec != (1, 1, 1)), (param, grad, state, vec)
+        # SGD (no buffer, heavy ball, Nesterov) and Lion: the same kernel with RULE set. Same
+        # targets as AdamW's; each rule reads only its own state (the exp_avg_sq stream is dead).
+        for param, grad, state in [(f32, f32, f32), (bf16, bf16, f32), (f64, f64, f64)]:
+            vecs = tuple(128 // d.primitive_bitwidth for d in (param, grad, state))
+            chunk = 128 * 128 // param.primitive_bitwidth
+            for rule, nesterov, has_buffer in ((1, False, False), (1, False, True), (1, True, True), (2, False, True)):
+                for vec in ((vecs,) if param != f32 or rule == 1 and has_buffer else ((1, 1, 1), vecs)):
+                    compiled = compile_for(adamw, capability, dict(
+                        MAXIMIZE=True, HAS_GRAD_COEF=True, HAS_FOUND_INF=True, COMPACT=False,
+                        PARAM_DTYPE=param, GRAD_DTYPE=grad, STATE_DTYPE=state,
+                        COMPUTE_DTYPE=f64 if param == f64 else f32, CHUNK=chunk, NUM_CHUNKS=4096 // chunk,
+                        PARAM_VEC=vec[0], GRAD_VEC=vec[1], STATE_VEC=vec[2],
+                        RULE=rule, NESTEROV=nesterov, HAS_BUFFER=has_buffer),
+                        num_warps=4,
+                        typed=[("param_base_ptr", "PARAM_DTYPE"), ("grad_base_ptr", "GRAD_DTYPE"),
+                               ("exp_avg_base_ptr", "STATE_DTYPE"), ("exp_avg_sq_base_ptr", "STATE_DTYPE")])
+                    ptx = compiled.asm["ptx"]
+                    regs, local = resources(compiled)
+                    what = (rule, nesterov, has_buffer, param, grad, state, vec)
+                    # Neither rule divides or takes a root: none of AdamW's scalar work is left in.
+                    assert not re.search(r"(div|sqrt)\\.[a-z.]*f(32|64)", ptx), f"float division or sqrt: {what}"
+                    assert local == 0, f"spills: {what}"
+                    if param == f32:
+                        assert regs <= 64, f"{regs} registers: {what}"
+                    if param != f64:  # torch's add(alpha=...) as one correctly rounded fma
+                        assert "fma.rn.f32" in ptx, what
+                    wide = r"global\\.(v4\\.b32|v2\\.b64)"
+                    assert bool(re.search(r"ld\\." + wide, ptx)) == (vec != (1, 1, 1)), what
+                    assert bool(re.search(r"st\\." + wide, ptx)) == (vec != (1, 1, 1)), what
         for tile, warps in ((16, 4), (4096, 8), (select.MAX_TILE, 8)):  # smallest, GPU default, largest
             kernels = [(select._histogram_kernel, dict(P=p, BLOCK=tile, BINS=select.BINS)) for p in range(3)]
             kernels += [(select._count_kernel, dict(BLOCK=tile, BINS=select.BINS, NUM_PASSES=3)),

@@ -6,7 +6,7 @@ they run under ``TRITON_INTERPRET=1`` (set it before this package is imported).
 """
 from .block_sqnorms import block_sqnorms, launch_block_sqnorms
 from .select_blocks import launch_select_blocks, select_blocks
-from .sparse_adamw import launch_sparse_adamw, sparse_adamw_step
+from .sparse_adamw import launch_sparse_adamw, sparse_adamw_step, sparse_lion_step, sparse_sgd_step
 from .tables import BlockMap, block_map, clear_cache
 
 __all__ = [
@@ -19,4 +19,6 @@ __all__ = [
     "launch_sparse_adamw",
     "select_blocks",
     "sparse_adamw_step",
+    "sparse_lion_step",
+    "sparse_sgd_step",
 ]

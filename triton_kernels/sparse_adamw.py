@@ -1,4 +1,6 @@
-"""AdamW on selected blocks only: one program per selected block, one launch per dtype group."""
+"""AdamW, SGD and Lion on selected blocks only: one program per selected block, one launch per
+dtype group. The update rule is a compile-time constant (``RULE``): each rule's kernel reads only
+its own state and hyper-parameters (docs/design.md §3.4, §3.7)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -99,10 +101,153 @@ def _adamw_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, lanes, count,
         tl.store(exp_avg_sq_ptr + lanes, _round_to(exp_avg_sq, STATE_DTYPE))
 
 
+ADAMW, SGD, LION = 0, 1, 2  # the RULE of a launch
+_ADAMW, _SGD = tl.constexpr(ADAMW), tl.constexpr(SGD)  # the same, readable inside kernels
+
+
+@triton.jit
+def _other_block(hparams_ptr, grad_coef_ptr, step, param_base_ptr, grad_base_ptr, state_base_ptr, param_offsets_ptr,
+                 grad_offsets_ptr, state_offsets_ptr, numels_ptr, t, local, pid, active, block_size,
+                 MAXIMIZE: tl.constexpr, HAS_GRAD_COEF: tl.constexpr, COMPACT: tl.constexpr,
+                 PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                 CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, PARAM_VEC: tl.constexpr, GRAD_VEC: tl.constexpr,
+                 STATE_VEC: tl.constexpr, RULE: tl.constexpr, NESTEROV: tl.constexpr, HAS_BUFFER: tl.constexpr):
+    """One block of SGD or Lion: scalars from the fp64 table rounded once (as torch rounds a
+    Python float alpha), then the block's chunks, unmasked when the block is full."""
+    lr = tl.load(hparams_ptr + 0)
+    h1 = tl.load(hparams_ptr + 1)
+    h2 = tl.load(hparams_ptr + 2)
+    h3 = tl.load(hparams_ptr + 3)
+    neg_lr = (-lr).to(COMPUTE_DTYPE)
+    grad_coef = neg_lr  # any value: read only if HAS_GRAD_COEF
+    if HAS_GRAD_COEF:
+        grad_coef = tl.load(grad_coef_ptr).to(COMPUTE_DTYPE)
+    start = local * block_size
+    param_first = tl.load(param_offsets_ptr + t) + start
+    grad_first = tl.load(grad_offsets_ptr + t) + start
+    if COMPACT:
+        state_first = pid * block_size
+    else:
+        state_first = tl.load(state_offsets_ptr + t) + start
+    if PARAM_VEC > 1:
+        param_first = tl.multiple_of(param_first, PARAM_VEC)
+    if GRAD_VEC > 1:
+        grad_first = tl.multiple_of(grad_first, GRAD_VEC)
+    if STATE_VEC > 1:
+        state_first = tl.multiple_of(state_first, STATE_VEC)
+    param_ptr = param_base_ptr + param_first
+    grad_ptr = grad_base_ptr + grad_first
+    state_ptr = state_base_ptr + state_first
+    count = tl.minimum(start + block_size, tl.load(numels_ptr + t)) - start
+    count = tl.where(active, count, 0)
+    if RULE == _SGD:
+        momentum = h1.to(COMPUTE_DTYPE)
+        one_minus_dampening = (1.0 - h2).to(COMPUTE_DTYPE)
+        weight_decay = h3.to(COMPUTE_DTYPE)
+        decays = h3 != 0.0
+        first = step == 1
+        if count == NUM_CHUNKS * CHUNK:
+            for chunk in range(NUM_CHUNKS):
+                _sgd_chunk(param_ptr, grad_ptr, state_ptr, chunk * CHUNK + tl.arange(0, CHUNK), count, grad_coef,
+                           neg_lr, momentum, one_minus_dampening, weight_decay, decays, first, False, MAXIMIZE,
+                           HAS_GRAD_COEF, NESTEROV, HAS_BUFFER, PARAM_DTYPE, STATE_DTYPE, COMPUTE_DTYPE)
+        else:
+            for chunk in range(NUM_CHUNKS):
+                _sgd_chunk(param_ptr, grad_ptr, state_ptr, chunk * CHUNK + tl.arange(0, CHUNK), count, grad_coef,
+                           neg_lr, momentum, one_minus_dampening, weight_decay, decays, first, True, MAXIMIZE,
+                           HAS_GRAD_COEF, NESTEROV, HAS_BUFFER, PARAM_DTYPE, STATE_DTYPE, COMPUTE_DTYPE)
+    else:
+        decay = (1.0 - lr * h3).to(COMPUTE_DTYPE)
+        beta1 = h1.to(COMPUTE_DTYPE)
+        one_minus_beta1 = (1.0 - h1).to(COMPUTE_DTYPE)
+        beta2 = h2.to(COMPUTE_DTYPE)
+        one_minus_beta2 = (1.0 - h2).to(COMPUTE_DTYPE)
+        if count == NUM_CHUNKS * CHUNK:
+            for chunk in range(NUM_CHUNKS):
+                _lion_chunk(param_ptr, grad_ptr, state_ptr, chunk * CHUNK + tl.arange(0, CHUNK), count, grad_coef,
+                            neg_lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, False, MAXIMIZE,
+                            HAS_GRAD_COEF, PARAM_DTYPE, STATE_DTYPE, COMPUTE_DTYPE)
+        else:
+            for chunk in range(NUM_CHUNKS):
+                _lion_chunk(param_ptr, grad_ptr, state_ptr, chunk * CHUNK + tl.arange(0, CHUNK), count, grad_coef,
+                            neg_lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, True, MAXIMIZE,
+                            HAS_GRAD_COEF, PARAM_DTYPE, STATE_DTYPE, COMPUTE_DTYPE)
+
+
+@triton.jit
+def _sgd_chunk(param_ptr, grad_ptr, buffer_ptr, lanes, count, grad_coef, neg_lr, momentum, one_minus_dampening,
+               weight_decay, decays, first, MASKED: tl.constexpr, MAXIMIZE: tl.constexpr,
+               HAS_GRAD_COEF: tl.constexpr, NESTEROV: tl.constexpr, HAS_BUFFER: tl.constexpr,
+               PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """torch.optim.SGD on one chunk; each ``x.add(y, alpha=a)`` as torch's add kernel: fma(y, a, x)."""
+    if MASKED:
+        mask = lanes < count
+        param = tl.load(param_ptr + lanes, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        grad = tl.load(grad_ptr + lanes, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    else:
+        param = tl.load(param_ptr + lanes).to(COMPUTE_DTYPE)
+        grad = tl.load(grad_ptr + lanes).to(COMPUTE_DTYPE)
+    if HAS_GRAD_COEF:
+        grad = grad * grad_coef
+    if MAXIMIZE:
+        grad = -grad
+    grad = tl.where(decays, tl.fma(param, weight_decay, grad), grad)
+    if HAS_BUFFER:
+        if MASKED:
+            buf = tl.load(buffer_ptr + lanes, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        else:
+            buf = tl.load(buffer_ptr + lanes).to(COMPUTE_DTYPE)
+        buf = tl.where(first, grad, tl.fma(grad, one_minus_dampening, buf * momentum))
+        if MASKED:
+            tl.store(buffer_ptr + lanes, _round_to(buf, STATE_DTYPE), mask=mask)
+        else:
+            tl.store(buffer_ptr + lanes, _round_to(buf, STATE_DTYPE))
+        if NESTEROV:
+            grad = tl.fma(buf, momentum, grad)
+        else:
+            grad = buf
+    param = tl.fma(grad, neg_lr, param)
+    if MASKED:
+        tl.store(param_ptr + lanes, _round_to(param, PARAM_DTYPE), mask=mask)
+    else:
+        tl.store(param_ptr + lanes, _round_to(param, PARAM_DTYPE))
+
+
+@triton.jit
+def _lion_chunk(param_ptr, grad_ptr, exp_avg_ptr, lanes, count, grad_coef, neg_lr, decay, beta1, one_minus_beta1,
+                beta2, one_minus_beta2, MASKED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_COEF: tl.constexpr,
+                PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """Lion on one chunk, as lion-pytorch computes it with torch ops (sign(NaN) = 0, as torch.sign)."""
+    if MASKED:
+        mask = lanes < count
+        param = tl.load(param_ptr + lanes, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        grad = tl.load(grad_ptr + lanes, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        exp_avg = tl.load(exp_avg_ptr + lanes, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    else:
+        param = tl.load(param_ptr + lanes).to(COMPUTE_DTYPE)
+        grad = tl.load(grad_ptr + lanes).to(COMPUTE_DTYPE)
+        exp_avg = tl.load(exp_avg_ptr + lanes).to(COMPUTE_DTYPE)
+    if HAS_GRAD_COEF:
+        grad = grad * grad_coef
+    if MAXIMIZE:
+        grad = -grad
+    c = tl.fma(grad, one_minus_beta1, exp_avg * beta1)
+    sign = (c > 0).to(COMPUTE_DTYPE) - (c < 0).to(COMPUTE_DTYPE)
+    param = tl.fma(sign, neg_lr, param * decay)
+    exp_avg = tl.fma(grad, one_minus_beta2, exp_avg * beta2)
+    if MASKED:
+        tl.store(param_ptr + lanes, _round_to(param, PARAM_DTYPE), mask=mask)
+        tl.store(exp_avg_ptr + lanes, _round_to(exp_avg, STATE_DTYPE), mask=mask)
+    else:
+        tl.store(param_ptr + lanes, _round_to(param, PARAM_DTYPE))
+        tl.store(exp_avg_ptr + lanes, _round_to(exp_avg, STATE_DTYPE))
+
+
 @triton.jit
 def _sparse_adamw_kernel(
     block_ids_ptr,  # int64 [num_selected]: global ids of the blocks to update
-    hparams_ptr,  # fp64 [5]: lr, beta1, beta2, eps, weight_decay
+    hparams_ptr,  # fp64: AdamW [lr, beta1, beta2, eps, weight_decay]; SGD [lr, momentum, dampening,
+    # weight_decay]; Lion [lr, beta1, beta2, weight_decay]
     grad_coef_ptr,  # fp32 [1]: grads are multiplied by it (read only if HAS_GRAD_COEF)
     found_inf_ptr,  # fp32 [1]: nonzero -> update nothing (read only if HAS_FOUND_INF)
     param_base_ptr,  # the first param, grad, exp_avg and exp_avg_sq of group `group` ...
@@ -134,6 +279,9 @@ def _sparse_adamw_kernel(
     PARAM_VEC: tl.constexpr,  # elements per 16 bytes where the host checked that every block of
     GRAD_VEC: tl.constexpr,  # every tensor of that kind starts on 16 bytes, else 1
     STATE_VEC: tl.constexpr,
+    RULE: tl.constexpr = 0,  # ADAMW, SGD or LION; SGD and Lion keep their one state in exp_avg
+    NESTEROV: tl.constexpr = False,  # SGD
+    HAS_BUFFER: tl.constexpr = True,  # SGD: False without momentum (exp_avg is not read)
 ):
     pid = tl.program_id(0).to(tl.int64)
     block = tl.load(block_ids_ptr + pid)
@@ -153,6 +301,12 @@ def _sparse_adamw_kernel(
     tl.store(step_ptr, step, mask=active)
 
     # Scalars in fp64 then rounded once, as torch.optim.AdamW computes them on the host.
+    if RULE != _ADAMW:
+        _other_block(hparams_ptr, grad_coef_ptr, step, param_base_ptr, grad_base_ptr, exp_avg_base_ptr,
+                     param_offsets_ptr, grad_offsets_ptr, exp_avg_offsets_ptr, numels_ptr, t, local, pid, active,
+                     block_size, MAXIMIZE, HAS_GRAD_COEF, COMPACT, PARAM_DTYPE, STATE_DTYPE, COMPUTE_DTYPE, CHUNK,
+                     NUM_CHUNKS, PARAM_VEC, GRAD_VEC, STATE_VEC, RULE, NESTEROV, HAS_BUFFER)
+        return
     lr = tl.load(hparams_ptr + 0)
     beta1 = tl.load(hparams_ptr + 1)
     beta2 = tl.load(hparams_ptr + 2)
@@ -230,8 +384,12 @@ def launch_sparse_adamw(
     found_inf: torch.Tensor | None = None,
     compact: bool = False,
     vecs: tuple[int, int, int] = (1, 1, 1),
+    rule: int = ADAMW,
+    nesterov: bool = False,
+    has_buffer: bool = True,
 ) -> None:
-    """Launch one program per id in ``block_ids``.
+    """Launch one program per id in ``block_ids``; ``rule``: ADAMW, SGD or LION (their state in
+    exp_avg; ``has_buffer=False``: SGD without momentum, exp_avg not read).
 
     ``hparams`` is the fp64 table ``[lr, beta1, beta2, eps, weight_decay]`` on the device;
     ``bases`` the param, grad, exp_avg and exp_avg_sq that group ``group``'s element offsets
@@ -257,6 +415,7 @@ def launch_sparse_adamw(
         STATE_DTYPE=TL_DTYPES[state_dtype],
         COMPUTE_DTYPE=compute_dtype(param_dtype),
         PARAM_VEC=vecs[0], GRAD_VEC=vecs[1], STATE_VEC=vecs[2],
+        RULE=rule, NESTEROV=nesterov, HAS_BUFFER=has_buffer,
         # At most 16 bytes of param per thread and chunk (4 warps): 16-byte accesses for aligned
         # blocks, and few enough live values that fp32 fits in 64 registers (checked in
         # tests/test_kernels_compile.py). Elementwise: the chunk changes no result.
@@ -284,20 +443,46 @@ def sparse_adamw_step(
     ``cache``: a dict the caller keeps for as long as these tensors stay where they are; the
     pointer tables built on the first call are kept there, so later calls do no per-tensor work.
     """
+    _update(ADAMW, params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper, block_size, maximize,
+            grad_coef, found_inf, compact, cache)
+
+
+def sparse_sgd_step(params, grads, momentum_buffers, block_steps, block_ids, hyper, block_size, maximize, nesterov,
+                    grad_coef=None, found_inf=None, compact=False, cache=None) -> None:
+    """In-place SGD on the blocks ``block_ids``; see the reference backend. Without momentum
+    (``momentum_buffers == []``) the kernel reads no buffer: the params stand in for it."""
+    has_buffer = len(momentum_buffers) > 0
+    buffers = list(momentum_buffers) if has_buffer else (params[:1] if compact else list(params))
+    _update(SGD, params, grads, buffers, buffers, block_steps, block_ids, hyper, block_size, maximize,
+            grad_coef, found_inf, compact, cache, nesterov, has_buffer)
+
+
+def sparse_lion_step(params, grads, exp_avgs, block_steps, block_ids, hyper, block_size, maximize,
+                     grad_coef=None, found_inf=None, compact=False, cache=None) -> None:
+    """In-place Lion on the blocks ``block_ids``; see the reference backend."""
+    _update(LION, params, grads, exp_avgs, exp_avgs, block_steps, block_ids, hyper, block_size, maximize,
+            grad_coef, found_inf, compact, cache)
+
+
+def _update(rule, params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper, block_size, maximize,
+            grad_coef, found_inf, compact, cache, nesterov=False, has_buffer=True) -> None:
+    """One launch per dtype group of ``rule``'s kernel (SGD and Lion pass their one state list
+    twice: the second is not read)."""
     if block_ids.numel() == 0 or not params:
         return
-    prepared = None if cache is None else cache.get("sparse_adamw_step")
+    key = ("sparse_adamw_step", rule)
+    prepared = None if cache is None else cache.get(key)
     if prepared is None:
         prepared = _step_tables(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_size, compact)
         if cache is not None:
-            cache["sparse_adamw_step"] = prepared
+            cache[key] = prepared
     bmap, tables, group_table, dtypes, bases, vecs = prepared
     kinds = (params, grads, exp_avgs, exp_avg_sqs)
     for g, group_dtypes in enumerate(dtypes):
         launch_sparse_adamw(block_ids, hyper, [kind[i] for kind, i in zip(kinds, bases[g])], tables, bmap.numels,
                             bmap.first_block, bmap.block_tensor, group_table, bmap.num_blocks, block_size, g,
                             group_dtypes, maximize, grad_coef=grad_coef, found_inf=found_inf, compact=compact,
-                            vecs=vecs[g])
+                            vecs=vecs[g], rule=rule, nesterov=nesterov, has_buffer=has_buffer)
 
 
 def _step_tables(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_size: int, compact: bool):

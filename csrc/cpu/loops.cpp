@@ -33,10 +33,13 @@ namespace avx512 {
 
 namespace {
 
-constexpr Loops kBaseline{"default", &baseline::sum_squares_fn, &baseline::adamw_block_fn};
+constexpr Loops kBaseline{"default", &baseline::sum_squares_fn, &baseline::adamw_block_fn,
+                          &baseline::sgd_block_fn, &baseline::lion_block_fn};
 #ifdef SPARSE_GRAD_X86_VARIANTS
-constexpr Loops kAvx2{"avx2", &avx2::sum_squares_fn, &avx2::adamw_block_fn};
-constexpr Loops kAvx512{"avx512", &avx512::sum_squares_fn, &avx512::adamw_block_fn};
+constexpr Loops kAvx2{"avx2", &avx2::sum_squares_fn, &avx2::adamw_block_fn, &avx2::sgd_block_fn,
+                      &avx2::lion_block_fn};
+constexpr Loops kAvx512{"avx512", &avx512::sum_squares_fn, &avx512::adamw_block_fn, &avx512::sgd_block_fn,
+                        &avx512::lion_block_fn};
 #endif
 
 const Loops& choose() {

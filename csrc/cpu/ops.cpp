@@ -1,9 +1,11 @@
-// CPU kernels of sparse_grad::native_block_sqnorms and sparse_grad::native_sparse_adamw_step
+// CPU kernels of sparse_grad::native_block_sqnorms and native_sparse_{adamw,sgd,lion}_step
 // (schemas in sparse_grad/library.py): parallel over blocks, one vectorized loop per block.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -129,31 +131,92 @@ const float* optional_scalar(const std::optional<at::Tensor>& t, const char* nam
   return t->const_data_ptr<float>();
 }
 
-// Checks the moments and step counts of tensor t and returns its update loop. Dense state: one
-// tensor per param (like it, one count per block). Compact state (compact=true): one slab
-// [num_ids, block_size] of moments and one count per id, row i belonging to block_ids[i].
-AdamWBlockFn checked_update(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                            at::TensorList exp_avg_sqs, at::TensorList block_steps,
-                            const Blocks& blocks, std::size_t t, bool compact, bool maximize) {
-  TORCH_CHECK(grads[t].numel() == params[t].numel(), "grads[", t, "] has ", grads[t].numel(),
-              " elements, params[", t, "] ", params[t].numel());
-  const std::size_t s = compact ? 0 : t;
-  if (!compact) {
-    for (const at::Tensor* other : {&exp_avgs[t], &exp_avg_sqs[t]}) {
-      TORCH_CHECK(other->numel() == params[t].numel(), "tensor ", t, " of exp_avgs/exp_avg_sqs has ",
-                  other->numel(), " elements, params[", t, "] ", params[t].numel());
-    }
-    TORCH_CHECK(block_steps[t].scalar_type() == at::kInt &&
-                block_steps[t].numel() == blocks.first[t + 1] - blocks.first[t],
-                "block_steps[", t, "] must be int32 with one count per block of params[", t, "]");
+// The state lists of an update (AdamW: exp_avgs, exp_avg_sqs; SGD: momentum_buffers or none;
+// Lion: exp_avgs) and its step counts, checked against the params. Dense state: one tensor per
+// param, like it, and one count per block. Compact state (compact=true): one slab
+// [num_ids, block_size] per list and one count per id, row i belonging to block_ids[i].
+void check_state(at::TensorList params, at::TensorList grads,
+                 std::initializer_list<std::pair<const char*, at::TensorList>> states,
+                 at::TensorList block_steps, const Blocks& blocks, const at::Tensor& block_ids, bool compact) {
+  const std::size_t num_tensors = params.size();
+  const std::size_t num_states = compact ? 1 : num_tensors;
+  check_list(params, "params", num_tensors);
+  check_list(grads, "grads", num_tensors);
+  for (const auto& [name, list] : states) check_list(list, name, num_states);
+  check_list(block_steps, "block_steps", num_states);
+  TORCH_CHECK(block_ids.device().is_cpu() && block_ids.scalar_type() == at::kLong &&
+              block_ids.dim() == 1 && block_ids.is_contiguous(),
+              "block_ids must be a contiguous 1-D int64 CPU tensor");
+  const std::int64_t num_ids = block_ids.numel();
+  for (std::size_t t = 0; t < num_tensors; ++t) {
+    TORCH_CHECK(grads[t].numel() == params[t].numel(), "grads[", t, "] has ", grads[t].numel(),
+                " elements, params[", t, "] ", params[t].numel());
   }
-  TORCH_CHECK(exp_avgs[s].scalar_type() == exp_avg_sqs[s].scalar_type(),
-              "exp_avgs[", s, "] and exp_avg_sqs[", s, "] have different dtypes");
-  AdamWBlockFn update = loops().adamw_block(dtype_code(params[t], "params", t), dtype_code(grads[t], "grads", t),
-                                            dtype_code(exp_avgs[s], "exp_avgs", s), maximize);
-  TORCH_CHECK(update != nullptr, "exp_avgs[", s, "] is ", exp_avgs[s].scalar_type(),
-              "; the state dtype must be the param dtype or float32");
-  return update;
+  for (const auto& [name, list] : states) {
+    for (std::size_t s = 0; s < num_states; ++s) {
+      const std::int64_t expected = compact ? num_ids * blocks.block_size : params[s].numel();
+      TORCH_CHECK(list[s].numel() == expected, name, "[", s, "] has ", list[s].numel(), " elements, expected ",
+                  expected, compact ? " (block_size per block id)" : " (like the param)");
+      TORCH_CHECK(list[s].scalar_type() == states.begin()->second[s].scalar_type(), name, "[", s,
+                  "] and ", states.begin()->first, "[", s, "] have different dtypes");
+    }
+  }
+  for (std::size_t s = 0; s < num_states; ++s) {
+    const std::int64_t expected = compact ? num_ids : blocks.first[s + 1] - blocks.first[s];
+    TORCH_CHECK(block_steps[s].scalar_type() == at::kInt && block_steps[s].numel() == expected,
+                "block_steps[", s, "] must be int32 with one count per ", compact ? "block id" : "block of its param");
+  }
+}
+
+// The update loop of tensor t from `pick(param, grad, state dtype)`, or an error naming the state.
+template <typename Fn, typename Pick>
+std::vector<Fn> update_loops(at::TensorList params, at::TensorList grads, at::TensorList states, const char* name,
+                             bool compact, Pick&& pick) {
+  std::vector<Fn> loops_of(params.size());
+  for (std::size_t t = 0; t < params.size(); ++t) {
+    const std::size_t s = compact ? 0 : t;
+    const DType state = states.empty() ? dtype_code(params[t], "params", t) : dtype_code(states[s], name, s);
+    loops_of[t] = pick(dtype_code(params[t], "params", t), dtype_code(grads[t], "grads", t), state);
+    TORCH_CHECK(loops_of[t] != nullptr, name, "[", s, "] is ", states[s].scalar_type(),
+                "; the state dtype must be the param dtype or float32");
+  }
+  return loops_of;
+}
+
+// The fp64 hyper-parameter table of an update (CPU memory: read, no sync).
+const double* hyper_values(const at::Tensor& hyper, std::int64_t count) {
+  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.numel() == count &&
+              hyper.is_contiguous(), "hyper must be a contiguous float64 CPU tensor of ", count, " values");
+  return hyper.const_data_ptr<double>();
+}
+
+// One parallel loop over the selected ids: for each id in range, its count is advanced and
+// `apply(local, t, start, state_start, step, length)` updates the block; t is the tensor, `start`
+// the block's first element in it, `state_start` in its state (slab row i with compact state),
+// `local` a Local made afresh for each chunk of ids (a cache of per-block scalars). Ids out of
+// range update nothing. Nothing at all when found_inf is set (an overflowed AMP step keeps even
+// the counts).
+struct NoLocal {};
+
+template <typename Local = NoLocal, typename Apply>
+void for_each_selected(const Blocks& blocks, at::TensorList block_steps, const at::Tensor& block_ids, bool compact,
+                       const float* found_inf, Apply&& apply) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  std::vector<std::int32_t*> steps;
+  for (const at::Tensor& s : block_steps) steps.push_back(s.data_ptr<std::int32_t>());
+  const std::int64_t* ids = block_ids.data_ptr<std::int64_t>();
+  const std::int64_t block_size = blocks.block_size;
+  at::parallel_for(0, block_ids.numel(), blocks.grain(), [&](std::int64_t begin, std::int64_t end) {
+    Local local{};
+    for (std::int64_t i = begin; i < end; ++i) {
+      const std::int64_t block = ids[i];
+      if (block < 0 || block >= blocks.count()) continue;
+      const std::size_t t = blocks.tensor_of(block);
+      const std::int64_t start = blocks.start(t, block);
+      const std::int32_t step = ++steps[compact ? 0 : t][compact ? i : block - blocks.first[t]];
+      apply(local, t, start, compact ? i * block_size : start, step, blocks.length(t, block));
+    }
+  });
 }
 
 void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -161,63 +224,85 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
                        const at::Tensor& block_ids, const at::Tensor& hyper, std::int64_t block_size,
                        bool maximize, const std::optional<at::Tensor>& grad_coef,
                        const std::optional<at::Tensor>& found_inf, bool compact) {
-  const std::size_t num_tensors = params.size();
-  const std::size_t num_states = compact ? 1 : num_tensors;
-  check_list(params, "params", num_tensors);
-  check_list(grads, "grads", num_tensors);
-  check_list(exp_avgs, "exp_avgs", num_states);
-  check_list(exp_avg_sqs, "exp_avg_sqs", num_states);
-  check_list(block_steps, "block_steps", num_states);
-  TORCH_CHECK(block_ids.device().is_cpu() && block_ids.scalar_type() == at::kLong &&
-              block_ids.dim() == 1 && block_ids.is_contiguous(),
-              "block_ids must be a contiguous 1-D int64 CPU tensor");
-  const std::int64_t num_ids = block_ids.numel();
-  if (compact) {
-    TORCH_CHECK(exp_avgs[0].numel() == num_ids * block_size && exp_avg_sqs[0].numel() == num_ids * block_size,
-                "compact exp_avgs[0] and exp_avg_sqs[0] must hold block_size elements per block id");
-    TORCH_CHECK(block_steps[0].scalar_type() == at::kInt && block_steps[0].numel() == num_ids,
-                "compact block_steps[0] must be int32 with one count per block id");
-  }
+  const Blocks blocks(params, block_size);
+  check_state(params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, block_steps, blocks,
+              block_ids, compact);
   const float* coef = optional_scalar(grad_coef, "grad_coef");
   const float* inf = optional_scalar(found_inf, "found_inf");
-  // The hyper-parameter table [lr, beta1, beta2, eps, weight_decay] (CPU memory: read, no sync).
-  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.numel() == 5 &&
-              hyper.is_contiguous(), "hyper must be a contiguous float64 CPU tensor of 5 values");
-  const double* h = hyper.const_data_ptr<double>();
+  const double* h = hyper_values(hyper, 5);  // [lr, beta1, beta2, eps, weight_decay]
   const double lr = h[0], beta1 = h[1], beta2 = h[2], eps = h[3], weight_decay = h[4];
-  const Blocks blocks(params, block_size);
-  std::vector<AdamWBlockFn> update(num_tensors);
-  for (std::size_t t = 0; t < num_tensors; ++t) {
-    update[t] = checked_update(params, grads, exp_avgs, exp_avg_sqs, block_steps, blocks, t, compact, maximize);
-  }
-  // An overflowed AMP step changes nothing, step counts included (read here: CPU memory, no sync).
-  if (inf != nullptr && *inf != 0.0f) return;
+  const std::vector<AdamWBlockFn> update = update_loops<AdamWBlockFn>(
+      params, grads, exp_avgs, "exp_avgs", compact,
+      [&](DType p, DType g, DType s) { return loops().adamw_block(p, g, s, maximize); });
   const float coef_value = coef != nullptr ? *coef : 1.0f;
   const std::vector<Operand> param = operands(params), grad = operands(grads),
                             exp_avg = operands(exp_avgs), exp_avg_sq = operands(exp_avg_sqs);
-  std::vector<std::int32_t*> steps;
-  for (const at::Tensor& s : block_steps) steps.push_back(s.data_ptr<std::int32_t>());
-  const std::int64_t* ids = block_ids.data_ptr<std::int64_t>();
-  at::parallel_for(0, num_ids, blocks.grain(), [&](std::int64_t begin, std::int64_t end) {
-    // Blocks mostly share a step count: compute the scalars (two pow) once per count seen.
-    std::int32_t scalars_step = 0;
-    AdamWScalars scalars{};
-    for (std::int64_t i = begin; i < end; ++i) {
-      const std::int64_t block = ids[i];
-      if (block < 0 || block >= blocks.count()) continue;  // out of range: updates nothing
-      const std::size_t t = blocks.tensor_of(block);
-      const std::int64_t start = blocks.start(t, block);
-      // Where this block's state lives: its own place in per-param state, or slab row i.
-      const std::size_t s = compact ? 0 : t;
-      const std::int64_t state_start = compact ? i * block_size : start;
-      const std::int32_t step = ++steps[s][compact ? i : block - blocks.first[t]];
-      if (step != scalars_step) {
-        scalars_step = step;
-        scalars = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay, coef_value);
-      }
-      update[t](param[t].at(start), grad[t].at(start), exp_avg[s].at(state_start),
-                exp_avg_sq[s].at(state_start), blocks.length(t, block), scalars);
+  // Blocks mostly share a step count: the scalars (two pow) are computed once per count seen in
+  // a row within a chunk.
+  struct Cached { std::int32_t step = 0; AdamWScalars scalars{}; };
+  for_each_selected<Cached>(blocks, block_steps, block_ids, compact, inf,
+                            [&](Cached& c, std::size_t t, std::int64_t start, std::int64_t state_start,
+                                std::int32_t step, std::int64_t length) {
+    if (step != c.step) {
+      c.step = step;
+      c.scalars = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay, coef_value);
     }
+    const std::size_t s = compact ? 0 : t;
+    update[t](param[t].at(start), grad[t].at(start), exp_avg[s].at(state_start), exp_avg_sq[s].at(state_start),
+              length, c.scalars);
+  });
+}
+
+void sparse_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                     at::TensorList block_steps, const at::Tensor& block_ids, const at::Tensor& hyper,
+                     std::int64_t block_size, bool maximize, bool nesterov,
+                     const std::optional<at::Tensor>& grad_coef, const std::optional<at::Tensor>& found_inf,
+                     bool compact) {
+  const Blocks blocks(params, block_size);
+  const bool has_buffer = !momentum_buffers.empty();  // plain SGD (momentum 0) keeps no buffer
+  if (has_buffer) {
+    check_state(params, grads, {{"momentum_buffers", momentum_buffers}}, block_steps, blocks, block_ids, compact);
+  } else {
+    check_state(params, grads, {}, block_steps, blocks, block_ids, compact);
+  }
+  const float* coef = optional_scalar(grad_coef, "grad_coef");
+  const float* inf = optional_scalar(found_inf, "found_inf");
+  const double* h = hyper_values(hyper, 4);  // [lr, momentum, dampening, weight_decay]
+  const std::vector<SGDBlockFn> update = update_loops<SGDBlockFn>(
+      params, grads, momentum_buffers, "momentum_buffers", compact,
+      [&](DType p, DType g, DType s) { return loops().sgd_block(p, g, s, maximize, nesterov, has_buffer); });
+  const SGDScalars scalars{-h[0], h[1], 1.0 - h[2], h[3], false, coef != nullptr ? *coef : 1.0f};
+  const std::vector<Operand> param = operands(params), grad = operands(grads), buffer = operands(momentum_buffers);
+  for_each_selected(blocks, block_steps, block_ids, compact, inf,
+                    [&](NoLocal&, std::size_t t, std::int64_t start, std::int64_t state_start, std::int32_t step,
+                        std::int64_t length) {
+    SGDScalars block_scalars = scalars;
+    block_scalars.first = step == 1;
+    void* buf = has_buffer ? buffer[compact ? 0 : t].at(state_start) : nullptr;
+    update[t](param[t].at(start), grad[t].at(start), buf, length, block_scalars);
+  });
+}
+
+void sparse_lion_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList block_steps, const at::Tensor& block_ids, const at::Tensor& hyper,
+                      std::int64_t block_size, bool maximize, const std::optional<at::Tensor>& grad_coef,
+                      const std::optional<at::Tensor>& found_inf, bool compact) {
+  const Blocks blocks(params, block_size);
+  check_state(params, grads, {{"exp_avgs", exp_avgs}}, block_steps, blocks, block_ids, compact);
+  const float* coef = optional_scalar(grad_coef, "grad_coef");
+  const float* inf = optional_scalar(found_inf, "found_inf");
+  const double* h = hyper_values(hyper, 4);  // [lr, beta1, beta2, weight_decay]
+  const std::vector<LionBlockFn> update = update_loops<LionBlockFn>(
+      params, grads, exp_avgs, "exp_avgs", compact,
+      [&](DType p, DType g, DType s) { return loops().lion_block(p, g, s, maximize); });
+  // In fp64, as lion-pytorch computes them on the host (Python floats).
+  const LionScalars scalars{-h[0], 1.0 - h[0] * h[3], h[1], 1.0 - h[1], h[2], 1.0 - h[2],
+                            coef != nullptr ? *coef : 1.0f};
+  const std::vector<Operand> param = operands(params), grad = operands(grads), exp_avg = operands(exp_avgs);
+  for_each_selected(blocks, block_steps, block_ids, compact, inf,
+                    [&](NoLocal&, std::size_t t, std::int64_t start, std::int64_t state_start, std::int32_t,
+                        std::int64_t length) {
+    update[t](param[t].at(start), grad[t].at(start), exp_avg[compact ? 0 : t].at(state_start), length, scalars);
   });
 }
 
@@ -226,6 +311,8 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
 TORCH_LIBRARY_IMPL(sparse_grad, CPU, m) {
   m.impl("native_block_sqnorms", &block_sqnorms);
   m.impl("native_sparse_adamw_step", &sparse_adamw_step);
+  m.impl("native_sparse_sgd_step", &sparse_sgd_step);
+  m.impl("native_sparse_lion_step", &sparse_lion_step);
 }
 
 }  // namespace sparse_grad::cpu

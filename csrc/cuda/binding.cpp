@@ -196,12 +196,15 @@ const float* optional_scalar(const std::optional<at::Tensor>& t, const char* nam
   return t->const_data_ptr<float>();
 }
 
-void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
-                              at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                              at::TensorList block_steps, const at::Tensor& block_ids,
-                              const at::Tensor& hyper, int64_t block_size, bool maximize,
-                              const std::optional<at::Tensor>& grad_coef,
-                              const std::optional<at::Tensor>& found_inf, bool compact) {
+// The update ops' shared body: checks, tables, one launch per dtype triple. `moments` is the
+// rule's first state list (AdamW's exp_avgs, SGD's momentum buffers (empty without momentum),
+// Lion's exp_avgs), `second` AdamW's exp_avg_sqs (empty for the others); `hyper_size` the
+// length of the rule's fp64 table.
+void run_update(k::Rule rule, at::TensorList params, at::TensorList grads, at::TensorList moments,
+                at::TensorList second, at::TensorList block_steps, const at::Tensor& block_ids,
+                const at::Tensor& hyper, int64_t hyper_size, int64_t block_size, bool maximize,
+                bool nesterov, const std::optional<at::Tensor>& grad_coef,
+                const std::optional<at::Tensor>& found_inf, bool compact) {
   TORCH_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
   const size_t T = params.size();
   const size_t num_states = compact ? 1 : T;  // compact: one slab of moments, one count per id
@@ -209,24 +212,26 @@ void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
   TORCH_CHECK(device.is_cuda() && block_ids.scalar_type() == at::kLong && block_ids.dim() == 1 &&
                   block_ids.is_contiguous(),
               "block_ids must be a contiguous 1-D int64 CUDA tensor");
+  const bool has_moments = !moments.empty();
   check_list(params, "params", T, device);
   check_list(grads, "grads", T, device);
-  check_list(exp_avgs, "exp_avgs", num_states, device);
-  check_list(exp_avg_sqs, "exp_avg_sqs", num_states, device);
+  if (has_moments || rule != k::Rule::SGD) check_list(moments, "moments", num_states, device);
+  if (rule == k::Rule::AdamW) check_list(second, "exp_avg_sqs", num_states, device);
   check_list(block_steps, "block_steps", num_states, device);
+  const int64_t num_ids = block_ids.numel();
   if (compact) {
-    const int64_t num_ids = block_ids.numel();
-    TORCH_CHECK(exp_avgs[0].numel() == num_ids * block_size &&
-                    exp_avg_sqs[0].numel() == num_ids * block_size,
-                "compact exp_avgs[0] and exp_avg_sqs[0] must hold block_size elements per block id");
+    for (const at::TensorList* list : {&moments, &second}) {
+      TORCH_CHECK(list->empty() || (*list)[0].numel() == num_ids * block_size,
+                  "compact state slabs must hold block_size elements per block id");
+    }
     TORCH_CHECK(block_steps[0].scalar_type() == at::kInt && block_steps[0].numel() == num_ids,
                 "compact block_steps[0] must be int32 with one count per block id");
   }
   const float* coef = optional_scalar(grad_coef, "grad_coef", device);
   const float* inf = optional_scalar(found_inf, "found_inf", device);
-  TORCH_CHECK(hyper.device() == device && hyper.scalar_type() == at::kDouble && hyper.numel() == 5 &&
-                  hyper.is_contiguous(),
-              "hyper must be a contiguous float64 tensor of 5 values on ", device);
+  TORCH_CHECK(hyper.device() == device && hyper.scalar_type() == at::kDouble &&
+                  hyper.numel() == hyper_size && hyper.is_contiguous(),
+              "hyper must be a contiguous float64 tensor of ", hyper_size, " values on ", device);
   if (T == 0) return;
 
   std::vector<int64_t> numels(T);
@@ -239,44 +244,44 @@ void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
     TORCH_CHECK(grads[t].numel() == params[t].numel(), "grads[", t, "] has ", grads[t].numel(),
                 " elements, params[", t, "] ", params[t].numel());
     if (!compact) {
-      for (const at::Tensor* other : {&exp_avgs[t], &exp_avg_sqs[t]}) {
-        TORCH_CHECK(other->numel() == params[t].numel(), "tensor ", t,
-                    " of exp_avgs/exp_avg_sqs has ", other->numel(), " elements, params[", t,
-                    "] ", params[t].numel());
+      for (const at::TensorList* list : {&moments, &second}) {
+        TORCH_CHECK(list->empty() || (*list)[t].numel() == params[t].numel(), "tensor ", t,
+                    " of the state has ", (*list)[t].numel(), " elements, params[", t, "] ",
+                    params[t].numel());
       }
       TORCH_CHECK(block_steps[t].scalar_type() == at::kInt &&
                       block_steps[t].numel() == layout.blocks_of(static_cast<int64_t>(t)),
                   "block_steps[", t, "] must be int32 with one count per block of params[", t, "]");
     }
-    TORCH_CHECK(exp_avgs[s].scalar_type() == exp_avg_sqs[s].scalar_type(), "exp_avgs[", s,
+    TORCH_CHECK(second.empty() || moments[s].scalar_type() == second[s].scalar_type(), "exp_avgs[", s,
                 "] and exp_avg_sqs[", s, "] have different dtypes");
     const k::DType param = dtype_code(params[t], "params", t);
     const k::DType grad = dtype_code(grads[t], "grads", t);
-    const k::DType state = dtype_code(exp_avgs[s], "exp_avgs", s);
-    TORCH_CHECK(state == param || state == k::DType::Float32, "exp_avgs[", s, "] is ",
-                exp_avgs[s].scalar_type(), "; the state dtype must be the param dtype or float32");
+    const k::DType state = has_moments ? dtype_code(moments[s], "moments", s) : param;
+    TORCH_CHECK(state == param || state == k::DType::Float32, "the state of params[", t, "] is ",
+                moments[s].scalar_type(), "; the state dtype must be the param dtype or float32");
     combos[t] = k::dtype_combo(param, grad, state);
     const std::array<k::DType, 3> triple{param, grad, state};
     if (std::find(distinct.begin(), distinct.end(), triple) == distinct.end()) {
       distinct.push_back(triple);
     }
   }
-  if (block_ids.numel() == 0 || layout.num_blocks() == 0) return;
+  if (num_ids == 0 || layout.num_blocks() == 0) return;
 
   const c10::cuda::CUDAGuard guard(device);
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   const at::Tensor block_tensor = block_tensor_maps().get(layout, block_size, stream);
 
-  // Rows: params, grads, exp_avgs, exp_avg_sqs, block_steps addresses, element counts, first
-  // blocks, dtype combos.
+  // Rows: params, grads, moments, second moments, block_steps addresses (0: no such state),
+  // element counts, first blocks, dtype combos.
   const int64_t width = static_cast<int64_t>(T);
   Table table(8, width);
   for (size_t t = 0; t < T; ++t) {
     const size_t s = compact ? 0 : t;
     table.row(0)[t] = address(params[t].mutable_data_ptr());
     table.row(1)[t] = address(grads[t].const_data_ptr());
-    table.row(2)[t] = address(exp_avgs[s].mutable_data_ptr());
-    table.row(3)[t] = address(exp_avg_sqs[s].mutable_data_ptr());
+    table.row(2)[t] = has_moments ? address(moments[s].mutable_data_ptr()) : 0;
+    table.row(3)[t] = second.empty() ? 0 : address(second[s].mutable_data_ptr());
     table.row(4)[t] = address(block_steps[s].mutable_data_ptr());
     table.row(5)[t] = layout.numels[t];
     table.row(6)[t] = layout.block_offsets[t];
@@ -288,12 +293,39 @@ void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
                               d + 7 * width};
   const k::BlockMap map{d + 5 * width, d + 6 * width, block_tensor.const_data_ptr<int32_t>(),
                         layout.num_blocks(), block_size};
-  const k::AdamwHyper scalars{hyper.const_data_ptr<double>(), maximize, coef, inf, compact};
+  const k::AdamwHyper scalars{hyper.const_data_ptr<double>(), maximize, coef, inf, compact, rule, nesterov,
+                              has_moments};
   for (const auto& triple : distinct) {
-    C10_CUDA_CHECK(k::launch_sparse_adamw(tables, map, block_ids.const_data_ptr<int64_t>(),
-                                          block_ids.numel(), triple[0], triple[1], triple[2],
-                                          scalars, stream.stream()));
+    C10_CUDA_CHECK(k::launch_sparse_adamw(tables, map, block_ids.const_data_ptr<int64_t>(), num_ids,
+                                          triple[0], triple[1], triple[2], scalars, stream.stream()));
   }
+}
+
+void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
+                              at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                              at::TensorList block_steps, const at::Tensor& block_ids,
+                              const at::Tensor& hyper, int64_t block_size, bool maximize,
+                              const std::optional<at::Tensor>& grad_coef,
+                              const std::optional<at::Tensor>& found_inf, bool compact) {
+  run_update(k::Rule::AdamW, params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper, 5,
+             block_size, maximize, false, grad_coef, found_inf, compact);
+}
+
+void native_sparse_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                            at::TensorList block_steps, const at::Tensor& block_ids, const at::Tensor& hyper,
+                            int64_t block_size, bool maximize, bool nesterov,
+                            const std::optional<at::Tensor>& grad_coef,
+                            const std::optional<at::Tensor>& found_inf, bool compact) {
+  run_update(k::Rule::SGD, params, grads, momentum_buffers, {}, block_steps, block_ids, hyper, 4, block_size,
+             maximize, nesterov, grad_coef, found_inf, compact);
+}
+
+void native_sparse_lion_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList block_steps, const at::Tensor& block_ids, const at::Tensor& hyper,
+                             int64_t block_size, bool maximize, const std::optional<at::Tensor>& grad_coef,
+                             const std::optional<at::Tensor>& found_inf, bool compact) {
+  run_update(k::Rule::Lion, params, grads, exp_avgs, {}, block_steps, block_ids, hyper, 4, block_size, maximize,
+             false, grad_coef, found_inf, compact);
 }
 
 }  // namespace
@@ -301,4 +333,6 @@ void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
 TORCH_LIBRARY_IMPL(sparse_grad, CUDA, m) {
   m.impl("native_block_sqnorms", TORCH_FN(native_block_sqnorms));
   m.impl("native_sparse_adamw_step", TORCH_FN(native_sparse_adamw_step));
+  m.impl("native_sparse_sgd_step", TORCH_FN(native_sparse_sgd_step));
+  m.impl("native_sparse_lion_step", TORCH_FN(native_sparse_lion_step));
 }

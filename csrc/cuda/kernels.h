@@ -49,9 +49,15 @@ struct AdamwTables {
   const int64_t* dtype_combos;  // dtype_combo(param, grad, state) of each tensor
 };
 
+// The update a launch applies (docs/design.md §3.4, §3.7). SGD keeps its momentum buffers and
+// Lion its exp_avg in the exp_avgs table; the exp_avg_sqs table is read by AdamW only.
+enum class Rule : int32_t { AdamW = 0, SGD = 1, Lion = 2 };
+
 struct AdamwHyper {
-  // Device fp64 [lr, beta1, beta2, eps, weight_decay], read by the kernel: a tensor lr that a
-  // scheduler changes in place needs no host sync, and the launch arguments do not change.
+  // Device fp64 hyper-parameters, read by the kernel: a tensor lr that a scheduler changes in
+  // place needs no host sync, and the launch arguments do not change. AdamW: [lr, beta1, beta2,
+  // eps, weight_decay]; SGD: [lr, momentum, dampening, weight_decay]; Lion: [lr, beta1, beta2,
+  // weight_decay].
   const double* values;
   bool maximize;
   // Optional device scalars (nullptr: absent), read by the kernel so the host never syncs:
@@ -60,9 +66,12 @@ struct AdamwHyper {
   // Compact state: the moment tables hold one slab [num_ids, block_size] (entry 0) and the step
   // table one count per id; row i is the state of block_ids[i].
   bool compact;
+  Rule rule = Rule::AdamW;
+  bool nesterov = false;    // SGD
+  bool has_buffer = true;   // SGD: false for momentum 0 (no buffers; the exp_avgs table unused)
 };
 
-// AdamW on the blocks block_ids[0 .. num_ids) (global ids, device int64) whose tensor has the
+// The update hyper.rule (AdamW, SGD or Lion) on the blocks block_ids[0 .. num_ids) (global ids, device int64) whose tensor has the
 // dtype triple (param, grad, state); blocks of other triples and ids outside [0, num_blocks)
 // are left untouched. Call once per distinct triple of the list.
 // Supported: param, grad in any DType; state == param or state == Float32.

@@ -1,5 +1,6 @@
-// AdamW on selected blocks only: one CTA per selected block id, one launch per
-// (param, grad, state) dtype triple of the list.
+// AdamW, SGD and Lion on selected blocks only: one CTA per selected block id, one launch per
+// (param, grad, state) dtype triple of the list; the rule is a template parameter, so each
+// kernel touches only its own state.
 //
 // The arithmetic is the reference backend's, operation by operation, as torch's CUDA kernels
 // round it: fp32 math (fp64 for fp64 params), every operation rounded once, written with the
@@ -79,6 +80,115 @@ __device__ Scalars<C> block_scalars(const AdamwHyper& h, int32_t step) {
   return s;
 }
 
+// SGD's and Lion's block scalars (docs/design.md §3.7), rounded once from fp64 like AdamW's.
+template <typename C>
+struct OtherScalars {
+  C neg_lr;
+  C a;  // SGD: momentum;                 Lion: beta1
+  C b;  // SGD: 1 - dampening;            Lion: 1 - beta1
+  C c;  // SGD: weight_decay;             Lion: beta2
+  C d;  // SGD: unused;                   Lion: 1 - beta2
+  C decay;  // Lion: 1 - lr * weight_decay
+  bool decays;  // SGD: weight_decay != 0 (torch adds the term only then)
+  bool first;   // SGD: the block's first update (the buffer becomes the gradient)
+  bool maximize;
+  C grad_coef;
+};
+
+template <typename C>
+__device__ OtherScalars<C> other_scalars(const AdamwHyper& h, int32_t step) {
+  const double* v = h.values;
+  OtherScalars<C> s;
+  s.neg_lr = static_cast<C>(-v[0]);
+  s.maximize = h.maximize;
+  s.grad_coef = h.grad_coef != nullptr ? static_cast<C>(*h.grad_coef) : C(1);
+  s.first = step == 1;
+  if (h.rule == Rule::SGD) {
+    s.a = static_cast<C>(v[1]);
+    s.b = static_cast<C>(__dsub_rn(1.0, v[2]));
+    s.c = static_cast<C>(v[3]);
+    s.d = C(0);
+    s.decay = C(1);
+    s.decays = v[3] != 0.0;
+  } else {
+    s.a = static_cast<C>(v[1]);
+    s.b = static_cast<C>(__dsub_rn(1.0, v[1]));
+    s.c = static_cast<C>(v[2]);
+    s.d = static_cast<C>(__dsub_rn(1.0, v[2]));
+    s.decay = static_cast<C>(__dsub_rn(1.0, __dmul_rn(v[0], v[3])));
+    s.decays = false;
+  }
+  return s;
+}
+
+// torch.optim.SGD's arithmetic; `x.add(y, alpha=a)` is fma(y, a, x), as torch's add kernel.
+template <bool kNesterov, bool kBuffer, typename C, typename P, typename G, typename S>
+__device__ __forceinline__ void sgd_element(P& param, G grad, S& buffer, const OtherScalars<C>& s) {
+  const C p = static_cast<C>(widen(param));
+  C g = mul_rn(static_cast<C>(widen(grad)), s.grad_coef);
+  if (s.maximize) g = -g;
+  if (s.decays) g = fma_rn(p, s.c, g);
+  if (kBuffer) {
+    const C buf = s.first ? g : fma_rn(g, s.b, mul_rn(static_cast<C>(widen(buffer)), s.a));
+    buffer = Narrow<S>::apply(buf);
+    g = kNesterov ? fma_rn(buf, s.a, g) : buf;
+  }
+  param = Narrow<P>::apply(fma_rn(g, s.neg_lr, p));
+}
+
+// Lion as lion-pytorch computes it with torch ops; sign(NaN) is 0, as torch.sign.
+template <typename C, typename P, typename G, typename S>
+__device__ __forceinline__ void lion_element(P& param, G grad, S& exp_avg, const OtherScalars<C>& s) {
+  C g = mul_rn(static_cast<C>(widen(grad)), s.grad_coef);
+  if (s.maximize) g = -g;
+  const C m = static_cast<C>(widen(exp_avg));
+  const C c = fma_rn(g, s.b, mul_rn(m, s.a));
+  const C sign = static_cast<C>(C(0) < c) - static_cast<C>(c < C(0));
+  param = Narrow<P>::apply(fma_rn(sign, s.neg_lr, mul_rn(static_cast<C>(widen(param)), s.decay)));
+  exp_avg = Narrow<S>::apply(fma_rn(g, s.d, mul_rn(m, s.c)));
+}
+
+// The len elements of one SGD or Lion block, by the whole CTA (as update_block, with one state
+// array, or none: SGD without momentum).
+template <Rule R, bool kNesterov, bool kBuffer, int N, typename C, typename P, typename G, typename S>
+__device__ __forceinline__ void other_block(P* param, const G* grad, S* state, int64_t len,
+                                            const OtherScalars<C>& s) {
+  assume_global(param);
+  assume_global(grad);
+  const int64_t phase = vec_phase<N>(param);
+  const bool aligned = phase >= 0 && vec_phase<N>(grad) == phase && (!kBuffer || vec_phase<N>(state) == phase);
+  const Split split = split_block<N>(aligned ? phase : -1, len);
+  const int64_t stride = blockDim.x;
+  for (int64_t j = threadIdx.x; j < split.num_vecs; j += stride) {
+    const int64_t i = split.head + j * N;
+    Vec<P, N> p = *reinterpret_cast<const Vec<P, N>*>(param + i);
+    const Vec<G, N> g = *reinterpret_cast<const Vec<G, N>*>(grad + i);
+    Vec<S, N> m;
+    if (kBuffer) m = *reinterpret_cast<const Vec<S, N>*>(state + i);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      if (R == Rule::SGD) {
+        sgd_element<kNesterov, kBuffer>(p.x[k], g.x[k], m.x[k], s);
+      } else {
+        lion_element(p.x[k], g.x[k], m.x[k], s);
+      }
+    }
+    *reinterpret_cast<Vec<P, N>*>(param + i) = p;
+    if (kBuffer) *reinterpret_cast<Vec<S, N>*>(state + i) = m;
+  }
+  const int64_t num_scalars = split.num_scalars(len, N);
+  for (int64_t k = threadIdx.x; k < num_scalars; k += stride) {
+    const int64_t i = split.scalar_index(k, N);
+    S unused{};
+    S& m = kBuffer ? state[i] : unused;
+    if (R == Rule::SGD) {
+      sgd_element<kNesterov, kBuffer>(param[i], grad[i], m, s);
+    } else {
+      lion_element(param[i], grad[i], m, s);
+    }
+  }
+}
+
 // One element: loads widen to C, stores round to nearest even.
 template <typename C, typename P, typename G, typename S>
 __device__ __forceinline__ void update_element(P& param, G grad, S& exp_avg, S& exp_avg_sq,
@@ -140,10 +250,10 @@ struct VecWidth {
   static constexpr int value = static_cast<int>(16 / (kPG > sizeof(S) ? kPG : sizeof(S)));
 };
 
-template <typename P, typename G, typename S>
+template <Rule R, bool kNesterov, bool kBuffer, typename P, typename G, typename S>
 __global__ void __launch_bounds__(kMaxThreads)
-sparse_adamw_kernel(AdamwTables tables, BlockMap map, const int64_t* block_ids, int64_t num_ids,
-                    int64_t combo, AdamwHyper hyper) {
+sparse_update_kernel(AdamwTables tables, BlockMap map, const int64_t* block_ids, int64_t num_ids,
+                     int64_t combo, AdamwHyper hyper) {
   using C = Compute<P>;
   constexpr int N = VecWidth<P, G, S>::value;
   // An overflowed AMP step: every CTA leaves before touching anything (a uniform branch).
@@ -164,24 +274,52 @@ sparse_adamw_kernel(AdamwTables tables, BlockMap map, const int64_t* block_ids, 
     __syncthreads();  // every thread has read the old count before thread 0 replaces it
     if (threadIdx.x == 0) *step_ptr = step;
 
-    const Scalars<C> s = block_scalars<C>(hyper, step);
     const int64_t start = local * map.block_size;
     const int64_t len = min(map.block_size, map.numels[t] - start);
     const int64_t state_t = hyper.compact ? 0 : t;
     const int64_t state_start = hyper.compact ? i * map.block_size : start;
-    update_block<N>(as_ptr<P>(tables.params[t]) + start, as_ptr<const G>(tables.grads[t]) + start,
-                    as_ptr<S>(tables.exp_avgs[state_t]) + state_start,
-                    as_ptr<S>(tables.exp_avg_sqs[state_t]) + state_start, len, s);
+    if constexpr (R == Rule::AdamW) {
+      const Scalars<C> s = block_scalars<C>(hyper, step);
+      update_block<N>(as_ptr<P>(tables.params[t]) + start, as_ptr<const G>(tables.grads[t]) + start,
+                      as_ptr<S>(tables.exp_avgs[state_t]) + state_start,
+                      as_ptr<S>(tables.exp_avg_sqs[state_t]) + state_start, len, s);
+    } else {
+      const OtherScalars<C> s = other_scalars<C>(hyper, step);
+      S* state = kBuffer ? as_ptr<S>(tables.exp_avgs[state_t]) + state_start : nullptr;
+      other_block<R, kNesterov, kBuffer, N>(as_ptr<P>(tables.params[t]) + start,
+                                            as_ptr<const G>(tables.grads[t]) + start, state, len, s);
+    }
   }
+}
+
+template <Rule R, bool kNesterov, bool kBuffer, typename P, typename G, typename S>
+cudaError_t launch_rule(const AdamwTables& tables, const BlockMap& map, const int64_t* block_ids,
+                        int64_t num_ids, int64_t combo, const AdamwHyper& hyper, cudaStream_t stream) {
+  sparse_update_kernel<R, kNesterov, kBuffer, P, G, S>
+      <<<grid_for(num_ids), threads_for(map.block_size), 0, stream>>>(tables, map, block_ids, num_ids,
+                                                                     combo, hyper);
+  return cudaGetLastError();
 }
 
 template <typename P, typename G, typename S>
 cudaError_t launch(const AdamwTables& tables, const BlockMap& map, const int64_t* block_ids,
                    int64_t num_ids, int64_t combo, const AdamwHyper& hyper,
                    cudaStream_t stream) {
-  sparse_adamw_kernel<P, G, S><<<grid_for(num_ids), threads_for(map.block_size), 0, stream>>>(
-      tables, map, block_ids, num_ids, combo, hyper);
-  return cudaGetLastError();
+  switch (hyper.rule) {
+    case Rule::AdamW:
+      return launch_rule<Rule::AdamW, false, true, P, G, S>(tables, map, block_ids, num_ids, combo, hyper, stream);
+    case Rule::Lion:
+      return launch_rule<Rule::Lion, false, true, P, G, S>(tables, map, block_ids, num_ids, combo, hyper, stream);
+    case Rule::SGD:
+      if (!hyper.has_buffer) {
+        return launch_rule<Rule::SGD, false, false, P, G, S>(tables, map, block_ids, num_ids, combo, hyper, stream);
+      }
+      if (hyper.nesterov) {
+        return launch_rule<Rule::SGD, true, true, P, G, S>(tables, map, block_ids, num_ids, combo, hyper, stream);
+      }
+      return launch_rule<Rule::SGD, false, true, P, G, S>(tables, map, block_ids, num_ids, combo, hyper, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <typename T>

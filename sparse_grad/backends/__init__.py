@@ -1,6 +1,7 @@
 """Backends behind the ``sparse_grad`` ops, and how ``backend="auto"`` chooses one (docs/design.md §1).
 
-A backend is a module with ``block_sqnorms``, ``select_blocks`` and ``sparse_adamw_step``, all
+A backend is a module with ``block_sqnorms``, ``select_blocks`` and the updates
+``sparse_adamw_step``, ``sparse_sgd_step`` and ``sparse_lion_step``, all
 with the reference backend's signatures.
 """
 from __future__ import annotations
@@ -113,7 +114,7 @@ AUTO_ORDER = {device: tuple(sorted((b.name for b in REGISTRY.values() if device 
                                    key=lambda name: REGISTRY[name].auto_priority[device]))
               for device in ("cuda", "cpu")}
 # The entry points through which an optimizer step reaches a backend's kernels.
-KERNEL_NAMES = ("block_sqnorms", "select_blocks", "sparse_adamw_step")
+KERNEL_NAMES = ("block_sqnorms", "select_blocks", "sparse_adamw_step", "sparse_sgd_step", "sparse_lion_step")
 
 
 def check_backend(backend, name: str = "backend") -> str:

@@ -1,7 +1,7 @@
 """Native backends: the kernels of the extension ``sparse_grad._C`` (csrc/).
 
 ``"cpp"`` (csrc/cpu: vectorized loops, OpenMP across blocks) and ``"cuda"`` (csrc/cuda) share
-the op schemas ``sparse_grad::native_block_sqnorms`` and ``sparse_grad::native_sparse_adamw_step``
+the op schemas ``sparse_grad::native_block_sqnorms`` and ``native_sparse_{adamw,sgd,lion}_step``
 (sparse_grad/library.py), implemented in C++ for the CPU and CUDA dispatch keys: the dispatcher
 picks the kernel by the tensors' device. Selection on CPU is ``sparse_grad::native_select_blocks``
 (a partial selection of unique rank keys, O(n)). On CUDA it is the Triton backend's multi-program
@@ -19,7 +19,8 @@ import torch
 
 from . import topk_select, triton_kernels, triton_unavailable_reason
 
-__all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step", "unavailable_reason", "cpu_isa"]
+__all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step", "sparse_lion_step", "sparse_sgd_step",
+           "unavailable_reason", "cpu_isa"]
 
 # Backend name -> (device type it runs on, dispatch key of its kernels).
 DEVICES = {"cpp": ("cpu", "CPU"), "cuda": ("cuda", "CUDA")}
@@ -98,3 +99,16 @@ def sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_i
     torch.ops.sparse_grad.native_sparse_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper, block_size, maximize,
         grad_coef, found_inf, compact)
+
+
+def sparse_sgd_step(params, grads, momentum_buffers, block_steps, block_ids, hyper, block_size, maximize, nesterov,
+                    grad_coef=None, found_inf=None, compact=False, cache=None):
+    torch.ops.sparse_grad.native_sparse_sgd_step(
+        params, grads, momentum_buffers, block_steps, block_ids, hyper, block_size, maximize, nesterov,
+        grad_coef, found_inf, compact)
+
+
+def sparse_lion_step(params, grads, exp_avgs, block_steps, block_ids, hyper, block_size, maximize,
+                     grad_coef=None, found_inf=None, compact=False, cache=None):
+    torch.ops.sparse_grad.native_sparse_lion_step(
+        params, grads, exp_avgs, block_steps, block_ids, hyper, block_size, maximize, grad_coef, found_inf, compact)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..layout import num_blocks_of
 
-__all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step"]
+__all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step", "sparse_lion_step", "sparse_sgd_step"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,6 +50,28 @@ def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks
     if not chosen:
         return torch.empty(0, dtype=torch.int64, device=scores.device)
     return torch.sort(torch.cat(chosen)).values
+
+
+def _selected_blocks(params: Sequence[torch.Tensor], block_ids: torch.Tensor, block_size: int):
+    """Per tensor with selected blocks: ``(t, local, elems, which)``: its selected blocks'
+    local ids, their elements in the flat tensor (a slice when it is all of them) and, per
+    element, the position in ``local`` of its block. Ids are split per tensor on the host."""
+    counts = [num_blocks_of(p.numel(), block_size) for p in params]
+    offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
+    # Where each tensor's ids start in the (ascending) id list.
+    bounds = torch.searchsorted(block_ids.cpu(), offsets).tolist()
+    for t, p in enumerate(params):
+        local = block_ids[bounds[t]:bounds[t + 1]] - offsets[t].item()
+        if local.numel() == 0:
+            continue
+        if local.numel() == counts[t]:  # every block: the whole tensor, no gather
+            elems = slice(None)
+            which = torch.arange(p.numel(), device=local.device) // block_size
+        else:
+            elems = (local[:, None] * block_size + torch.arange(block_size, device=local.device)).reshape(-1)
+            elems = elems[elems < p.numel()]
+            which = torch.searchsorted(local, elems // block_size)
+        yield t, local, elems, which
 
 
 def sparse_adamw_step(
@@ -93,17 +115,12 @@ def sparse_adamw_step(
         return
     lr, beta1, beta2, eps, weight_decay = hyper.tolist()
     if compact:
-        _compact_step(params, grads, exp_avgs[0], exp_avg_sqs[0], block_steps[0], block_ids, block_size,
-                      lr, beta1, beta2, eps, weight_decay, maximize, grad_coef)
+        _compact_step(lambda params, moments, steps: sparse_adamw_step(
+            params, grads, moments[0], moments[1], steps, block_ids, hyper, block_size, maximize, grad_coef),
+            params, [exp_avgs[0], exp_avg_sqs[0]], block_steps[0], block_ids, block_size)
         return
-    counts = [num_blocks_of(p.numel(), block_size) for p in params]
-    offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
-    # Where each tensor's ids start in the (ascending) id list.
-    bounds = torch.searchsorted(block_ids.cpu(), offsets).tolist()
-    for t, (p, g, m, v, steps) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, block_steps)):
-        local = block_ids[bounds[t]:bounds[t + 1]] - offsets[t].item()
-        if local.numel() == 0:
-            continue
+    for t, local, elems, which in _selected_blocks(params, block_ids, block_size):
+        p, g, m, v, steps = params[t], grads[t], exp_avgs[t], exp_avg_sqs[t], block_steps[t]
         steps[local] += 1
         # Bias corrections per block as torch computes them on the host (Python floats: one
         # correctly rounded division, libm's pow), once per distinct step count, then per element.
@@ -112,15 +129,7 @@ def sparse_adamw_step(
         corrections = [(lr / (1 - beta1 ** s), (1 - beta2 ** s) ** 0.5) for s in counts.tolist()]
         step_size, bias_correction2_sqrt = torch.tensor(corrections, dtype=torch.float64,
                                                         device=local.device)[which_count].to(dtype).unbind(1)
-        if local.numel() == steps.numel():  # every block: the whole tensor, no gather
-            elems = slice(None)
-            step_size = step_size.repeat_interleave(block_size)[:p.numel()]
-            bias_correction2_sqrt = bias_correction2_sqrt.repeat_interleave(block_size)[:p.numel()]
-        else:
-            elems = (local[:, None] * block_size + torch.arange(block_size, device=local.device)).reshape(-1)
-            elems = elems[elems < p.numel()]
-            which = torch.searchsorted(local, elems // block_size)  # each element's selected block
-            step_size, bias_correction2_sqrt = step_size[which], bias_correction2_sqrt[which]
+        step_size, bias_correction2_sqrt = step_size[which], bias_correction2_sqrt[which]
 
         p_flat, m_flat, v_flat = p.view(-1), m.view(-1), v.view(-1)
         param = p_flat[elems].to(dtype)
@@ -143,17 +152,17 @@ def sparse_adamw_step(
         v_flat[elems] = exp_avg_sq.to(v.dtype)
 
 
-def _compact_step(params, grads, exp_avg, exp_avg_sq, block_step, block_ids, block_size, lr, beta1, beta2,
-                  eps, weight_decay, maximize, grad_coef) -> None:
+def _compact_step(dense_step, params, slabs, block_step, block_ids, block_size) -> None:
     """The compact update as the dense one: slab rows are scattered into dense moments (zeros
-    elsewhere), the dense step runs, and the rows are gathered back."""
+    elsewhere), ``dense_step(params, moment_lists, block_steps)`` runs on them, and the rows are
+    gathered back. ``slabs``: the state slabs ``[len(block_ids), block_size]``, any number."""
     numels = [p.numel() for p in params]
     counts = [num_blocks_of(n, block_size) for n in numels]
     # Element i of block b lives at flat position b * block_size + i of a padded concatenation.
     padded = sum(counts) * block_size
     rows = (block_ids[:, None] * block_size + torch.arange(block_size, device=block_ids.device)).reshape(-1)
     moments = []
-    for slab in (exp_avg, exp_avg_sq):
+    for slab in slabs:
         flat = torch.zeros(padded, dtype=slab.dtype, device=slab.device)
         flat[rows] = slab.reshape(-1)
         moments.append(flat)
@@ -167,11 +176,129 @@ def _compact_step(params, grads, exp_avg, exp_avg_sq, block_step, block_ids, blo
             start += c * unit
         return parts
 
-    dense_m = [m[:n] for m, n in zip(per_tensor(moments[0], block_size), numels)]
-    dense_v = [v[:n] for v, n in zip(per_tensor(moments[1], block_size), numels)]
-    hyper = torch.tensor([lr, beta1, beta2, eps, weight_decay], dtype=torch.float64)
-    sparse_adamw_step([p.view(-1) for p in params], [g.reshape(-1) for g in grads], dense_m, dense_v,
-                      per_tensor(steps, 1), block_ids, hyper, block_size, maximize, grad_coef)
-    exp_avg.view(-1).copy_(moments[0][rows])
-    exp_avg_sq.view(-1).copy_(moments[1][rows])
+    dense = [[m[:n] for m, n in zip(per_tensor(flat, block_size), numels)] for flat in moments]
+    dense_step([p.view(-1) for p in params], dense, per_tensor(steps, 1))
+    for slab, flat in zip(slabs, moments):
+        slab.view(-1).copy_(flat[rows])
     block_step.copy_(steps[block_ids])
+
+
+def sparse_sgd_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    block_steps: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    hyper: torch.Tensor,
+    block_size: int,
+    maximize: bool,
+    nesterov: bool,
+    grad_coef: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    compact: bool = False,
+    cache: dict | None = None,
+) -> None:
+    """SGD on the selected blocks only, in place, as ``torch.optim.SGD``'s single-tensor path.
+
+    ``hyper``: fp64 ``[lr, momentum, dampening, weight_decay]``. ``momentum_buffers``: one per
+    param (or one slab ``[len(block_ids), block_size]`` with ``compact``), or ``[]`` for no
+    momentum (then ``momentum`` is not read). For each selected block, with its count
+    ``s = ++block_steps[t][b]`` and its elements::
+
+        g = grad * grad_coef;  g = -g if maximize
+        g = g + weight_decay * param                 (only if weight_decay != 0)
+        buf = g if s == 1 else buf * momentum + (1 - dampening) * g     (with buffers)
+        g = g + momentum * buf if nesterov else buf                     (with buffers)
+        param = param - lr * g
+
+    ``s == 1`` is torch's "no buffer yet": a block's first update copies the gradient, whenever
+    that block is first selected.
+    """
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    lr, momentum, dampening, weight_decay = hyper.tolist()
+    has_buffers = len(momentum_buffers) > 0
+
+    def dense_step(params, moments, block_steps):
+        buffers = moments[0] if moments else [None] * len(params)
+        for t, local, elems, which in _selected_blocks(params, block_ids, block_size):
+            p, steps, buf_t = params[t], block_steps[t], buffers[t]
+            steps[local] += 1
+            dtype = _compute_dtype(p.dtype)
+            param = p.view(-1)[elems].to(dtype)
+            grad = _scaled_grad(grads[t], elems, dtype, grad_coef, maximize)
+            if weight_decay != 0:
+                grad = grad.add(param, alpha=weight_decay)
+            if buf_t is not None:
+                first = (steps[local] == 1)[which]
+                buf = buf_t.view(-1)[elems].to(dtype)
+                buf = torch.where(first, grad, buf.mul(momentum).add(grad, alpha=1 - dampening))
+                buf_t.view(-1)[elems] = buf.to(buf_t.dtype)
+                grad = grad.add(buf, alpha=momentum) if nesterov else buf
+            param.add_(grad, alpha=-lr)
+            p.view(-1)[elems] = param.to(p.dtype)
+
+    if compact:
+        _compact_step(dense_step, params, list(momentum_buffers), block_steps[0], block_ids, block_size)
+    else:
+        dense_step(params, [list(momentum_buffers)] if has_buffers else [], block_steps)
+
+
+def sparse_lion_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    block_steps: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    hyper: torch.Tensor,
+    block_size: int,
+    maximize: bool,
+    grad_coef: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    compact: bool = False,
+    cache: dict | None = None,
+) -> None:
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"; the arithmetic
+    of lucidrains' lion-pytorch) on the selected blocks only, in place.
+
+    ``hyper``: fp64 ``[lr, beta1, beta2, weight_decay]``. For each selected block
+    (``block_steps[t][b] += 1``, a count only: Lion has no bias correction) and its elements::
+
+        g = grad * grad_coef;  g = -g if maximize
+        param = param * (1 - lr * weight_decay)          (decoupled decay)
+        param = param - lr * sign(exp_avg * beta1 + (1 - beta1) * g)
+        exp_avg = exp_avg * beta2 + (1 - beta2) * g
+    """
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    lr, beta1, beta2, weight_decay = hyper.tolist()
+
+    def dense_step(params, moments, block_steps):
+        for t, local, elems, which in _selected_blocks(params, block_ids, block_size):
+            p, m, steps = params[t], moments[0][t], block_steps[t]
+            steps[local] += 1
+            dtype = _compute_dtype(p.dtype)
+            param = p.view(-1)[elems].to(dtype)
+            grad = _scaled_grad(grads[t], elems, dtype, grad_coef, maximize)
+            exp_avg = m.view(-1)[elems].to(dtype)
+            param.mul_(1 - lr * weight_decay)
+            update = exp_avg.mul(beta1).add(grad, alpha=1 - beta1).sign_()
+            param.add_(update, alpha=-lr)
+            exp_avg = exp_avg.mul(beta2).add(grad, alpha=1 - beta2)
+            p.view(-1)[elems] = param.to(p.dtype)
+            m.view(-1)[elems] = exp_avg.to(m.dtype)
+
+    if compact:
+        _compact_step(dense_step, params, list(exp_avgs), block_steps[0], block_ids, block_size)
+    else:
+        dense_step(params, [list(exp_avgs)], block_steps)
+
+
+def _scaled_grad(grad: torch.Tensor, elems, dtype: torch.dtype, grad_coef: torch.Tensor | None,
+                 maximize: bool) -> torch.Tensor:
+    """The selected elements of a grad in the compute dtype, times ``grad_coef``, negated with
+    ``maximize`` (a copy: the grad itself is never written)."""
+    g = grad.reshape(-1)[elems].to(dtype)
+    if grad_coef is not None:
+        g = g * grad_coef.to(dtype)
+    return -g if maximize else g.clone()

@@ -50,8 +50,10 @@ class BoundStep:
 
     def __init__(self, index: int, group: dict, positions: list[int], params: list[torch.Tensor],
                  grads: list[torch.Tensor], view, backend: str, blueprint_scores: torch.Tensor | None,
-                 state: GroupState, opt_state: dict, reusable: bool, compact_view=None):
+                 state: GroupState, opt_state: dict, reusable: bool, rule, compact_view=None):
         self.index, self.group, self.state = index, group, state
+        self.rule = rule  # the update (see .rules)
+        self.moments = rule.moments(group)  # its state keys
         self.positions, self.params, self.grads = positions, params, grads
         self.view, self.backend = view, backend
         self.blueprint_scores = blueprint_scores  # fp32 [num_blocks] on device; None: no blend
@@ -154,11 +156,11 @@ def _grads_fit(grads: list[torch.Tensor], bound: BoundStep) -> bool:
             and list(map(_shape, grads)) == bound.grad_shapes and all(map(torch.Tensor.is_contiguous, grads)))
 
 
-def bind(index: int, group: dict, state: GroupState, opt_state: dict, blueprint) -> BoundStep | None:
+def bind(index: int, group: dict, state: GroupState, opt_state: dict, blueprint, rule) -> BoundStep | None:
     """Check one group and what stepping it needs, without writing anything; None if no param
-    of the group has a grad."""
+    of the group has a grad. ``rule``: the optimizer's update rule (:mod:`.rules`)."""
     where = f"param_groups[{index}]"
-    options.check_group(group, where, blueprint is not None)
+    options.check_group(group, where, blueprint is not None, rule)
     positions, params, grads = [], [], []
     device = None
     reusable = not torch.compiler.is_compiling()
@@ -208,7 +210,7 @@ def bind(index: int, group: dict, state: GroupState, opt_state: dict, blueprint)
     backend = backends.resolve(group["backend"], device)
     blueprint_scores = _blueprint_scores(blueprint, state, index, group, positions, params)
     return BoundStep(index, group, positions, params, grads, view, backend, blueprint_scores, state, opt_state,
-                     reusable, whole)
+                     reusable, rule, whole)
 
 
 def _check_block_size(state: GroupState, group: dict, opt_state: dict, where: str) -> None:
@@ -228,7 +230,8 @@ def _check_param_state(state: dict, p: torch.Tensor, group: dict, where: str, na
     counted in elements, not only blocks."""
     if "block_step" in state and group["state_layout"] == "compact":
         raise ValueError(f"{where}['state_layout'] is 'compact', but {name} has dense state")
-    for key in ("exp_avg", "exp_avg_sq", "error"):
+    moments = [key for key in state if key not in ("block_step", "score_ema", "error")]
+    for key in (*moments, "error"):
         if key in state and state[key].shape != p.shape:
             raise ValueError(f"the state of {name} was made for shape {tuple(state[key].shape)}, the "
                              f"parameter has {tuple(p.shape)} (resized by hand?)")
@@ -239,9 +242,10 @@ def _check_param_state(state: dict, p: torch.Tensor, group: dict, where: str, na
     if "score_ema" in state and state["score_ema"].numel() != blocks:
         raise ValueError(f"the score_ema of {name} has {state['score_ema'].numel()} blocks, the parameter "
                          f"{blocks} (resized by hand, or block_size changed?)")
-    if "exp_avg" in state and state["exp_avg"].dtype != options.state_dtype(group, p):
-        raise ValueError(f"{where}['state_dtype'] is {group['state_dtype']}, but the state of "
-                         f"{name} is {state['exp_avg'].dtype}")
+    for key in moments[:1]:
+        if state[key].dtype != options.state_dtype(group, p):
+            raise ValueError(f"{where}['state_dtype'] is {group['state_dtype']}, but the state of "
+                             f"{name} is {state[key].dtype}")
 
 
 def _blueprint_scores(blueprint, state: GroupState, index: int, group: dict, positions: list[int],

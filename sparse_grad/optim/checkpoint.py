@@ -1,4 +1,4 @@
-"""What SparseAdamW.load_state_dict checks before it changes anything (docs/design.md §4).
+"""What a sparse optimizer's load_state_dict checks before it changes anything (docs/design.md §4).
 
 Each check names the first parameter (or state entry) that does not fit the optimizer's params.
 """
@@ -10,16 +10,20 @@ from .. import _checks
 from ..layout import num_blocks_of
 from . import compact_state, options, sharding
 from .group_state import Selection
+from .rules import ADAMW
 
 
-def check_param_state(state: dict, p: torch.Tensor, group: dict, name: str) -> None:
-    """Raise unless a saved per-param state fits param ``p`` under the saved ``group``."""
+def check_param_state(state: dict, p: torch.Tensor, group: dict, name: str, rule=None) -> None:
+    """Raise unless a saved per-param state fits param ``p`` under the saved ``group`` and the
+    optimizer's update ``rule`` (:mod:`.rules`; None: AdamW's)."""
+    rule = rule or ADAMW
     blocks = num_blocks_of(p.numel(), group["block_size"])
     dtype = options.state_dtype(group, p)
-    expected = {"exp_avg": (tuple(p.shape), dtype), "exp_avg_sq": (tuple(p.shape), dtype),
+    moments = rule.moments(group)
+    expected = {**{key: (tuple(p.shape), dtype) for key in moments},
                 "error": (tuple(p.shape), dtype), "block_step": ((blocks,), torch.int32),
                 "score_ema": ((blocks,), torch.float32)}
-    required = ("exp_avg", "exp_avg_sq", "block_step") if group["state_layout"] == "dense" else ()
+    required = (*moments, "block_step") if group["state_layout"] == "dense" else ()
     for key in required:
         if key not in state:
             raise ValueError(f"state_dict does not fit {name}: its state has no {key}")
@@ -40,11 +44,12 @@ def check_param_state(state: dict, p: torch.Tensor, group: dict, name: str) -> N
                              f"expected {want} (state_dtype={group['state_dtype']})")
     if "block_step" in state:
         check_counts(state["block_step"], f"the state of {name}: its block_step")
-    if "exp_avg_sq" in state:
-        check_second_moment(state["exp_avg_sq"], f"the state of {name}: its exp_avg_sq")
+    for key in rule.nonnegative:
+        if key in state:
+            check_second_moment(state[key], f"the state of {name}: its {key}")
 
 
-def loaded_compact(state: dict, saved_group: dict, params: list, index: int, name: str) -> dict:
+def loaded_compact(state: dict, saved_group: dict, params: list, index: int, name: str, rule=None) -> dict:
     """A saved group's compact state, checked against this group's params and on their device."""
     if sharding.is_dtensor(params[0]):
         raise ValueError(f"{name} is compact state of FSDP2-sharded params, which state_dict() keeps per rank: "
@@ -52,11 +57,13 @@ def loaded_compact(state: dict, saved_group: dict, params: list, index: int, nam
                          "load_optimizer_state_dict (any world size)")
     if saved_group["state_layout"] != "compact":
         raise ValueError(f"{name} is given, but the saved group's state_layout is {saved_group['state_layout']!r}")
+    rule = rule or ADAMW
     dtype = options.state_dtype(saved_group, params[0])
     compact_state.check_saved(state, [p.numel() for p in params], saved_group["block_size"], dtype, name,
-                         lambda j: f"param_groups[{index}]['params'][{j}]")
+                              lambda j: f"param_groups[{index}]['params'][{j}]", rule.moments(saved_group))
     check_counts(state["block_step"], f"{name}['block_step']")
-    check_second_moment(state["exp_avg_sq"], f"{name}['exp_avg_sq']")
+    for key in rule.nonnegative:
+        check_second_moment(state[key], f"{name}[{key!r}]")
     return {key: value.to(device=params[0].device, copy=True) for key, value in state.items()}
 
 

@@ -25,7 +25,9 @@ import torch
 from ..layout import num_blocks_of
 from . import options
 
-KEYS = ("slot_of_block", "block_of_slot", "exp_avg", "exp_avg_sq", "block_step", "param_numels")
+# The slot table; beside it, one slab per moment of the update rule (AdamW's exp_avg and
+# exp_avg_sq above; SGD's momentum_buffer, Lion's exp_avg).
+TABLE_KEYS = ("slot_of_block", "block_of_slot", "block_step", "param_numels")
 
 
 @functools.lru_cache(maxsize=32)
@@ -50,15 +52,21 @@ def group_ids(block_ids: torch.Tensor, numels: tuple[int, ...], positions: tuple
     return block_ids if shift is None else block_ids + shift[block_ids]
 
 
-def create(numels: list[int], block_size: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """An empty compact state (capacity 0) for a group of params with these element counts."""
+def create(numels: list[int], block_size: int, dtype: torch.dtype, device: torch.device,
+           moments: tuple[str, ...] = ("exp_avg", "exp_avg_sq")) -> dict:
+    """An empty compact state (capacity 0) for a group of params with these element counts,
+    with a slab per moment of the update rule."""
     num_blocks = sum(num_blocks_of(n, block_size) for n in numels)
     return {"param_numels": torch.tensor(numels, dtype=torch.int64, device=device),
             "slot_of_block": torch.full((num_blocks,), -1, dtype=torch.int32, device=device),
             "block_of_slot": torch.empty(0, dtype=torch.int64, device=device),
-            "exp_avg": torch.empty(0, block_size, dtype=dtype, device=device),
-            "exp_avg_sq": torch.empty(0, block_size, dtype=dtype, device=device),
+            **{key: torch.empty(0, block_size, dtype=dtype, device=device) for key in moments},
             "block_step": torch.empty(0, dtype=torch.int32, device=device)}
+
+
+def moment_keys(state: dict) -> tuple[str, ...]:
+    """The slabs of a compact state, in the update rule's order."""
+    return tuple(key for key in state if key not in TABLE_KEYS)
 
 
 def reassign(state: dict, ids: torch.Tensor) -> dict:
@@ -79,8 +87,7 @@ def reassign(state: dict, ids: torch.Tensor) -> dict:
     slot_of_block = torch.full_like(state["slot_of_block"], -1)
     slot_of_block[ids] = torch.arange(k, dtype=torch.int32, device=ids.device)
     new = {"param_numels": state["param_numels"], "slot_of_block": slot_of_block, "block_of_slot": ids.clone(),
-           "exp_avg": gather(state["exp_avg"]), "exp_avg_sq": gather(state["exp_avg_sq"]),
-           "block_step": gather(state["block_step"])}
+           **{key: gather(state[key]) for key in moment_keys(state)}, "block_step": gather(state["block_step"])}
     if state["block_of_slot"].numel() != k:
         return new
     # Same capacity: write into the existing tensors, so that a step captured in a CUDA graph
@@ -92,11 +99,12 @@ def reassign(state: dict, ids: torch.Tensor) -> dict:
 
 
 def check_saved(state: dict, numels: list[int], block_size: int, dtype: torch.dtype, name: str,
-                param_name) -> None:
-    """Raise unless a saved compact state fits params with these element counts; a param that
-    does not fit is named by ``param_name(j)``."""
-    if not isinstance(state, dict) or set(state) != set(KEYS):
-        raise ValueError(f"{name} must hold {KEYS}")
+                param_name, moments: tuple[str, ...] = ("exp_avg", "exp_avg_sq")) -> None:
+    """Raise unless a saved compact state fits params with these element counts and the update
+    rule's ``moments``; a param that does not fit is named by ``param_name(j)``."""
+    keys = TABLE_KEYS + tuple(moments)
+    if not isinstance(state, dict) or set(state) != set(keys):
+        raise ValueError(f"{name} must hold {keys}")
     saved = state["param_numels"]
     if not isinstance(saved, torch.Tensor) or saved.dim() != 1:
         raise ValueError(f"{name}['param_numels'] must be a 1-D tensor")
@@ -110,7 +118,7 @@ def check_saved(state: dict, numels: list[int], block_size: int, dtype: torch.dt
     num_blocks = sum(num_blocks_of(n, block_size) for n in numels)
     capacity = state["block_of_slot"].numel()
     expected = {"slot_of_block": ((num_blocks,), torch.int32), "block_of_slot": ((capacity,), torch.int64),
-                "exp_avg": ((capacity, block_size), dtype), "exp_avg_sq": ((capacity, block_size), dtype),
+                **{key: ((capacity, block_size), dtype) for key in moments},
                 "block_step": ((capacity,), torch.int32)}
     for key, (shape, want) in expected.items():
         value = state[key]
@@ -148,9 +156,10 @@ def check_compact(state: dict | None, group: dict, where: str, whole=None) -> No
     blocks = sum(num_blocks_of(p.numel(), group["block_size"]) for p in group["params"])
     if whole is not None:  # slots of this rank's blocks only
         blocks = whole.kernel_layout.num_blocks
-    if state["exp_avg"].shape[1] != group["block_size"] or state["slot_of_block"].numel() != blocks:
+    slabs = [state[key] for key in moment_keys(state)]  # none for SGD without momentum
+    if any(slab.shape[1] != group["block_size"] for slab in slabs) or state["slot_of_block"].numel() != blocks:
         raise ValueError(f"{where}['block_size'] is {group['block_size']}, but the group's compact "
                          "state was made with another block size")
-    if state["exp_avg"].dtype not in dtypes:
+    if slabs and slabs[0].dtype not in dtypes:
         raise ValueError(f"{where}['state_dtype'] is {group['state_dtype']}, but the group's compact "
-                         f"state is {state['exp_avg'].dtype}")
+                         f"state is {slabs[0].dtype}")

@@ -1,10 +1,12 @@
-"""One SparseAdamW step of one param group, written once for every group view (docs/design.md §3).
+"""One sparse optimizer step of one param group, written once for every group view and update
+rule (docs/design.md §3).
 
-:func:`sparse_adamw` takes a :class:`~sparse_grad.optim.binding.BoundStep` (a checked group: its
+:func:`sparse_step` takes a :class:`~sparse_grad.optim.binding.BoundStep` (a checked group: its
 params, grads, view, backend, counts and caches) and runs, in order: error feedback, the norm
 pass and selection (if due), clipping and unscaling folded into one device scalar, the update
 on the selected blocks, and the score hooks. It writes state, never checks: the caller bound
-the group first. Kernels are reached through ``sparse_grad.ops.unchecked``.
+the group first. Kernels are reached through ``sparse_grad.ops.unchecked``; the update is the
+bound step's rule (:mod:`.rules`: AdamW, SGD or Lion), the rest is the same for every rule.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from .random_draws import random_scores
 from .selection import blend, reselection_due, scores_of, select, update_ema
 
 
-def sparse_adamw(step, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+def sparse_step(step, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
                  hooks: Iterable[Callable], optimizer, overflow: Overflow | None = None) -> None:
     """Step the group of ``step``; ``hooks`` are called as ``hook(optimizer, group_index, params,
     scores, block_ids)`` after the update. ``overflow``: where an AMP step records the host
@@ -42,22 +44,21 @@ def sparse_adamw(step, grad_scale: torch.Tensor | None, found_inf: torch.Tensor 
     kernel_ids = view.kernel_ids(block_ids, step.state.caches)
     if step.compact:
         slabs = _compact_slabs(step, block_ids, reselected)
-        exp_avgs, exp_avg_sqs, block_steps = [slabs["exp_avg"]], [slabs["exp_avg_sq"]], [slabs["block_step"]]
+        moments, block_steps = [[slabs[key]] for key in step.moments], [slabs["block_step"]]
         kernel_params = _kernel_params(step)
         mutated = None
         cache = step.caches["update"]
-        if cache.get("slabs") is not slabs["exp_avg"]:  # new slabs (their first allocation): new tables
+        if cache.get("slabs") is not slabs["block_step"]:  # new slabs (their first allocation): new tables
             cache.clear()
-            cache["slabs"] = slabs["exp_avg"]
+            cache["slabs"] = slabs["block_step"]
     else:
-        kernel_params, exp_avgs, exp_avg_sqs, block_steps, mutated = _dense(step, states)
+        kernel_params, moments, block_steps, mutated = _dense(step, states)
         cache = step.caches["update"]
-    beta1, beta2 = group["betas"]
-    hyper = ops.hyper_table([group["lr"], beta1, beta2, group["eps"], group["weight_decay"]], view.device)
+    hyper = ops.hyper_table(step.rule.hyper(group), view.device)
     if view.has_work() and (not view.sharded or kernel_ids.numel()):
-        unchecked.sparse_adamw_step(kernel_params, view.kernel_tensors(grads), exp_avgs, exp_avg_sqs, block_steps,
-                                    kernel_ids, hyper, group["block_size"], group["maximize"], step.backend, coef,
-                                    scaling.found_inf, step.compact, cache if step.reusable else None, mutated)
+        step.rule.apply(kernel_params, view.kernel_tensors(grads), moments, block_steps, kernel_ids, hyper,
+                        group["block_size"], group, step.backend, coef, scaling.found_inf, step.compact,
+                        cache if step.reusable else None, mutated)
         _write_back(step, kernel_params)
     if view.sharded and not step.compact:
         view.count_remote_steps([s["block_step"] for s in states], block_ids, scaling.skip)
@@ -95,17 +96,17 @@ def _errors(step, states: list[dict]) -> list[torch.Tensor]:
 
 
 def _dense(step, states: list[dict]) -> tuple:
-    """The kernel lists of dense state: params, moments, counts, and all the tensors the update
-    mutates (their versions are bumped); made once per bound step, with the state itself."""
+    """The kernel lists of dense state: params, one list per moment of the rule, counts, and all
+    the tensors the update mutates (their versions are bumped); made once per bound step, with
+    the state itself."""
     if step.dense is None:
         group, view = step.group, step.view
         for s, p, dtype in zip(states, step.params, step.dtypes):
-            init_dense_state(s, p, dtype, group["block_size"], view.device)
+            init_dense_state(s, p, dtype, group["block_size"], view.device, step.moments)
         params = _kernel_params(step)
-        exp_avgs = view.kernel_tensors(view.local([s["exp_avg"] for s in states]))
-        exp_avg_sqs = view.kernel_tensors(view.local([s["exp_avg_sq"] for s in states]))
+        moments = [view.kernel_tensors(view.local([s[key] for s in states])) for key in step.moments]
         block_steps = view.block_steps([s["block_step"] for s in states])
-        dense = (params, exp_avgs, exp_avg_sqs, block_steps, [*params, *exp_avgs, *exp_avg_sqs, *block_steps])
+        dense = (params, moments, block_steps, [*params, *(t for m in moments for t in m), *block_steps])
         if not step.reusable:
             return dense
         step.dense = dense
@@ -183,7 +184,8 @@ def _compact_slabs(step, block_ids: torch.Tensor, reselected: bool) -> dict:
     group, state, view = step.group, step.state, step.compact_view
     slabs = state.compact
     if slabs is None:
-        slabs = compact_state.create(view.compact_numels, group["block_size"], step.dtypes[0], view.device)
+        slabs = compact_state.create(view.compact_numels, group["block_size"], step.dtypes[0], view.device,
+                                     step.moments)
         state.made_compact(slabs, view.compact_numels)
         reselected = True
     if reselected:

@@ -1,4 +1,4 @@
-"""SparseAdamW's group options: their defaults, their checks, and what a bound step compares.
+"""The sparse optimizers' group options: their defaults, their checks, and what a bound step compares.
 
 Hyper-parameters of the update (``lr``, ``betas``, ``eps``, ``weight_decay``) may change on any
 step (a scheduler) and travel in the step's fp64 table; every other option shapes the step
@@ -30,14 +30,32 @@ SHAPING_KEYS = ("maximize", "density", "block_size", "scope", "reselect_every", 
                 "state_dtype", "score", "score_ema", "min_blocks_per_tensor", "error_feedback",
                 "max_grad_norm", "state_layout", "selection", "seed", "foreach", "fused", "capturable",
                 "differentiable")
+# SparseSGD's options that shape a step: momentum decides whether there are buffers, nesterov
+# the kernel (docs/design.md §3.7). Absent from other optimizers' groups (compared as None).
+SGD_SHAPING_KEYS = ("momentum", "nesterov")
 
 
 def shaping_values(group: dict) -> tuple:
-    """The values of a group's shaping options (no per-option Python call: one C-level map)."""
-    return tuple(map(group.__getitem__, SHAPING_KEYS))
+    """The values of a group's shaping options (no per-option Python call: one C-level map;
+    an option the group's optimizer does not have reads as None)."""
+    return tuple(map(group.get, SHAPING_KEYS + SGD_SHAPING_KEYS))
 
 
-def _namer(where: str):
+def sparsity_options(density, block_size, scope, reselect_every, backend, blueprint, blueprint_weight, state_dtype,
+                     score, score_ema, min_blocks_per_tensor, error_feedback, max_grad_norm, state_layout, selection,
+                     seed) -> dict:
+    """The group options every sparse optimizer has (SparseAdamW documents them), in their order;
+    ``blueprint`` only decides the default ``blueprint_weight`` (0.5 with one, else 0)."""
+    if blueprint_weight is None:
+        blueprint_weight = 0.0 if blueprint is None else 0.5
+    return {"density": density, "block_size": block_size, "scope": scope, "reselect_every": reselect_every,
+            "backend": backend, "blueprint_weight": blueprint_weight, "state_dtype": state_dtype, "score": score,
+            "score_ema": score_ema, "min_blocks_per_tensor": min_blocks_per_tensor,
+            "error_feedback": error_feedback, "max_grad_norm": max_grad_norm, "state_layout": state_layout,
+            "selection": selection, "seed": seed}
+
+
+def namer(where: str):
     return (lambda key: f"{where}[{key!r}]") if where else (lambda key: key)
 
 
@@ -45,22 +63,28 @@ def check_hyper(group: dict, where: str = "") -> None:
     """The update's hyper-parameters; cheap, so checked on every step."""
     # Also under torch.compile: a value changed by hand reaches a compiled step through a guard
     # (it recompiles), and a bad one must fail here, not deep in the kernels' tracing.
-    name = _namer(where)
+    name = namer(where)
     _checks.tensor_or(_checks.non_negative, group["lr"], name("lr"))
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"{name('betas')} must be a pair (beta1, beta2), got {_checks.show(betas, 'repr')}")
-    _checks.tensor_or(_checks.beta, betas[0], f"{name('betas')}[0]")
-    _checks.tensor_or(_checks.beta, betas[1], f"{name('betas')}[1]")
+    check_betas(group["betas"], name("betas"))
     _checks.non_negative(group["eps"], name("eps"))
     _checks.tensor_or(_checks.non_negative, group["weight_decay"], name("weight_decay"))
 
 
-def check_group(group: dict, where: str = "", has_blueprint: bool = False) -> None:
-    """Every option of a group; ``where`` prefixes the key in a message (``param_groups[1]``)."""
-    check_hyper(group, where)
+def check_betas(betas, name: str) -> None:
+    """A pair (beta1, beta2), each a number or a one-element tensor in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {_checks.show(betas, 'repr')}")
+    _checks.tensor_or(_checks.beta, betas[0], f"{name}[0]")
+    _checks.tensor_or(_checks.beta, betas[1], f"{name}[1]")
+
+
+def check_group(group: dict, where: str = "", has_blueprint: bool = False, rule=None) -> None:
+    """Every option of a group; ``where`` prefixes the key in a message (``param_groups[1]``).
+    ``rule``: the optimizer's update rule (:mod:`.rules`; None: AdamW's), which checks its own
+    hyper-parameters and flags."""
+    (check_hyper if rule is None else rule.check_hyper)(group, where)
     check_selection(group, where)
-    name = _namer(where)
+    name = namer(where)
     _checks.flag(group["maximize"], name("maximize"))
     _checks.unit_interval(group["blueprint_weight"], name("blueprint_weight"))
     if group["selection"] == "random" and group["score_ema"] != 0.0:
@@ -74,13 +98,13 @@ def check_group(group: dict, where: str = "", has_blueprint: bool = False) -> No
         raise ValueError(f"{name('state_dtype')} must be None (the param's dtype) or torch.float32, "
                          f"got {_checks.show(group['state_dtype'], 'repr')}")
     check_blueprint_weight(group, name("blueprint_weight"), has_blueprint)
-    check_adamw_flags(group, where)
+    (check_adamw_flags if rule is None else rule.check_flags)(group, where)
 
 
 def check_selection(group: dict, where: str = "") -> None:
     """The options that choose the blocks and lay out their state: shared by SparseAdamW and
     ``sparse_grad.sparsify``, which selects the same way."""
-    name = _namer(where)
+    name = namer(where)
     _checks.density(group["density"], name("density"))
     _checks.block_size(group["block_size"], name("block_size"))
     _checks.choice(group["scope"], SCOPES, name("scope"))
@@ -96,7 +120,7 @@ def check_selection(group: dict, where: str = "") -> None:
 def check_adamw_flags(group: dict, where: str = "") -> None:
     """torch.optim.AdamW's flags (ADAMW_FLAGS); a group without them (saved before they
     existed) has torch's defaults."""
-    name = _namer(where)
+    name = namer(where)
     for key in ("foreach", "fused"):
         value = group.get(key)
         if value is not None and not isinstance(value, bool):
@@ -123,15 +147,15 @@ def check_blueprint_weight(group: dict, name: str, has_blueprint: bool) -> None:
                          "blueprint: set blueprint_weight=0")
 
 
-def saved_group(saved: dict, defaults: dict, where: str) -> dict:
+def saved_group(saved: dict, defaults: dict, where: str, later: dict = LATER_OPTIONS) -> dict:
     """A saved param group with the options it predates filled in (:data:`LATER_OPTIONS`); any
     other option missing means the group was not saved by SparseAdamW."""
     if not isinstance(saved, dict) or "params" not in saved:
         raise ValueError(f"{where} must be a dict with the group's 'params'")
-    missing = [key for key in defaults if key not in saved and key not in LATER_OPTIONS]
+    missing = [key for key in defaults if key not in saved and key not in later]
     if missing:
-        raise ValueError(f"{where} has no {missing[0]!r} option: it was not saved by SparseAdamW.state_dict()")
-    return {**{key: value for key, value in LATER_OPTIONS.items() if key not in saved}, **saved}
+        raise ValueError(f"{where} has no {missing[0]!r} option: it was not saved by this optimizer's state_dict()")
+    return {**{key: value for key, value in later.items() if key not in saved}, **saved}
 
 
 def state_dtype(group: dict, param: torch.Tensor) -> torch.dtype:

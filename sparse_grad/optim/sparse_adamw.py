@@ -18,13 +18,14 @@ from torch.utils.hooks import RemovableHandle
 from .. import backends
 from ..layout import check_tensor
 from . import binding, checkpoint, options
-from .functional import sparse_adamw
+from .functional import sparse_step
 from .gradients import check_scaling
 from .group_state import GroupState, Selection
 from .overflow import Overflow
+from .rules import ADAMW, UpdateRule
 from .step_plan import GroupPlan, group_plan
 
-__all__ = ["SparseAdamW"]
+__all__ = ["SparseAdamW", "SparseOptimizer"]
 
 # The key of a saved param group that holds the group's own state (selection, compact slabs).
 GROUP_STATE_KEY = "sparse_grad"
@@ -81,7 +82,268 @@ def _saved_parts(state_dict, num_groups: int) -> tuple[list, dict]:
     return state_dict["param_groups"], state_dict["state"]
 
 
-class SparseAdamW(Optimizer):
+class SparseOptimizer(Optimizer):
+    """What every sparse optimizer shares: torch's optimizer contract (param groups, ``state``,
+    ``state_dict``, hooks), the binding of each group and the functional step; a subclass names
+    its update rule (:mod:`.rules`) and its options. See :class:`SparseAdamW` for the options
+    every sparse optimizer has."""
+
+    _rule: UpdateRule
+
+    # torch.amp.GradScaler.step then sets self.grad_scale / self.found_inf instead of unscaling
+    # the grads itself: the update kernel unscales them and skips an overflowed step on device.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict[str, Any], blueprint: Any = None):
+        if blueprint is not None and not callable(getattr(blueprint, "block_scores", None)):
+            raise TypeError("blueprint must have a block_scores(params, names, block_size) method "
+                            f"(a sparse_grad.blueprint.Blueprint), got {type(blueprint).__name__}")
+        options.check_group(defaults, has_blueprint=blueprint is not None, rule=self._rule)
+        self._blueprint = blueprint
+        self._group_states: list[GroupState] = []
+        self._score_hooks: OrderedDict[int, Callable] = OrderedDict()
+        super().__init__(params, defaults)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps defaults, state and param_groups; a copy (deepcopy, pickle, torch.save of
+        # the optimizer) also needs the groups' selections and compact slabs, and the blueprint.
+        # Score hooks are dropped, like torch's own step hooks; a pending overflow undo is applied.
+        self._settle()
+        state = super().__getstate__()
+        state["group_states"] = [group_state.state_dict() for group_state in self._group_states]
+        state["blueprint"] = self._blueprint
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        saved_states = state.pop("group_states", None)  # absent when load_state_dict calls this
+        if "blueprint" in state:
+            self._blueprint = state.pop("blueprint")
+        super().__setstate__(state)
+        self.__dict__.setdefault("_blueprint", None)
+        self.__dict__.setdefault("_score_hooks", OrderedDict())
+        self.__dict__.setdefault("_group_states", [])
+        if saved_states is not None:
+            self._group_states = [GroupState() for _ in saved_states]
+            for group_state, saved in zip(self._group_states, saved_states):
+                selection = saved.get("selection")
+                group_state.set(None if selection is None else Selection(**selection), saved.get("compact"))
+        self._group_states.extend(GroupState() for _ in range(len(self.param_groups) - len(self._group_states)))
+        for group in self.param_groups:  # pickled before these options existed
+            for key, value in self._rule.later_options.items():
+                group.setdefault(key, value)
+
+    def register_score_hook(self, hook: Callable[..., None]) -> RemovableHandle:
+        """Call ``hook(optimizer, group_index, params, scores, block_ids)`` after every group step.
+
+        ``params`` are the group's params that took part (those with a grad), ``scores`` their
+        fp32 block scores ``[num_blocks]`` (this step's sums of squares of the grads, before any
+        blend with a blueprint) and ``block_ids`` the int64 ids of the blocks updated, all on the
+        params' device; block ids follow :class:`~sparse_grad.BlockLayout` over ``params``.
+        The hook must not modify them.
+
+        Cost: while any score hook is registered, every step runs the norm pass, also where it
+        would skip it (density 1.0, steps between reselections, ``blueprint_weight=1``): one
+        extra read of the grads, about ``4 / (4 + 28 · density)`` of a step's memory traffic.
+
+        Returns:
+            a handle whose ``remove()`` unregisters the hook.
+        """
+        if not callable(hook):
+            raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        handle = RemovableHandle(self._score_hooks)
+        self._score_hooks[handle.id] = hook
+        return handle
+
+    def selected_blocks(self) -> list[tuple[int, list[torch.Tensor], torch.Tensor, int]]:
+        """The blocks each param group updates now: ``[(group_index, params, block_ids,
+        block_size)]`` for every group that has made a selection (none before the first step).
+
+        ``params`` are the group's params that took part in the selection (those with a grad
+        then), ``block_ids`` the ascending int64 ids on their device, numbered by
+        :class:`~sparse_grad.BlockLayout` over ``params`` with ``block_size``. Read-only views
+        of the optimizer's own selection: do not modify them.
+        """
+        self._settle()
+        selected = []
+        for index, state in enumerate(self._group_states):
+            selection = state.selection
+            if selection is None:
+                continue
+            positions, block_size = selection.key[0], selection.key[1]
+            params = [self.param_groups[index]["params"][j] for j in positions]
+            selected.append((index, params, selection.block_ids, block_size))
+        return selected
+
+    def plan_next_step(self) -> list[GroupPlan]:
+        """What the next ``step()`` will read of each param group's gradients, one
+        :class:`~sparse_grad.optim.step_plan.GroupPlan` per group: whether it reselects, whether
+        it reads every block's gradient (and why), else the selected blocks it reads. For code
+        that computes only the gradients a step reads (``sparse_grad.nn.sparse_backward``).
+
+        Ask after the last step and before the next one; the params that take part are those
+        with a grad, or before any has one, those of the current selection. Changing a group's
+        options or which params get a grad after asking may make the step reselect.
+        """
+        self._settle()
+        hooked = bool(self._score_hooks)
+        return [group_plan(i, group, state, hooked)
+                for i, (group, state) in enumerate(zip(self.param_groups, self._group_states))]
+
+    @property
+    def blueprint(self) -> Any:
+        """The blueprint the selection blends in (``blueprint=``), or None."""
+        return self._blueprint
+
+    def group_state(self, index: int) -> GroupState:
+        """The state of param group ``index`` beside its per-param state: its current selection
+        and compact slabs (:class:`~sparse_grad.optim.group_state.GroupState`). For tools that
+        save or rebuild it (``sparse_grad.distributed``); a step owns it otherwise."""
+        self._settle()  # an overflowed step's undo must not land on state read or replaced here
+        return self._group_states[index]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        where, params, tensors, names = _new_group_params(param_group, len(self.param_groups))
+        group = {**self.defaults, **param_group}
+        options.check_group(group, where, self._blueprint is not None, self._rule)
+        device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
+        for j, p in enumerate(tensors):
+            check_tensor(p, f"{where}['params'][{j}]", device, contiguous=False)
+        _check_unique(tensors, where, self.param_groups)
+        if self._blueprint is not None and group["blueprint_weight"] > 0.0 and tensors:
+            self._blueprint.block_scores(tensors, names, group["block_size"])  # raises on a mismatch
+        if device is not None:  # load the backend now (an import), not inside a compiled step
+            backends.unavailable_reason(backends.resolve("auto", device) if group["backend"] == "auto"
+                                        else group["backend"], device)
+        super().add_param_group({**param_group, "params": params})
+        self._group_states.append(GroupState())
+
+    def _bind(self, index: int, group: dict) -> binding.BoundStep | None:
+        """The group's bound step: the last one if its fingerprint holds, else a new one (checked
+        in full). Writes nothing but the group's cache of it."""
+        state = self._group_states[index]
+        bound = state.bound
+        if binding.reuse(bound, group, self.state):
+            self._rule.check_hyper(group, f"param_groups[{index}]")  # they may change on any step
+            return bound
+        bound = binding.bind(index, group, state, self.state, self._blueprint, self._rule)
+        state.bound = bound if bound is not None and bound.reusable else None
+        return bound
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One optimizer step over every param group; returns ``closure()``'s loss if given.
+
+        Every group is checked before any parameter or state is written, so bad input leaves
+        the optimizer and the model as they were.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Set by torch.amp.GradScaler.step (see _step_supports_amp_scaling), else absent.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        check_scaling(grad_scale, "grad_scale")
+        check_scaling(found_inf, "found_inf")
+        self._settle()
+        steps = [self._bind(i, group) for i, group in enumerate(self.param_groups)]
+        hooks = list(self._score_hooks.values())
+        overflow = Overflow.of(found_inf)
+        for step in steps:
+            if step is not None:
+                sparse_step(step, grad_scale, found_inf, hooks, self, overflow)
+                # Hold no grad past the step: after zero_grad(set_to_none=True) the next backward
+                # can then reuse their memory, so the grads come back at the same addresses and
+                # the bound step's kernel tables stay valid (else they are rebuilt every step).
+                step.grads = None
+        self._overflow = None if overflow is None else overflow.close()
+        for group_state in self._group_states:
+            group_state.refresh()  # a state dict handed out before shows this step
+        return loss
+
+    def _settle(self) -> None:
+        """Undo the host-side changes of the last step if it overflowed (see .overflow): read
+        before anything looks at or replaces the selection."""
+        overflow = self.__dict__.pop("_overflow", None)
+        if overflow is not None:
+            overflow.settle()
+            for group_state in self._group_states:
+                group_state.refresh()
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict; each saved param group also holds the group's own state under
+        ``"sparse_grad"`` (its selection and compact slabs), so torch's checkpoint APIs and any
+        framework that saves ``state`` and ``param_groups`` keep it. Like torch's, it holds the
+        live state: a state dict kept across a step shows that step (take a copy to keep one)."""
+        self._settle()
+        state_dict = super().state_dict()
+        for saved, group_state in zip(state_dict["param_groups"], self._group_states):
+            saved[GROUP_STATE_KEY] = group_state.state_dict()
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`; checked in full before anything changes, so
+        a state dict that loads also steps."""
+        saved_groups, saved_state = _saved_parts(state_dict, len(self.param_groups))
+        self._settle()
+        own_dtypes, parts, groups = {}, [], []
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            where = f"state_dict['param_groups'][{i}]"
+            saved = options.saved_group(saved, self.defaults, where, self._rule.later_options)
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict's param group {i} has {len(saved['params'])} params, "
+                                 f"the optimizer's {len(group['params'])}")
+            options.check_group(saved, where, self._blueprint is not None, self._rule)
+            stepped = False
+            for j, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
+                if saved_id not in saved_state:
+                    continue
+                state = saved_state[saved_id]
+                name = f"param_groups[{i}]['params'][{j}]"
+                checkpoint.check_param_state(state, p, saved, name, self._rule)
+                own_dtypes[p] = state
+                stepped = stepped or bool(state)
+            parts.append(self._loaded_group_state(state_dict, saved, group["params"], i, stepped))
+            groups.append({key: value for key, value in saved.items() if key != GROUP_STATE_KEY})
+        # Checked: write.
+        super().load_state_dict({"state": saved_state, "param_groups": groups})
+        # Optimizer.load_state_dict casts every state tensor to the param's dtype; the counts are
+        # int32, and state_dtype / score EMAs may be fp32 beside 16-bit params: keep their dtypes.
+        for p, state in own_dtypes.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+        for group_state, (selection, compact) in zip(self._group_states, parts):
+            group_state.set(selection, compact)
+
+    def _loaded_group_state(self, state_dict: dict, saved: dict, params: list, index: int,
+                            stepped: bool) -> tuple[Selection | None, dict | None]:
+        """A saved group's selection and compact slabs, checked against ``params``."""
+        name = f"state_dict['param_groups'][{index}][{GROUP_STATE_KEY!r}]"
+        part = saved.get(GROUP_STATE_KEY)
+        if part is None:  # the layout before the group state moved into param_groups
+            part = {key: state_dict[old][index] for key, old in (("selection", "selections"), ("compact", "compact"))
+                    if index in state_dict.get(old, {})}
+        if not isinstance(part, dict) or not set(part) <= {"selection", "compact"}:
+            raise ValueError(f"{name} must be a dict with 'selection' and 'compact' entries, as state_dict() gives")
+        selection = compact = None
+        if "selection" in part:
+            selection = checkpoint.loaded_selection(part["selection"], params, f"{name}['selection']")
+        if "compact" in part:
+            compact = checkpoint.loaded_compact(part["compact"], saved, params, index, f"{name}['compact']",
+                                                self._rule)
+            checkpoint.check_compact_selection(compact, selection, tuple(p.numel() for p in params),
+                                               saved["block_size"], f"{name}['compact']")
+        stepped = stepped or compact is not None
+        if stepped and selection is None:
+            raise ValueError(f"{name} has no selection, but the group has stepped: the state dict was cut "
+                             "short (a resumed run would reselect early)")
+        if saved["state_layout"] == "compact" and selection is not None and compact is None:
+            raise ValueError(f"{name} has no compact state, but the group's state_layout is 'compact' and it "
+                             "has stepped: its moments are missing")
+        return selection, compact
+
+
+class SparseAdamW(SparseOptimizer):
     r"""AdamW on the blocks with the largest gradients; at ``density=1.0`` it is ``torch.optim.AdamW``.
 
     Each param group's parameters are viewed flat and cut into blocks of ``block_size`` elements
@@ -179,9 +441,8 @@ class SparseAdamW(Optimizer):
     and compact state, so a run resumed mid-interval continues bit for bit.
     """
 
-    # torch.amp.GradScaler.step then sets self.grad_scale / self.found_inf instead of unscaling
-    # the grads itself: the update kernel unscales them and skips an overflowed step on device.
-    _step_supports_amp_scaling = True
+
+    _rule = ADAMW
 
     def __init__(
         self,
@@ -216,258 +477,10 @@ class SparseAdamW(Optimizer):
     ):
         if amsgrad is not False:
             raise ValueError("amsgrad=True is not supported by SparseAdamW")
-        if blueprint is not None and not callable(getattr(blueprint, "block_scores", None)):
-            raise TypeError("blueprint must have a block_scores(params, names, block_size) method "
-                            f"(a sparse_grad.blueprint.Blueprint), got {type(blueprint).__name__}")
-        if blueprint_weight is None:
-            blueprint_weight = 0.0 if blueprint is None else 0.5
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "maximize": maximize,
-                    "density": density, "block_size": block_size, "scope": scope,
-                    "reselect_every": reselect_every, "backend": backend, "blueprint_weight": blueprint_weight,
-                    "state_dtype": state_dtype, "score": score, "score_ema": score_ema,
-                    "min_blocks_per_tensor": min_blocks_per_tensor, "error_feedback": error_feedback,
-                    "max_grad_norm": max_grad_norm, "state_layout": state_layout, "selection": selection,
-                    "seed": seed, "foreach": foreach, "fused": fused, "capturable": capturable,
-                    "differentiable": differentiable}
-        options.check_group(defaults, has_blueprint=blueprint is not None)
-        self._blueprint = blueprint
-        self._group_states: list[GroupState] = []
-        self._score_hooks: OrderedDict[int, Callable] = OrderedDict()
-        super().__init__(params, defaults)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # torch keeps defaults, state and param_groups; a copy (deepcopy, pickle, torch.save of
-        # the optimizer) also needs the groups' selections and compact slabs, and the blueprint.
-        # Score hooks are dropped, like torch's own step hooks; a pending overflow undo is applied.
-        self._settle()
-        state = super().__getstate__()
-        state["group_states"] = [group_state.state_dict() for group_state in self._group_states]
-        state["blueprint"] = self._blueprint
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        saved_states = state.pop("group_states", None)  # absent when load_state_dict calls this
-        if "blueprint" in state:
-            self._blueprint = state.pop("blueprint")
-        super().__setstate__(state)
-        self.__dict__.setdefault("_blueprint", None)
-        self.__dict__.setdefault("_score_hooks", OrderedDict())
-        self.__dict__.setdefault("_group_states", [])
-        if saved_states is not None:
-            self._group_states = [GroupState() for _ in saved_states]
-            for group_state, saved in zip(self._group_states, saved_states):
-                selection = saved.get("selection")
-                group_state.set(None if selection is None else Selection(**selection), saved.get("compact"))
-        self._group_states.extend(GroupState() for _ in range(len(self.param_groups) - len(self._group_states)))
-        for group in self.param_groups:  # pickled before these options existed
-            for key, value in options.LATER_OPTIONS.items():
-                group.setdefault(key, value)
-
-    def register_score_hook(self, hook: Callable[..., None]) -> RemovableHandle:
-        """Call ``hook(optimizer, group_index, params, scores, block_ids)`` after every group step.
-
-        ``params`` are the group's params that took part (those with a grad), ``scores`` their
-        fp32 block scores ``[num_blocks]`` (this step's sums of squares of the grads, before any
-        blend with a blueprint) and ``block_ids`` the int64 ids of the blocks updated, all on the
-        params' device; block ids follow :class:`~sparse_grad.BlockLayout` over ``params``.
-        The hook must not modify them.
-
-        Cost: while any score hook is registered, every step runs the norm pass, also where it
-        would skip it (density 1.0, steps between reselections, ``blueprint_weight=1``): one
-        extra read of the grads, about ``4 / (4 + 28 · density)`` of a step's memory traffic.
-
-        Returns:
-            a handle whose ``remove()`` unregisters the hook.
-        """
-        if not callable(hook):
-            raise TypeError(f"hook must be callable, got {type(hook).__name__}")
-        handle = RemovableHandle(self._score_hooks)
-        self._score_hooks[handle.id] = hook
-        return handle
-
-    def selected_blocks(self) -> list[tuple[int, list[torch.Tensor], torch.Tensor, int]]:
-        """The blocks each param group updates now: ``[(group_index, params, block_ids,
-        block_size)]`` for every group that has made a selection (none before the first step).
-
-        ``params`` are the group's params that took part in the selection (those with a grad
-        then), ``block_ids`` the ascending int64 ids on their device, numbered by
-        :class:`~sparse_grad.BlockLayout` over ``params`` with ``block_size``. Read-only views
-        of the optimizer's own selection: do not modify them.
-        """
-        self._settle()
-        selected = []
-        for index, state in enumerate(self._group_states):
-            selection = state.selection
-            if selection is None:
-                continue
-            positions, block_size = selection.key[0], selection.key[1]
-            params = [self.param_groups[index]["params"][j] for j in positions]
-            selected.append((index, params, selection.block_ids, block_size))
-        return selected
-
-    def plan_next_step(self) -> list[GroupPlan]:
-        """What the next ``step()`` will read of each param group's gradients, one
-        :class:`~sparse_grad.optim.step_plan.GroupPlan` per group: whether it reselects, whether
-        it reads every block's gradient (and why), else the selected blocks it reads. For code
-        that computes only the gradients a step reads (``sparse_grad.nn.sparse_backward``).
-
-        Ask after the last step and before the next one; the params that take part are those
-        with a grad, or before any has one, those of the current selection. Changing a group's
-        options or which params get a grad after asking may make the step reselect.
-        """
-        self._settle()
-        hooked = bool(self._score_hooks)
-        return [group_plan(i, group, state, hooked)
-                for i, (group, state) in enumerate(zip(self.param_groups, self._group_states))]
-
-    @property
-    def blueprint(self) -> Any:
-        """The blueprint the selection blends in (``blueprint=``), or None."""
-        return self._blueprint
-
-    def group_state(self, index: int) -> GroupState:
-        """The state of param group ``index`` beside its per-param state: its current selection
-        and compact slabs (:class:`~sparse_grad.optim.group_state.GroupState`). For tools that
-        save or rebuild it (``sparse_grad.distributed``); a step owns it otherwise."""
-        self._settle()  # an overflowed step's undo must not land on state read or replaced here
-        return self._group_states[index]
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        where, params, tensors, names = _new_group_params(param_group, len(self.param_groups))
-        group = {**self.defaults, **param_group}
-        options.check_group(group, where, self._blueprint is not None)
-        device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
-        for j, p in enumerate(tensors):
-            check_tensor(p, f"{where}['params'][{j}]", device, contiguous=False)
-        _check_unique(tensors, where, self.param_groups)
-        if self._blueprint is not None and group["blueprint_weight"] > 0.0 and tensors:
-            self._blueprint.block_scores(tensors, names, group["block_size"])  # raises on a mismatch
-        if device is not None:  # load the backend now (an import), not inside a compiled step
-            backends.unavailable_reason(backends.resolve("auto", device) if group["backend"] == "auto"
-                                        else group["backend"], device)
-        super().add_param_group({**param_group, "params": params})
-        self._group_states.append(GroupState())
-
-    def _bind(self, index: int, group: dict) -> binding.BoundStep | None:
-        """The group's bound step: the last one if its fingerprint holds, else a new one (checked
-        in full). Writes nothing but the group's cache of it."""
-        state = self._group_states[index]
-        bound = state.bound
-        if binding.reuse(bound, group, self.state):
-            options.check_hyper(group, f"param_groups[{index}]")  # they may change on any step
-            return bound
-        bound = binding.bind(index, group, state, self.state, self._blueprint)
-        state.bound = bound if bound is not None and bound.reusable else None
-        return bound
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None):
-        """One optimizer step over every param group; returns ``closure()``'s loss if given.
-
-        Every group is checked before any parameter or state is written, so bad input leaves
-        the optimizer and the model as they were.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # Set by torch.amp.GradScaler.step (see _step_supports_amp_scaling), else absent.
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        check_scaling(grad_scale, "grad_scale")
-        check_scaling(found_inf, "found_inf")
-        self._settle()
-        steps = [self._bind(i, group) for i, group in enumerate(self.param_groups)]
-        hooks = list(self._score_hooks.values())
-        overflow = Overflow.of(found_inf)
-        for step in steps:
-            if step is not None:
-                sparse_adamw(step, grad_scale, found_inf, hooks, self, overflow)
-                # Hold no grad past the step: after zero_grad(set_to_none=True) the next backward
-                # can then reuse their memory, so the grads come back at the same addresses and
-                # the bound step's kernel tables stay valid (else they are rebuilt every step).
-                step.grads = None
-        self._overflow = None if overflow is None else overflow.close()
-        for group_state in self._group_states:
-            group_state.refresh()  # a state dict handed out before shows this step
-        return loss
-
-    def _settle(self) -> None:
-        """Undo the host-side changes of the last step if it overflowed (see .overflow): read
-        before anything looks at or replaces the selection."""
-        overflow = self.__dict__.pop("_overflow", None)
-        if overflow is not None:
-            overflow.settle()
-            for group_state in self._group_states:
-                group_state.refresh()
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state dict; each saved param group also holds the group's own state under
-        ``"sparse_grad"`` (its selection and compact slabs), so torch's checkpoint APIs and any
-        framework that saves ``state`` and ``param_groups`` keep it. Like torch's, it holds the
-        live state: a state dict kept across a step shows that step (take a copy to keep one)."""
-        self._settle()
-        state_dict = super().state_dict()
-        for saved, group_state in zip(state_dict["param_groups"], self._group_states):
-            saved[GROUP_STATE_KEY] = group_state.state_dict()
-        return state_dict
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`; checked in full before anything changes, so
-        a state dict that loads also steps."""
-        saved_groups, saved_state = _saved_parts(state_dict, len(self.param_groups))
-        self._settle()
-        own_dtypes, parts, groups = {}, [], []
-        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            where = f"state_dict['param_groups'][{i}]"
-            saved = options.saved_group(saved, self.defaults, where)
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"state_dict's param group {i} has {len(saved['params'])} params, "
-                                 f"the optimizer's {len(group['params'])}")
-            options.check_group(saved, where, self._blueprint is not None)
-            stepped = False
-            for j, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
-                if saved_id not in saved_state:
-                    continue
-                state = saved_state[saved_id]
-                name = f"param_groups[{i}]['params'][{j}]"
-                checkpoint.check_param_state(state, p, saved, name)
-                own_dtypes[p] = state
-                stepped = stepped or bool(state)
-            parts.append(self._loaded_group_state(state_dict, saved, group["params"], i, stepped))
-            groups.append({key: value for key, value in saved.items() if key != GROUP_STATE_KEY})
-        # Checked: write.
-        super().load_state_dict({"state": saved_state, "param_groups": groups})
-        # Optimizer.load_state_dict casts every state tensor to the param's dtype; the counts are
-        # int32, and state_dtype / score EMAs may be fp32 beside 16-bit params: keep their dtypes.
-        for p, state in own_dtypes.items():
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
-        for group_state, (selection, compact) in zip(self._group_states, parts):
-            group_state.set(selection, compact)
-
-    def _loaded_group_state(self, state_dict: dict, saved: dict, params: list, index: int,
-                            stepped: bool) -> tuple[Selection | None, dict | None]:
-        """A saved group's selection and compact slabs, checked against ``params``."""
-        name = f"state_dict['param_groups'][{index}][{GROUP_STATE_KEY!r}]"
-        part = saved.get(GROUP_STATE_KEY)
-        if part is None:  # the layout before the group state moved into param_groups
-            part = {key: state_dict[old][index] for key, old in (("selection", "selections"), ("compact", "compact"))
-                    if index in state_dict.get(old, {})}
-        if not isinstance(part, dict) or not set(part) <= {"selection", "compact"}:
-            raise ValueError(f"{name} must be a dict with 'selection' and 'compact' entries, as state_dict() gives")
-        selection = compact = None
-        if "selection" in part:
-            selection = checkpoint.loaded_selection(part["selection"], params, f"{name}['selection']")
-        if "compact" in part:
-            compact = checkpoint.loaded_compact(part["compact"], saved, params, index, f"{name}['compact']")
-            checkpoint.check_compact_selection(compact, selection, tuple(p.numel() for p in params),
-                                               saved["block_size"], f"{name}['compact']")
-        stepped = stepped or compact is not None
-        if stepped and selection is None:
-            raise ValueError(f"{name} has no selection, but the group has stepped: the state dict was cut "
-                             "short (a resumed run would reselect early)")
-        if saved["state_layout"] == "compact" and selection is not None and compact is None:
-            raise ValueError(f"{name} has no compact state, but the group's state_layout is 'compact' and it "
-                             "has stepped: its moments are missing")
-        return selection, compact
+                    **options.sparsity_options(density, block_size, scope, reselect_every, backend, blueprint,
+                                               blueprint_weight, state_dtype, score, score_ema,
+                                               min_blocks_per_tensor, error_feedback, max_grad_norm,
+                                               state_layout, selection, seed),
+                    "foreach": foreach, "fused": fused, "capturable": capturable, "differentiable": differentiable}
+        super().__init__(params, defaults, blueprint)

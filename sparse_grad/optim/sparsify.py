@@ -103,7 +103,7 @@ class SparsifiedOptimizer(Optimizer):
 
     def _check_options(self, group: dict, where: str) -> None:
         options.check_selection(group, where)
-        name = options._namer(where)
+        name = options.namer(where)
         if group["state_layout"] != "dense":
             raise ValueError(f"{name('state_layout')}={group['state_layout']!r} is not supported by sparsify: its "
                              "state is dense (use SparseAdamW for compact state)")
