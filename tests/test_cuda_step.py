@@ -90,23 +90,3 @@ def test_step_captured_in_a_cuda_graph_matches_eager(backend, options):
     torch.cuda.synchronize()
     for p, q in zip(graph_params, eager_params):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("backend", CUDA_BACKENDS)
-def test_cuda_training_loop_with_set_to_none_keeps_the_bound_tables(monkeypatch, backend):
-    """backward, step, zero_grad(set_to_none=True): the step holds no grad afterwards, so the
-    next backward reuses their memory and the bound step's kernel tables stay valid (a grad at a
-    new address would make every step check the grads again and rebuild its tables)."""
-    from sparse_grad.optim import binding
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(96, 96) for _ in range(6)]).cuda()
-    opt = SparseAdamW(model.parameters(), lr=1e-3, density=0.1, block_size=256, backend=backend, reselect_every=3)
-    rechecks = []
-    original = binding._grads_fit
-    monkeypatch.setattr(binding, "_grads_fit", lambda grads, bound: rechecks.append(1) or original(grads, bound))
-    x = torch.randn(64, 96, device="cuda")
-    for _ in range(12):
-        model(x).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-    assert len(rechecks) <= 1, f"grads came back at new addresses on {len(rechecks)} of 11 steps"

@@ -284,3 +284,22 @@ def test_a_param_replaced_in_the_group_is_bound_again(case):
     opt.step()
     assert not torch.equal(new.detach(), before)  # the new param was updated (density 1)
     assert torch.equal(params[2].detach(), old) and len(opt.state[new]["block_step"]) == 1  # not the old one
+
+
+def test_the_step_holds_no_grad_past_its_end(case):
+    """After zero_grad(set_to_none=True) nothing of the optimizer keeps the old grads alive, so
+    the next backward may reuse their memory (and a bound step's tables, built from addresses,
+    stay valid where the allocator gives the same addresses back)."""
+    import weakref
+    device, backend = case
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 7)).to(device)
+    opt = SparseAdamW(model.parameters(), lr=1e-3, density=0.3, block_size=16, backend=backend, reselect_every=2)
+    x = torch.randn(9, 24, device=device)
+    for _ in range(3):
+        model(x).square().mean().backward()
+        opt.step()
+        grads = [weakref.ref(p.grad) for p in model.parameters()]
+        opt.zero_grad()
+        gc.collect()
+        assert all(g() is None for g in grads), "a grad outlived zero_grad(set_to_none=True)"

@@ -21,21 +21,22 @@ def mlp(dtype=torch.float32) -> nn.Module:
                          nn.Tanh(), nn.Linear(3, 2)).to(dtype)
 
 
-def batches(dtype, steps=STEPS, batch=(5, 3)):
-    return [heavy_tailed((*batch, 13), dtype) for _ in range(steps)]
+def batches(dtype, steps=STEPS, batch=(5, 3), device="cpu"):
+    return [heavy_tailed((*batch, 13), dtype, device) for _ in range(steps)]
 
 
 def train(options: dict, use: bool, dtype=torch.float32, autocast=False, accumulate=1, data=None):
     """Params after STEPS steps, from a fixed init, with or without sparse_backward; also the
     fraction of weight-gradient rows left at zero over the steps (the sparse path ran)."""
     torch.manual_seed(0)
-    model = mlp(dtype)
+    device = data[0].device  # the case's device: the backends that run there
+    model = mlp(dtype).to(device)
     opt = SparseAdamW(model.parameters(), lr=1e-2, block_size=16, **options)
     handle = sparse_backward(model, opt) if use else None
     zero_rows = total_rows = 0
     for x in data:
         for part in x.chunk(accumulate):
-            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                 loss = model(part).float().square().mean()
             loss.backward()
         for m in model:
@@ -58,8 +59,8 @@ def assert_close_params(got, expected, dtype):
 @pytest.mark.parametrize("layout", ["dense", "compact"])
 @pytest.mark.parametrize("reselect_every", [1, 3, 10])
 def test_same_params_as_without(case, reselect_every, layout):
-    _, backend = case
-    data = batches(torch.float32)
+    device, backend = case
+    data = batches(torch.float32, device=device)
     options = {"density": 0.2, "reselect_every": reselect_every, "state_layout": layout, "backend": backend}
     expected, _ = train(options, False, data=data)
     got, zero_rows = train(options, True, data=data)
@@ -75,8 +76,8 @@ def test_same_params_as_without(case, reselect_every, layout):
     {"min_blocks_per_tensor": 2, "state_layout": "compact"}, {"selection": "random", "seed": 3},
     {"density": 1.0}], ids=lambda o: "-".join(map(str, o.items())))
 def test_same_params_with_options(case, options):
-    _, backend = case
-    data = batches(torch.float32)
+    device, backend = case
+    data = batches(torch.float32, device=device)
     options = {"density": 0.2, "reselect_every": 3, "backend": backend, **options}
     expected, _ = train(options, False, data=data)
     got, zero_rows = train(options, True, data=data)
@@ -87,8 +88,8 @@ def test_same_params_with_options(case, options):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_same_params_other_dtypes(case, dtype):
-    _, backend = case
-    data = batches(dtype)
+    device, backend = case
+    data = batches(dtype, device=device)
     options = {"density": 0.2, "reselect_every": 4, "backend": backend, "state_layout": "compact"}
     expected, _ = train(options, False, dtype=dtype, data=data)
     got, zero_rows = train(options, True, dtype=dtype, data=data)
@@ -97,8 +98,8 @@ def test_same_params_other_dtypes(case, dtype):
 
 
 def test_same_params_under_bf16_autocast_and_accumulation(case):
-    _, backend = case
-    data = batches(torch.float32, batch=(6, 3))
+    device, backend = case
+    data = batches(torch.float32, batch=(6, 3), device=device)
     options = {"density": 0.2, "reselect_every": 3, "backend": backend, "state_dtype": torch.float32}
     expected, _ = train(options, False, autocast=True, accumulate=2, data=data)
     got, zero_rows = train(options, True, autocast=True, accumulate=2, data=data)
@@ -318,15 +319,15 @@ def test_rows_of_blocks_are_the_rows_the_blocks_touch(shape, block_size):
 
 
 def test_same_params_under_grad_scaler(case):
-    _, backend = case
-    data = batches(torch.float32)
+    device, backend = case
+    data = batches(torch.float32, device=device)
 
     def run(use):
         torch.manual_seed(0)
-        model = mlp()
+        model = mlp().to(device)
         opt = SparseAdamW(model.parameters(), lr=1e-2, block_size=16, density=0.2, reselect_every=3,
                           state_layout="compact", backend=backend)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 12)
         handle = sparse_backward(model, opt) if use else None
         for x in data:
             scaler.scale(model(x).square().mean()).backward()

@@ -263,8 +263,9 @@ class SparseOptimizer(Optimizer):
     def _settle(self) -> None:
         """Undo the host-side changes of the last step if it overflowed (see .overflow): read
         before anything looks at or replaces the selection."""
-        overflow = self.__dict__.pop("_overflow", None)
+        overflow = getattr(self, "_overflow", None)  # (not __dict__.pop: dynamo 2.11 cannot trace it)
         if overflow is not None:
+            self._overflow = None
             overflow.settle()
             for group_state in self._group_states:
                 group_state.refresh()
