@@ -22,16 +22,17 @@ stage() {  # stage NAME SECONDS COMMAND...
   lscpu | grep "Model name"; git log -1 --format='commit %h %s' 2>/dev/null
 } >> "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
-stage build 80 python3 -m pip install --no-build-isolation --no-deps -e .
+stage build 170 python3 -m pip install --no-build-isolation --no-deps -e .
 P="python3 -m pytest -q -p no:cacheprovider -p no:logging --timeout 90 -n 8"
 # The kernels and the step on CUDA (both GPU backends), against the reference backend.
 stage cuda_tests 110 $P -k cuda tests/test_block_sqnorms.py tests/test_select_blocks.py tests/test_triton_select.py \
     tests/test_sparse_adamw_step.py tests/test_sparse_adamw.py tests/test_cuda_step.py tests/test_launch_count.py \
-    tests/test_kernel_numerics.py tests/test_compact_state.py
+    tests/test_kernel_numerics.py tests/test_compact_state.py tests/test_native.py tests/test_compiled_step.py \
+    tests/test_sparse_sgd_lion.py tests/test_sparse_backward.py tests/test_host_calls.py
 # Everything else that has a CUDA case.
 # (--dist loadfile: the distributed tests of one file share a port, so they stay in one worker)
 stage cuda_all 170 $P --dist loadfile -k cuda tests --ignore=tests/test_torch_parity.py --ignore=tests/test_packaging.py
-stage gpu_ops 120 python3 benchmarks/gpu_ops.py --out "$OUT"
+stage gpu_ops 90 python3 benchmarks/gpu_ops.py --out "$OUT"
 stage bench 110 python3 -m sparse_grad bench --device cuda --shapes llm-400m --backends triton,cuda \
     --densities 1,0.05,0.01 --out "$OUT/bench" --no-plot
 stage sgd_lion_bench 60 python3 -m pytest -q -p no:cacheprovider benchmarks/test_sgd_lion_step.py --benchmark-only \
