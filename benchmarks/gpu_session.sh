@@ -28,7 +28,7 @@ P="python3 -m pytest -q -p no:cacheprovider -p no:logging --timeout 90 -n 8"
 stage cuda_tests 110 $P -k cuda tests/test_block_sqnorms.py tests/test_select_blocks.py tests/test_triton_select.py \
     tests/test_sparse_adamw_step.py tests/test_sparse_adamw.py tests/test_cuda_step.py tests/test_launch_count.py \
     tests/test_kernel_numerics.py tests/test_compact_state.py tests/test_native.py tests/test_compiled_step.py \
-    tests/test_sparse_sgd_lion.py tests/test_sparse_backward.py tests/test_host_calls.py
+    tests/test_sparse_sgd_lion.py tests/test_sparse_backward.py
 # Everything else that has a CUDA case.
 # (--dist loadfile: the distributed tests of one file share a port, so they stay in one worker)
 stage cuda_all 170 $P --dist loadfile -k cuda tests --ignore=tests/test_torch_parity.py --ignore=tests/test_packaging.py
