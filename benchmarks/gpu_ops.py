@@ -166,7 +166,7 @@ def host_breakdown(params, backend: str, out: Path) -> None:
         return module, name, function
 
     saved = [timed(m, n) for m, n in [(binding, "reuse"), (options, "check_hyper"),
-                                        (sparse_adamw_module, "sparse_adamw"),
+                                        (sparse_adamw_module, "sparse_step"),
                                         (sparse_grad.backends.get(backend), "sparse_adamw_step")]]
     steps = 200
     try:

@@ -41,7 +41,9 @@ def kernels_of(backend: str) -> list[tuple[object, str]]:
         return [(importlib.import_module(f"{package}.{module}"), name) for module, name in TRITON_LAUNCHERS]
     if backend == "reference":  # its kernels are PyTorch, written per tensor to be read
         return [(backends.get("reference"), name) for name in backends.KERNEL_NAMES]
-    return []  # cpp / cuda: one torch.ops call each, counted in full
+    if backend == "cuda":  # its selection runs Triton's launchers on a GPU (backends/native.py)
+        return [(backends.get("cuda"), "select_blocks")]
+    return []  # cpp: one torch.ops call each, counted in full
 
 
 class CallCounter:

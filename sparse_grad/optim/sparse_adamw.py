@@ -255,7 +255,8 @@ class SparseOptimizer(Optimizer):
                 # can then reuse their memory, so the grads come back at the same addresses and
                 # the bound step's kernel tables stay valid (else they are rebuilt every step).
                 step.grads = None
-        self._overflow = None if overflow is None else overflow.close()
+        if overflow is not None:  # (none under torch.compile, whose dynamo 2.11 refuses a setattr here)
+            self._overflow = overflow.close()
         for group_state in self._group_states:
             group_state.refresh()  # a state dict handed out before shows this step
         return loss
