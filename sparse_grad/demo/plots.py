@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.plots import _figure, save_heavy_tail_figure
-from .experiment import DemoResults
+from .experiment import TASKS, DemoResults
 
 __all__ = ["save_all"]
 
@@ -47,7 +47,7 @@ def save_all(results: DemoResults, summaries, out_dir: Path) -> list[Path]:
     for s in summaries:
         steps, losses = _mean_curve(s, "step")
         right.plot(steps, losses, label=s.name, **_style(s, densities))
-    right.set_title("stage 2: adaptation to English prose")
+    right.set_title(f"stage 2: {TASKS[results.config.task]}")
     right.set_xlabel("step")
     right.set_ylabel("validation loss (nats/byte)")
     right.legend(fontsize="x-small", ncol=2)
