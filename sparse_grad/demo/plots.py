@@ -49,7 +49,7 @@ def save_all(results: DemoResults, summaries, out_dir: Path) -> list[Path]:
         right.plot(steps, losses, label=s.name, **_style(s, densities))
     right.set_title(f"stage 2: {TASKS[results.config.task]}")
     right.set_xlabel("step")
-    right.set_ylabel("validation loss (nats/byte)")
+    right.set_ylabel("held-out loss (nats/byte)")
     right.legend(fontsize="x-small", ncol=2)
     fig.savefig(out_dir / "loss_vs_step.png", dpi=DPI)
     paths.append(out_dir / "loss_vs_step.png")

@@ -82,6 +82,8 @@ def run_task(setup: Stage2Setup, densities: Sequence[float], lr_multipliers: Seq
                    _cpr_vs_dense(runs, dense, start)), "shares": shares}
         if base is not None:
             out["vs_base"] = paired([a - b for a, b in zip(shares, base["shares"])])
+        log(f"{cfg.task}: d={density:g} {setting} (lr {lr:g}): share of dense gain {_pm(out['share'])}"
+            + (f", vs chosen lr {_pm(out['vs_base'], '.1%', '+')}" if base is not None else ""))
         return out
 
     for m in lr_multipliers:
@@ -96,8 +98,8 @@ def run_task(setup: Stage2Setup, densities: Sequence[float], lr_multipliers: Seq
         rows += lr_rows.values()
         for label, options in factors:
             options = {"block_size": cfg.block_size, **options}
-            runs = run_all(sparse("norm", d, lr=cfg.stage2_lr * best_m, **common, **options),
-                           f"norm d={d:g} {label}")
+            name = f"norm d={d:g} {label}"
+            runs = run_all(sparse("norm", d, lr=cfg.stage2_lr * best_m, name=name, **common, **options), name)
             rows.append(row(d, label, cfg.stage2_lr * best_m, runs, base))
     return {"task": cfg.task, "data": setup.data, "start_val_loss": start, "dense_lr": cfg.stage2_lr * dense_m,
             "dense_val_loss": statistics.fmean(r.val_loss for r in dense), "rows": rows}
