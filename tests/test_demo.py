@@ -156,7 +156,8 @@ def test_bad_input_is_named():
 def test_outputs_of_a_tiny_in_process_run(tmp_path):
     """Two densities, two repeats: the standard error then comes from the repeats."""
     cfg = config_for(quick=True, densities=(0.1, 0.3), repeats=2, stage1_steps=30, stage2_steps=12, eval_every=6,
-                     compact_density=None, fixed_last_layers=0, source_bytes=60_000, prose_bytes=60_000)
+                     compact_density=None, fixed_last_layers=0, source_bytes=60_000, prose_bytes=60_000,
+                     lr_multipliers=(1.0,))  # one lr: the grid is test_demo_tuning's
     with one_thread():
         results = run_demo(cfg, tmp_path, progress=False)
         table, files = write_outputs(results, tmp_path)

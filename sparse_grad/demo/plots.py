@@ -60,7 +60,7 @@ def save_all(results: DemoResults, summaries, out_dir: Path) -> list[Path]:
         seconds, losses = _mean_curve(s, "device_s")
         left.plot(seconds, losses, label=s.name, **_style(s, densities))
     left.set_xlabel("training time, device-seconds (ResourceMeter)")
-    left.set_ylabel("validation loss (nats/byte)")
+    left.set_ylabel("held-out loss (nats/byte)")
     left.set_title("stage 2: loss vs resource")
     left.legend(fontsize="x-small", ncol=2)
     # Final loss against the share of blocks updated per step (the update's cost); dense at 1,
@@ -75,7 +75,7 @@ def save_all(results: DemoResults, summaries, out_dir: Path) -> list[Path]:
             right.plot([x], [s.val_loss], "s", color=COLORS[s.family], label=s.name, markersize=6)
     right.set_xscale("log")
     right.set_xlabel("share of parameters updated per step (log)")
-    right.set_ylabel("final validation loss")
+    right.set_ylabel("final held-out loss")
     right.set_title(f"after {results.config.stage2_steps} steps")
     right.legend(fontsize="x-small")
     fig.savefig(out_dir / "loss_vs_resource.png", dpi=DPI)
