@@ -92,6 +92,13 @@ def test_choose_needs_tuning_losses_and_breaks_ties_by_grid_order():
         sparse("norm", 0.1, lr=1e-3, weight_decay=0.0, block_size=64).with_hyper(momentum=0.9)
 
 
+def test_a_variant_without_hyper_parameters_runs_once_as_it_is():
+    from sparse_grad.demo.variants import Variant
+
+    plain = Variant("plain", "norm", lambda model, seed: None, density=0.1)
+    assert candidates(plain, {}, (1.0, 3.0), (0.5,)) == [plain]
+
+
 def test_compact_at_an_untuned_density_searches_its_own_lr():
     compact = sparse("compact", 0.3, lr=1e-3, weight_decay=0.0, block_size=64)
     grid = candidates(compact, {0.1: 5e-3}, (1.0, 2.0), (0.5,))

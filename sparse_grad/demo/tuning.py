@@ -60,7 +60,7 @@ def candidates(variant: Variant, chosen_norm_lr: dict[float, float], lr_multipli
     """The grid ``variant`` runs at. ``chosen_norm_lr[density]``: the lr chosen for norm selection
     at that density (blueprint and compact variants borrow it; norm variants run first)."""
     searched = searched_by(variant, chosen_norm_lr)
-    if variant.family in BORROWS_LR_FROM_NORM and variant.density in chosen_norm_lr:
+    if variant.family in BORROWS_LR_FROM_NORM and variant.density in chosen_norm_lr and "lr" in variant.hyper:
         variant = variant.with_hyper(lr=chosen_norm_lr[variant.density])
     if searched is None:
         return [variant]
@@ -70,10 +70,13 @@ def candidates(variant: Variant, chosen_norm_lr: dict[float, float], lr_multipli
 
 
 def searched_by(variant: Variant, chosen_norm_lr: dict[float, float]) -> str | None:
-    """The hyper-parameter ``variant`` searches (None: none, it borrows norm selection's lr)."""
+    """The hyper-parameter ``variant`` searches (None: none, it borrows norm selection's lr, or
+    it declares no such hyper-parameter and runs as it is)."""
     if variant.family in BORROWS_LR_FROM_NORM and variant.density not in chosen_norm_lr:
-        return "lr" if variant.family == "compact" else SEARCHED[variant.family]
-    return SEARCHED.get(variant.family, "lr")
+        searched = "lr" if variant.family == "compact" else SEARCHED[variant.family]
+    else:
+        searched = SEARCHED.get(variant.family, "lr")
+    return searched if searched in variant.hyper else None
 
 
 def choose(runs: Sequence[VariantResult]) -> VariantResult:
@@ -94,7 +97,7 @@ def tune(variants: Sequence[Variant], run: Callable[[Variant], VariantResult], *
         variant = variants[i]
         runs = [run(c) for c in candidates(variant, chosen_norm_lr, lr_multipliers, blueprint_weights)]
         best = choose(runs)
-        if variant.family == "norm":
+        if variant.family == "norm" and "lr" in best.hyper:
             chosen_norm_lr[variant.density] = best.hyper["lr"]
         choices[i] = Choice(variant.name, searched_by(variant, chosen_norm_lr), runs, best)
     return [choices[i] for i in range(len(variants))]
