@@ -164,6 +164,7 @@ def _garbage(tmp_path):
         (["demo", "--quick", "--lr-multipliers", "1", "-3", "--out", out], "lr_multipliers must be > 0"),
         (["demo", "--quick", "--lr-multipliers", "3", "3", "--out", out], "lr_multipliers has repeated values"),
         (["demo", "--data-selection", "--task", "code", "--out", out], "--task does not apply"),
+        (["demo", "--data-selection", "--error-feedback", "--out", out], "--error_feedback does not apply"),
         (["blueprint", "show", text], "is not a safetensors file"),
         (["blueprint", "show", dump], "not a sparse_grad blueprint"),
         (["blueprint", "combine", out / "bp.safetensors", dump, dump], "not a sparse_grad blueprint"),

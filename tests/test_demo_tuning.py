@@ -157,3 +157,29 @@ def test_code_task_adapts_to_other_stdlib_modules(tmp_path):
     assert torch.equal(stdlib_bytes(10, skip=5), stdlib_bytes(15)[5:])
     with pytest.raises(ValueError, match="task must be one of"):
         prepare(replace(cfg, task="poetry"), tmp_path)
+
+
+def test_error_feedback_option_reaches_every_sparse_variant_and_survives_tuning():
+    from sparse_grad.demo import TinyLM
+
+    from sparse_grad.blueprint import Blueprint
+    from sparse_grad.analysis import GradientMonitor
+
+    model = TinyLM(16, width=32, layers=1, heads=2)
+    monitor = GradientMonitor(model, block_size=64)
+    model(torch.randint(0, 256, (2, 16))).sum().backward()
+    monitor.update()
+    variants = standard_variants((0.05,), lr=1e-3, weight_decay=0.0, block_size=64,
+                                 blueprint=Blueprint.from_monitor(monitor), compact_density=0.05, fixed_last=0,
+                                 error_feedback=True)
+    assert [v.family for v in variants] == ["dense", "norm", "random", "blueprint", "compact"]
+    for v in variants:
+        opt = v.with_hyper(lr=3e-3).build(model, 0)  # the tuner's copies keep the option
+        groups = opt.param_groups
+        if v.family == "dense":
+            assert v.name == "AdamW (dense)" and "error_feedback" not in groups[0]
+        else:
+            assert v.name.endswith("+EF") and all(g["error_feedback"] for g in groups)
+            assert all(g["lr"] == 3e-3 for g in groups)
+    with pytest.raises(TypeError, match="error_feedback must be a bool"):
+        run_demo(config_for(quick=True, error_feedback=1), None)

@@ -61,6 +61,7 @@ class DemoConfig:
     lr_multipliers: tuple[float, ...] = (1.0, 3.0, 10.0)  # every variant's lr grid: stage2_lr times these
     blueprint_weights: tuple[float, ...] = (0.25, 0.5, 0.75)  # the blueprint variants' blend-weight grid
     blueprint_beta: float = 0.98  # stage 1 records the blueprint as an EMA of the block scores (late steps)
+    error_feedback: bool = False  # SparseAdamW variants keep the unapplied gradient (docs/low_density_study.md)
     eval_every: int = 25
     val_batches: int = 16  # validation batches of `batch` windows, fixed for every evaluation
     weight_decay: float = 0.01
@@ -111,6 +112,7 @@ def check_config(cfg: DemoConfig) -> None:
         raise ValueError(f"compact_density must be in (0, 1), got {cfg.compact_density!r}")
     _checks.choice(cfg.task, tuple(TASKS), "task")
     check_grid(cfg.lr_multipliers, "lr_multipliers")
+    _checks.flag(cfg.error_feedback, "error_feedback")
     check_grid(cfg.blueprint_weights, "blueprint_weights", _checks.unit_interval)
     _checks.beta(cfg.blueprint_beta, "blueprint_beta")
     if not 0 <= cfg.fixed_last_layers <= cfg.layers:
@@ -262,7 +264,8 @@ def run_demo(cfg: DemoConfig, out_dir: Path, *, progress: bool = True) -> DemoRe
     setup = prepare(cfg, out_dir, progress=progress)
     variants = standard_variants(cfg.densities, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay,
                                  block_size=cfg.block_size, blueprint=setup.blueprint, backend=cfg.backend,
-                                 compact_density=cfg.compact_density, fixed_last=cfg.fixed_last_layers)
+                                 compact_density=cfg.compact_density, fixed_last=cfg.fixed_last_layers,
+                                 error_feedback=cfg.error_feedback)
     grid = len(cfg.lr_multipliers)
     runs = sum(len(cfg.blueprint_weights) if v.family == "blueprint" else
                1 if v.family == "compact" and v.density in cfg.densities else grid for v in variants)

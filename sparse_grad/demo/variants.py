@@ -123,15 +123,23 @@ def trained_by_fixed_layers(model: torch.nn.Module, last: int) -> set[str]:
 
 def standard_variants(densities: Sequence[float], *, lr: float, weight_decay: float, block_size: int,
                       blueprint, backend: str = "auto", compact_density: float | None = None,
-                      fixed_last: int = 1) -> list[Variant]:
+                      fixed_last: int = 1, error_feedback: bool = False) -> list[Variant]:
     """What the demo compares: dense AdamW; norm, random and blueprint selection at every
-    density; compact state at ``compact_density``; the fixed-layer baseline."""
+    density; compact state at ``compact_density``; the fixed-layer baseline. ``error_feedback``:
+    every SparseAdamW variant keeps the unapplied gradient (its names end in "+EF")."""
     common = {"lr": lr, "weight_decay": weight_decay, "block_size": block_size, "backend": backend}
+    if error_feedback:
+        common["error_feedback"] = True
+
+    def named(family: str, d: float) -> Variant:
+        return sparse(family, d, blueprint=blueprint, name=f"{family} d={d:g} +EF" if error_feedback else None,
+                      **common)
+
     variants = [dense_adamw(lr, weight_decay)]
     for family in ("norm", "random", "blueprint"):
-        variants += [sparse(family, d, blueprint=blueprint, **common) for d in densities]
+        variants += [named(family, d) for d in densities]
     if compact_density is not None:
-        variants.append(sparse("compact", compact_density, **common))
+        variants.append(named("compact", compact_density))
     if fixed_last:
         variants.append(fixed_layers(lr, weight_decay, fixed_last))
     return variants
