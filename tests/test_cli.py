@@ -165,6 +165,7 @@ def _garbage(tmp_path):
         (["demo", "--quick", "--lr-multipliers", "3", "3", "--out", out], "lr_multipliers has repeated values"),
         (["demo", "--data-selection", "--task", "code", "--out", out], "--task does not apply"),
         (["demo", "--data-selection", "--error-feedback", "--out", out], "--error_feedback does not apply"),
+        (["demo", "--quick", "--block-size", "0", "--out", out], "block_size must be a positive int"),
         (["blueprint", "show", text], "is not a safetensors file"),
         (["blueprint", "show", dump], "not a sparse_grad blueprint"),
         (["blueprint", "combine", out / "bp.safetensors", dump, dump], "not a sparse_grad blueprint"),

@@ -45,6 +45,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--densities", type=float, nargs="+", help="SparseAdamW densities (default 0.01 0.05 0.2)")
     parser.add_argument("--lr-multipliers", type=float, nargs="+",
                         help="every variant's lr grid, as multiples of the base lr 0.002 (default 1 3 10)")
+    parser.add_argument("--block-size", type=int,
+                        help="SparseAdamW block size (default 256 for --size small; 64 gained about 3 points of dense "
+                             "AdamW's gain at density 0.05 on both study tasks: docs/low_density_study.md)")
     parser.add_argument("--error-feedback", action="store_true",
                         help="SparseAdamW variants with error_feedback=True (at density 0.05 it recovered about "
                              "20 points more of dense AdamW's gain on both study tasks: docs/low_density_study.md)")
@@ -62,7 +65,7 @@ def add_parser(commands) -> None:
 # The data-selection experiment has its own fixed model, budget and CPU setting (see its module).
 _NOT_FOR_DATA_SELECTION = {"size": "small", "device": "cpu", "threads": None, "backend": "auto",
                            "densities": None, "repeats": None, "task": "prose", "lr_multipliers": None,
-                           "error_feedback": False}
+                           "error_feedback": False, "block_size": None}
 
 
 def run_data_selection(args: argparse.Namespace) -> int:
@@ -93,7 +96,7 @@ def _config(args: argparse.Namespace):
     threads = args.threads if args.threads is not None else (default_threads() if device.type == "cpu" else None)
     return config_for(args.size, args.quick, device=args.device, threads=threads, backend=args.backend,
                       densities=tuple(args.densities) if args.densities else None, repeats=args.repeats,
-                      task=args.task, error_feedback=args.error_feedback or None,
+                      task=args.task, error_feedback=args.error_feedback or None, block_size=args.block_size,
                       lr_multipliers=tuple(args.lr_multipliers) if args.lr_multipliers else None,
                       stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, seed=args.seed)
 
