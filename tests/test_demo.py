@@ -33,13 +33,16 @@ def test_demo_quick_command_writes_outputs_that_parse(tmp_path):
     run = subprocess.run([sys.executable, "-m", "sparse_grad", "demo", "--quick", "--out", str(out), "--threads", "1"],
                          check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "stage 1: dense AdamW" in run.stderr and "stage 2 [12/12]" in run.stderr  # progress bars
+    # progress bars; --quick: 12 variants, 20 runs (lr grid x1, x10; blueprint and compact borrow norm's lr)
+    assert "stage 1: dense AdamW" in run.stderr and "stage 2 [20/20]" in run.stderr
     assert "AdamW (dense)" in run.stdout and "random d=0.05" in run.stdout and "CPR/dense" in run.stdout
 
     results = json.loads((out / "results.json").read_text())
     names = [r["variant"] for r in results["summary"]]
     assert names[0] == "AdamW (dense)" and len(names) == 12
-    assert {f"{f} d={d:g}" for f in ("norm", "random", "blueprint") for d in (0.05, 0.1, 0.2)} <= set(names)
+    assert {f"{f} d={d:g}" for f in ("norm", "random", "blueprint") for d in (0.01, 0.05, 0.2)} <= set(names)
+    assert [g["variant"] for g in results["tuning"]] == names
+    assert all(row["lr"] in (2e-3, 2e-2) for row in results["summary"])
     dense = results["summary"][0]
     assert dense["cpr_vs_dense"] == 1.0 and dense["delta_vs_dense"] == 0.0
     for row in results["summary"]:
@@ -57,7 +60,7 @@ def test_demo_quick_command_writes_outputs_that_parse(tmp_path):
     assert stage1["stopped_by"] in ("stopper", "cap") and 0 < stage1["heavy_tail"]["gini"] < 1
     # Compact state holds moments for the selected blocks only.
     by_name = {r["variant"]: r for r in results["summary"]}
-    assert by_name["compact d=0.1"]["state_mib"] < 0.5 * by_name["norm d=0.1"]["state_mib"]
+    assert by_name["compact d=0.05"]["state_mib"] < 0.5 * by_name["norm d=0.05"]["state_mib"]
     assert {c["kind"] for c in results["comparisons"]} >= {"norm vs random", "norm vs blueprint", "dense vs norm"}
 
     with open(out / "results.csv", newline="") as f:
@@ -153,7 +156,8 @@ def test_bad_input_is_named():
 def test_outputs_of_a_tiny_in_process_run(tmp_path):
     """Two densities, two repeats: the standard error then comes from the repeats."""
     cfg = config_for(quick=True, densities=(0.1, 0.3), repeats=2, stage1_steps=30, stage2_steps=12, eval_every=6,
-                     compact_density=None, fixed_last_layers=0, source_bytes=60_000, prose_bytes=60_000)
+                     compact_density=None, fixed_last_layers=0, source_bytes=60_000, prose_bytes=60_000,
+                     lr_multipliers=(1.0,))  # one lr: the grid is test_demo_tuning's
     with one_thread():
         results = run_demo(cfg, tmp_path, progress=False)
         table, files = write_outputs(results, tmp_path)

@@ -8,6 +8,7 @@ from .data import (
     prose_text,
     stdlib_bytes,
     stdlib_text,
+    train_tune_test_split,
     train_val_split,
     window_sampler,
 )
@@ -15,4 +16,5 @@ from .model import TinyLM, lm_loss, lm_losses
 from .train import train_steps
 
 __all__ = ["TinyLM", "batches", "lm_loss", "lm_losses", "prose_bytes", "prose_text", "stdlib_bytes", "stdlib_text",
-           "train_steps", "train_val_split", "window_sampler"]
+           "train_steps", "train_tune_test_split", "train_val_split",
+           "window_sampler"]

@@ -1,5 +1,7 @@
 """The whole demo: stage 1 (dense pretraining on Python source, blueprint), then every stage-2
-variant from the same stage-1 weights on English prose, with the same batches and step budget."""
+variant from the same stage-1 weights with the same batches and step budget, each at its own
+hyper-parameters chosen on a tuning split (:mod:`.tuning`), on one of two tasks: English prose
+(a domain shift) or other modules of the standard library (near stage 1's domain)."""
 from __future__ import annotations
 
 import datetime
@@ -9,7 +11,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,12 +20,18 @@ from .. import __version__, _checks, backends
 from ..backends import resolve
 from ..blueprint import Blueprint
 from ..cpr import MarginalReturnStopper
-from .data import batches, prose_bytes, stdlib_bytes, train_val_split
+from .data import batches, prose_bytes, stdlib_bytes, train_tune_test_split, train_val_split
 from .model import TinyLM
 from .stages import Stage1Result, VariantResult, run_stage1, run_variant
-from .variants import standard_variants
+from .tuning import Choice, check_grid, tune
+from .variants import Variant, standard_variants
 
-__all__ = ["SIZES", "DemoConfig", "DemoResults", "config_for", "run_demo"]
+__all__ = ["SIZES", "TASKS", "DemoConfig", "DemoResults", "Stage2Setup", "config_for", "prepare", "run_demo"]
+
+# Stage-2 tasks and their titles: the stage-1 model (trained on the first source_bytes of the
+# standard library's source) is adapted to prose (a domain shift) or to the source after those
+# bytes (other modules: near stage 1's domain).
+TASKS = {"prose": "adaptation to English prose", "code": "adaptation to other standard-library modules"}
 
 
 @dataclass(frozen=True)
@@ -37,20 +45,28 @@ class DemoConfig:
     batch: int = 16
     block_size: int = 256
     source_bytes: int = 1_000_000  # of the standard library's source (stage 1)
-    prose_bytes: int = 500_000  # of pydoc_data.topics (stage 2; it has about 465 KB)
-    stage1_steps: int = 600  # the cap; the stopper may stop earlier
+    prose_bytes: int = 500_000  # stage-2 bytes: of pydoc_data.topics (it has about 465 KB) or of later stdlib source
+    task: str = "prose"  # stage 2: "prose" or "code" (TASKS)
+    # The cap, above where the stopper fires: on the default setting the held-out loss plateaus
+    # near 2.3 (returns 0.64-0.68) before falling fast again (about 1.0-1.3 to step 650), and
+    # the returns first stay under eta=0.5 at steps 900-950 (docs/low_density_study.md).
+    stage1_steps: int = 1500
     stage1_lr: float = 3e-3
     check_every: int = 50  # stage 1: validation + stopper check
     stopper_window: int = 3
     stopper_patience: int = 2
     stopper_eta: float = 0.5  # Ψ (nats of val loss) per million training tokens
     stage2_steps: int = 150
-    stage2_lr: float = 2e-3
+    stage2_lr: float = 2e-3  # the base of the lr grid
+    lr_multipliers: tuple[float, ...] = (1.0, 3.0, 10.0)  # every variant's lr grid: stage2_lr times these
+    blueprint_weights: tuple[float, ...] = (0.25, 0.5, 0.75)  # the blueprint variants' blend-weight grid
+    blueprint_beta: float = 0.98  # stage 1 records the blueprint as an EMA of the block scores (late steps)
+    error_feedback: bool = False  # SparseAdamW variants keep the unapplied gradient (docs/low_density_study.md)
     eval_every: int = 25
     val_batches: int = 16  # validation batches of `batch` windows, fixed for every evaluation
     weight_decay: float = 0.01
-    densities: tuple[float, ...] = (0.05, 0.1, 0.2)
-    compact_density: float | None = 0.1
+    densities: tuple[float, ...] = (0.01, 0.05, 0.2)
+    compact_density: float | None = 0.05
     fixed_last_layers: int = 1
     repeats: int = 1  # stage-2 runs per variant, with different batch orders (and random draws)
     seed: int = 0
@@ -69,7 +85,7 @@ SIZES = {
 }
 QUICK = {"width": 64, "layers": 2, "heads": 2, "context": 32, "batch": 8, "block_size": 128, "stage1_steps": 120,
          "check_every": 30, "stage2_steps": 40, "eval_every": 10, "val_batches": 8, "source_bytes": 300_000,
-         "prose_bytes": 200_000}
+         "prose_bytes": 200_000, "lr_multipliers": (1.0, 10.0), "blueprint_weights": (0.5,)}
 
 
 def config_for(size: str = "small", quick: bool = False, **overrides) -> DemoConfig:
@@ -94,6 +110,11 @@ def check_config(cfg: DemoConfig) -> None:
         raise ValueError(f"densities must be in (0, 1), got {cfg.densities!r}")
     if cfg.compact_density is not None and not 0.0 < cfg.compact_density < 1.0:
         raise ValueError(f"compact_density must be in (0, 1), got {cfg.compact_density!r}")
+    _checks.choice(cfg.task, tuple(TASKS), "task")
+    check_grid(cfg.lr_multipliers, "lr_multipliers")
+    _checks.flag(cfg.error_feedback, "error_feedback")
+    check_grid(cfg.blueprint_weights, "blueprint_weights", _checks.unit_interval)
+    _checks.beta(cfg.blueprint_beta, "blueprint_beta")
     if not 0 <= cfg.fixed_last_layers <= cfg.layers:
         raise ValueError(f"fixed_last_layers must be in [0, layers={cfg.layers}], got {cfg.fixed_last_layers}")
     if cfg.width % cfg.heads:
@@ -115,14 +136,16 @@ class DemoResults:
     environment: dict
     data: dict
     stage1: Stage1Result
-    start_val_loss: float  # stage-1 weights on the prose validation batches
-    variants: list[VariantResult]  # every run (repeats included), in the order run
+    start_val_loss: float  # stage-1 weights on the stage-2 held-out batches
+    variants: list[VariantResult]  # every reported run (repeats included), in the order run
     elapsed_s: float
+    tuning: list[Choice] = field(default_factory=list)  # every variant's grid (first repeat)
 
     def as_dict(self) -> dict:
         return {"config": asdict(self.config), "environment": self.environment, "data": self.data,
                 "stage1": self.stage1.summary(), "stage2_start_val_loss": self.start_val_loss,
-                "stage2": [v.as_dict() for v in self.variants], "elapsed_s": self.elapsed_s}
+                "stage2": [v.as_dict() for v in self.variants], "tuning": [c.as_dict() for c in self.tuning],
+                "elapsed_s": self.elapsed_s}
 
 
 def environment(cfg: DemoConfig, started: datetime.datetime) -> dict:
@@ -149,59 +172,122 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_demo(cfg: DemoConfig, out_dir: Path, *, progress: bool = True) -> DemoResults:
-    """Run both stages; writes the blueprint into ``out_dir`` (the report is :mod:`.report`'s)."""
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Stage2Setup:
+    """What every stage-2 run shares: the stage-1 result and blueprint, the stage-2 data split
+    three ways (training, tuning, held out), and fresh copies of the stage-1 model."""
+
+    cfg: DemoConfig
+    data: dict
+    stage1: Stage1Result
+    blueprint: Blueprint
+    train: torch.Tensor  # stage-2 training bytes
+    tune_batches: list[Batch]  # hyper-parameters are chosen on these
+    val_batches: list[Batch]  # held out: the reported losses
+
+    def make_model(self) -> TinyLM:
+        cfg = self.cfg
+        fresh = TinyLM(cfg.context, width=cfg.width, layers=cfg.layers, heads=cfg.heads)
+        fresh.load_state_dict(self.stage1.state)
+        return fresh.to(cfg.device)
+
+    def run(self, variant: Variant, repeat: int = 0, *, progress: bool = False, label: str | None = None,
+            steps: int | None = None) -> VariantResult:
+        """``variant`` from the stage-1 weights on the batches of ``repeat`` (each repeat another order)."""
+        cfg = self.cfg
+        steps = steps or cfg.stage2_steps
+        train = batches(self.train, steps, cfg.batch, cfg.context, seed=cfg.seed + 100 + repeat)
+        return run_variant(variant, self.make_model, train, self.val_batches, steps=steps,
+                           eval_every=min(cfg.eval_every, steps), device=torch.device(cfg.device), seed=repeat,
+                           progress=progress, label=label, tune_batches=self.tune_batches)
+
+
+def stage2_bytes(cfg: DemoConfig) -> tuple[torch.Tensor, str]:
+    if cfg.task == "prose":
+        return prose_bytes(cfg.prose_bytes), "English prose (pydoc_data.topics)"
+    # The bytes right after stage 1's: other modules (in name order), the same language and style.
+    return (stdlib_bytes(cfg.prose_bytes, skip=cfg.source_bytes),
+            "Python standard-library source after stage 1's bytes (other modules)")
+
+
+def prepare(cfg: DemoConfig, out_dir: Path, *, progress: bool = True, stage1: Stage1Result | None = None
+            ) -> Stage2Setup:
+    """Stage 1 (writes the blueprint and the weights into ``out_dir``) and the stage-2 data;
+    ``stage1``: a finished stage 1 of the same config (its blueprint in ``out_dir``) to reuse, so
+    that two stage-2 tasks start from the same weights."""
     check_config(cfg)
-    # timezone.utc, not datetime.UTC: Python 3.10 is supported
-    started, started_at = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017
     torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     source_train, source_val = train_val_split(stdlib_bytes(cfg.source_bytes))
-    prose_train, prose_val = train_val_split(prose_bytes(cfg.prose_bytes))
+    text, what = stage2_bytes(cfg)
+    train, tune_split, held_out = train_tune_test_split(text)
     data = {"stage1": f"Python standard-library source: {source_train.numel():,} bytes train, "
                       f"{source_val.numel():,} held out",
-            "stage2": f"English prose (pydoc_data.topics): {prose_train.numel():,} bytes train, "
-                      f"{prose_val.numel():,} held out"}
+            "stage2": f"{what}: {train.numel():,} bytes train, {tune_split.numel():,} for choosing hyper-parameters "
+                      f"(tuning split), {held_out.numel():,} held out (the reported losses)",
+            "task": cfg.task}
 
     def val_set(data_val: torch.Tensor, seed: int) -> list:
         return list(batches(data_val, cfg.val_batches, cfg.batch, cfg.context, seed=seed))
 
+    if stage1 is None:
+        stage1 = _stage1(cfg, out_dir, source_train, val_set(source_val, cfg.seed + 2), progress)
+    return Stage2Setup(cfg=cfg, data=data, stage1=stage1,
+                       blueprint=Blueprint.load(out_dir / "stage1_blueprint.safetensors"), train=train,
+                       tune_batches=val_set(tune_split, cfg.seed + 4), val_batches=val_set(held_out, cfg.seed + 3))
+
+
+def _stage1(cfg: DemoConfig, out_dir: Path, source_train: torch.Tensor, val_batches: list, progress: bool
+            ) -> Stage1Result:
+    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = TinyLM(cfg.context, width=cfg.width, layers=cfg.layers, heads=cfg.heads).to(device)
     stopper = MarginalReturnStopper(window=cfg.stopper_window, eta=cfg.stopper_eta, patience=cfg.stopper_patience)
     stage1 = run_stage1(model, batches(source_train, cfg.stage1_steps, cfg.batch, cfg.context, seed=cfg.seed + 1),
-                        val_set(source_val, cfg.seed + 2), steps=cfg.stage1_steps, lr=cfg.stage1_lr,
+                        val_batches, steps=cfg.stage1_steps, lr=cfg.stage1_lr,
                         weight_decay=cfg.weight_decay, block_size=cfg.block_size, check_every=cfg.check_every,
                         stopper=stopper, blueprint_path=out_dir / "stage1_blueprint.safetensors", device=device,
-                        progress=progress)
+                        blueprint_beta=cfg.blueprint_beta, progress=progress)
     torch.save(stage1.state, out_dir / "stage1_model.pt")
-    blueprint = Blueprint.load(out_dir / "stage1_blueprint.safetensors")
+    return stage1
 
-    def make_model() -> TinyLM:
-        fresh = TinyLM(cfg.context, width=cfg.width, layers=cfg.layers, heads=cfg.heads)
-        fresh.load_state_dict(stage1.state)
-        return fresh.to(device)
 
-    prose_val_batches = val_set(prose_val, cfg.seed + 3)
+def run_demo(cfg: DemoConfig, out_dir: Path, *, progress: bool = True) -> DemoResults:
+    """Run both stages; writes the blueprint into ``out_dir`` (the report is :mod:`.report`'s).
+    Every variant's grid runs on the first repeat's batches; further repeats rerun the choice."""
+    # timezone.utc, not datetime.UTC: Python 3.10 is supported
+    started, started_at = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017
+    setup = prepare(cfg, out_dir, progress=progress)
     variants = standard_variants(cfg.densities, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay,
-                                 block_size=cfg.block_size, blueprint=blueprint, backend=cfg.backend,
-                                 compact_density=cfg.compact_density, fixed_last=cfg.fixed_last_layers)
-    results = []
-    runs = len(variants) * cfg.repeats
-    for repeat in range(cfg.repeats):
-        for variant in variants:
-            label = f"stage 2 [{len(results) + 1}/{runs}] {variant.name}"
-            if cfg.repeats > 1:
-                label += f" (repeat {repeat + 1})"
-            train = batches(prose_train, cfg.stage2_steps, cfg.batch, cfg.context, seed=cfg.seed + 100 + repeat)
-            results.append(run_variant(variant, make_model, train, prose_val_batches, steps=cfg.stage2_steps,
-                                       eval_every=cfg.eval_every, device=device, seed=repeat, progress=progress,
-                                       label=label))
+                                 block_size=cfg.block_size, blueprint=setup.blueprint, backend=cfg.backend,
+                                 compact_density=cfg.compact_density, fixed_last=cfg.fixed_last_layers,
+                                 error_feedback=cfg.error_feedback)
+    grid = len(cfg.lr_multipliers)
+    runs = sum(len(cfg.blueprint_weights) if v.family == "blueprint" else
+               1 if v.family == "compact" and v.density in cfg.densities else grid for v in variants)
+    done = 0
+
+    def run(variant: Variant, repeat: int = 0) -> VariantResult:
+        nonlocal done
+        done += 1
+        label = f"stage 2 [{done}/{runs + (cfg.repeats - 1) * len(variants)}] {variant.name} " + ", ".join(
+            f"{k} {v:g}" for k, v in variant.hyper.items()) + (f" (repeat {repeat + 1})" if repeat else "")
+        return setup.run(variant, repeat, progress=progress, label=label)
+
+    choices = tune(variants, run, lr_multipliers=cfg.lr_multipliers, blueprint_weights=cfg.blueprint_weights)
+    results = [c.chosen for c in choices]
+    for repeat in range(1, cfg.repeats):
+        for choice in choices:
+            chosen = next(v for v in variants if v.name == choice.name).with_hyper(**choice.chosen.hyper)
+            results.append(run(chosen, repeat))
     start_val = statistics.fmean(r.curve[0]["val_loss"] for r in results)
-    return DemoResults(config=cfg, environment=environment(cfg, started_at), data=data, stage1=stage1, start_val_loss=start_val,
-                       variants=results, elapsed_s=time.perf_counter() - started)
+    return DemoResults(config=cfg, environment=environment(cfg, started_at), data=setup.data, stage1=setup.stage1,
+                       start_val_loss=start_val, variants=results, elapsed_s=time.perf_counter() - started,
+                       tuning=choices)
 
 
 def default_threads() -> int:

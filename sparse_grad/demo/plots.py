@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.plots import _figure, save_heavy_tail_figure
-from .experiment import DemoResults
+from .experiment import TASKS, DemoResults
 
 __all__ = ["save_all"]
 
@@ -47,9 +47,9 @@ def save_all(results: DemoResults, summaries, out_dir: Path) -> list[Path]:
     for s in summaries:
         steps, losses = _mean_curve(s, "step")
         right.plot(steps, losses, label=s.name, **_style(s, densities))
-    right.set_title("stage 2: adaptation to English prose")
+    right.set_title(f"stage 2: {TASKS[results.config.task]}")
     right.set_xlabel("step")
-    right.set_ylabel("validation loss (nats/byte)")
+    right.set_ylabel("held-out loss (nats/byte)")
     right.legend(fontsize="x-small", ncol=2)
     fig.savefig(out_dir / "loss_vs_step.png", dpi=DPI)
     paths.append(out_dir / "loss_vs_step.png")
@@ -60,7 +60,7 @@ def save_all(results: DemoResults, summaries, out_dir: Path) -> list[Path]:
         seconds, losses = _mean_curve(s, "device_s")
         left.plot(seconds, losses, label=s.name, **_style(s, densities))
     left.set_xlabel("training time, device-seconds (ResourceMeter)")
-    left.set_ylabel("validation loss (nats/byte)")
+    left.set_ylabel("held-out loss (nats/byte)")
     left.set_title("stage 2: loss vs resource")
     left.legend(fontsize="x-small", ncol=2)
     # Final loss against the share of blocks updated per step (the update's cost); dense at 1,
@@ -75,7 +75,7 @@ def save_all(results: DemoResults, summaries, out_dir: Path) -> list[Path]:
             right.plot([x], [s.val_loss], "s", color=COLORS[s.family], label=s.name, markersize=6)
     right.set_xscale("log")
     right.set_xlabel("share of parameters updated per step (log)")
-    right.set_ylabel("final validation loss")
+    right.set_ylabel("final held-out loss")
     right.set_title(f"after {results.config.stage2_steps} steps")
     right.legend(fontsize="x-small")
     fig.savefig(out_dir / "loss_vs_resource.png", dpi=DPI)

@@ -13,16 +13,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .experiment import DemoResults, variant_names
+from .experiment import TASKS, DemoResults, variant_names
 from .stages import VariantResult
 
 __all__ = ["Summary", "comparisons", "console_table", "summarize", "write_outputs"]
 
 MIB = 2.0**20
 NOISE_SIGMAS = 2.0  # a difference smaller than this many standard errors is reported as a tie
-CSV_FIELDS = ("variant", "family", "density", "repeats", "val_loss", "val_loss_stderr", "delta_vs_dense",
+CSV_FIELDS = ("variant", "family", "density", "lr", "blueprint_weight", "repeats", "val_loss", "val_loss_stderr", "delta_vs_dense",
               "optimizer_ms", "step_ms", "state_mib", "footprint_mib", "peak_memory_mib", "trained_fraction",
-              "device_s", "cpr_nats_per_device_hour", "cpr_vs_dense", "cpr_state_vs_dense", "mean_churn")
+              "device_s", "cpr_nats_per_device_hour", "cpr_vs_dense", "cpr_state_vs_dense", "mean_churn",
+              "share_of_dense_gain")
+# The issue's targets (share of dense AdamW's loss gain, each at its tuned lr) for norm selection.
+TARGETS = {0.05: 0.90, 0.01: 0.75}
+
 
 
 @dataclass
@@ -49,16 +53,24 @@ class Summary:
     cpr: float = math.nan  # ΔΨ per device-hour
     cpr_vs_dense: float = math.nan
     cpr_state_vs_dense: float = math.nan  # the same with Γ = optimizer-state GiB-hours
+    share_of_dense_gain: float = math.nan  # gain / dense AdamW's gain
+
+    @property
+    def hyper(self) -> dict:
+        return self.runs[0].hyper  # every repeat runs at the hyper-parameters chosen on the first
 
     def row(self, dense: Summary | None) -> dict:
-        return {"variant": self.name, "family": self.family, "density": self.density, "repeats": len(self.runs),
+        return {"variant": self.name, "family": self.family, "density": self.density,
+                "lr": self.hyper.get("lr"), "blueprint_weight": self.hyper.get("blueprint_weight"),
+                "repeats": len(self.runs),
                 "val_loss": self.val_loss, "val_loss_stderr": self.stderr,
                 "delta_vs_dense": self.val_loss - dense.val_loss if dense else math.nan,
                 "optimizer_ms": self.optimizer_ms, "step_ms": self.step_ms, "state_mib": self.state_bytes / MIB,
                 "footprint_mib": self.footprint_bytes / MIB, "peak_memory_mib": self.peak_memory_bytes / MIB,
                 "trained_fraction": self.trained_fraction, "device_s": self.device_s,
                 "cpr_nats_per_device_hour": self.cpr, "cpr_vs_dense": self.cpr_vs_dense,
-                "cpr_state_vs_dense": self.cpr_state_vs_dense, "mean_churn": self.mean_churn}
+                "cpr_state_vs_dense": self.cpr_state_vs_dense, "mean_churn": self.mean_churn,
+                "share_of_dense_gain": self.share_of_dense_gain}
 
 
 def summarize(results: DemoResults) -> list[Summary]:
@@ -86,6 +98,7 @@ def summarize(results: DemoResults) -> list[Summary]:
     dense = next((s for s in summaries if s.family == "dense"), None)
     if dense is not None and dense.gain > 0:
         for s in summaries:
+            s.share_of_dense_gain = s.gain / dense.gain
             s.cpr_vs_dense = s.cpr / dense.cpr
             if s.state_gib_hours > 0 and dense.state_gib_hours > 0:
                 s.cpr_state_vs_dense = (s.gain / s.state_gib_hours) / (dense.gain / dense.state_gib_hours)
@@ -149,15 +162,22 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _label(s: Summary) -> str:
+    weight = s.hyper.get("blueprint_weight")
+    return s.name if weight is None else f"{s.name} w={weight:g}"
+
+
 def console_table(results: DemoResults, summaries: Sequence[Summary]) -> str:
     dense = next((s for s in summaries if s.family == "dense"), None)
-    header = (f"{'variant':<22} {'val loss':>9} {'± SE':>7} {'vs dense':>9} {'opt ms':>7} {'step ms':>8} "
-              f"{'state MiB':>9} {'p+g+s MiB':>9} {'CPR/dense':>9} {'churn':>6}")
-    lines = [(f"stage 2 from the stage-1 weights (val loss {results.start_val_loss:.3f} on the prose before "
-             f"adaptation), {results.config.stage2_steps} steps each:"), header, "-" * len(header)]
+    header = (f"{'variant':<24} {'lr':>6} {'val loss':>9} {'± SE':>7} {'vs dense':>9} {'gain %':>6} {'opt ms':>7} "
+              f"{'step ms':>8} {'state MiB':>9} {'p+g+s MiB':>9} {'CPR/dense':>9} {'churn':>6}")
+    lines = [(f"stage 2 ({TASKS[results.config.task]}) from the stage-1 weights (held-out loss "
+             f"{results.start_val_loss:.3f} before adaptation), {results.config.stage2_steps} steps each, every "
+             "variant at its lr (blueprint: blend weight) chosen on the tuning split:"), header, "-" * len(header)]
     for s in summaries:
         r = s.row(dense)
-        lines.append(f"{s.name:<22} {s.val_loss:>9.4f} {s.stderr:>7.4f} {_fmt(r['delta_vs_dense'], '+9.4f'):>9} "
+        lines.append(f"{_label(s):<24} {s.hyper['lr']:>6.3g} {s.val_loss:>9.4f} {s.stderr:>7.4f} "
+                     f"{_fmt(r['delta_vs_dense'], '+9.4f'):>9} {_fmt(100 * s.share_of_dense_gain, '6.0f'):>6} "
                      f"{s.optimizer_ms:>7.2f} {s.step_ms:>8.1f} {s.state_bytes / MIB:>9.2f} "
                      f"{s.footprint_bytes / MIB:>9.2f} {_fmt(s.cpr_vs_dense, '9.2f'):>9} "
                      f"{_fmt(s.mean_churn, '6.2f'):>6}")
@@ -167,24 +187,56 @@ def console_table(results: DemoResults, summaries: Sequence[Summary]) -> str:
 def _markdown_table(results: DemoResults, summaries: Sequence[Summary]) -> str:
     dense = next((s for s in summaries if s.family == "dense"), None)
     memory_label = "peak GPU MiB" if results.config.device.startswith("cuda") else "RSS MiB"
-    lines = [(f"| variant | val loss ± SE | vs dense | optimizer ms | step ms | state MiB | params+grads+state MiB | "
-             f"{memory_label} | trained | CPR vs dense | mean churn |"), "|---" * 11 + "|"]
+    lines = [(f"| variant | lr | val loss ± SE | vs dense | share of dense gain | optimizer ms | step ms | state MiB | "
+              f"params+grads+state MiB | {memory_label} | trained | CPR vs dense | mean churn |"), "|---" * 13 + "|"]
     for s in summaries:
         r = s.row(dense)
-        lines.append(f"| {s.name} | {s.val_loss:.4f} ± {s.stderr:.4f} | {_fmt(r['delta_vs_dense'], '+.4f')} | "
+        lines.append(f"| {_label(s)} | {s.hyper['lr']:g} | {s.val_loss:.4f} ± {s.stderr:.4f} | "
+                     f"{_fmt(r['delta_vs_dense'], '+.4f')} | {_fmt(s.share_of_dense_gain, '.0%')} | "
                      f"{s.optimizer_ms:.2f} | {s.step_ms:.1f} | {s.state_bytes / MIB:.2f} | "
                      f"{s.footprint_bytes / MIB:.2f} | {s.peak_memory_bytes / MIB:.0f} | {s.trained_fraction:.0%} | "
                      f"{_fmt(s.cpr_vs_dense, '.2f')} | {_fmt(s.mean_churn, '.2f')} |")
     return "\n".join(lines)
 
 
+def target_finding(verdict_vs_dense: dict, dense: Summary) -> str:
+    """Is norm selection's share of dense's gain at or above the issue's target at its density?
+    The share's standard error is the paired difference's over dense's gain."""
+    d = verdict_vs_dense["density"]
+    share = 1.0 - verdict_vs_dense["b_minus_a"] / dense.gain
+    se = verdict_vs_dense["stderr"] / dense.gain
+    target = TARGETS[d]
+    met = "met" if share >= target else "not met"
+    return (f"Target at density {d:g} ({target:.0%} of dense AdamW's gain, each at its tuned lr): {met}: norm "
+            f"selection recovered {share:.1%} ± {se:.1%} ({verdict_vs_dense['basis']}).")
+
+
+def stage1_stop(results: DemoResults) -> str:
+    """Where stage 1 ended and why, read off the stopper's returns."""
+    s1, cfg = results.stage1, results.config
+    returns = [None] * (len(s1.curve) - len(s1.cpr)) + s1.cpr
+    if s1.stopped_by == "stopper":
+        last = [f"{r:.2f}" for r in returns[-cfg.stopper_patience:]]
+        steps = [str(p["step"]) for p in s1.curve[-cfg.stopper_patience:]]
+        return (f"Stage 1 stopped at step {s1.steps} (cap {cfg.stage1_steps}) because its marginal return fell "
+                f"below eta={cfg.stopper_eta:g} nats per million training tokens at {cfg.stopper_patience} "
+                f"consecutive checks: {', '.join(last)} at steps {', '.join(steps)} (each over the last "
+                f"{cfg.stopper_window} checks).")
+    seen = [r for r in returns if r is not None]
+    lowest = f"; the lowest windowed return was {min(seen):.2f}" if seen else ""
+    return (f"Stage 1 ran to its step cap ({s1.steps}) without the stopper firing (eta={cfg.stopper_eta:g} nats per "
+            f"million tokens, patience {cfg.stopper_patience}{lowest}).")
+
+
 def findings(results: DemoResults, summaries: Sequence[Summary], verdicts: Sequence[dict]) -> list[str]:
     """Plain statements of what this run found, read off the numbers."""
-    out = []
+    out = [stage1_stop(results)]
     dense = next((s for s in summaries if s.family == "dense"), None)
     if dense is not None:
-        out.append(f"Dense AdamW lowered the prose validation loss from {results.start_val_loss:.3f} to "
-                   f"{dense.val_loss:.3f} in {results.config.stage2_steps} steps.")
+        out.append(f"Dense AdamW (lr {dense.hyper['lr']:g}) lowered the held-out loss from "
+                   f"{results.start_val_loss:.3f} to {dense.val_loss:.3f} in {results.config.stage2_steps} steps.")
+    out += [target_finding(v, dense) for v in verdicts if v["kind"] == "dense vs norm" and v["density"] in TARGETS
+            and dense is not None and dense.gain > 0]
     for v in verdicts:
         if v["kind"] == "norm vs random":
             out.append(f"Density {v['density']:g}, norm-based vs random selection: {v['text']}.")
@@ -225,7 +277,6 @@ def write_markdown(path: Path, results: DemoResults, summaries: Sequence[Summary
                    else "the process's resident set (RSS) sampled after every step, maximum over the run: it "
                         "includes the torch runtime and every earlier run's allocator caches, so it is not a per-"
                         "variant figure; the params+grads+state column is the per-variant memory")
-    dense = next((s for s in summaries if s.family == "dense"), None)
     lines = [
         "# sparse_grad demo: two-stage pretrain → blueprint → sparse adaptation", "",
         (f"Run {env['date_utc']} on {env['machine']} ({env['device']}, {env['torch_threads']} torch thread(s), "
@@ -243,10 +294,8 @@ def write_markdown(path: Path, results: DemoResults, summaries: Sequence[Summary
         f"steps the validation loss went to a `MarginalReturnStopper(window={cfg.stopper_window}, "
         f"eta={cfg.stopper_eta:g}, patience={cfg.stopper_patience})` (Ψ = −validation loss, Γ = million training "
         "tokens — compute for this model, the same on any machine, so the stop does not depend on machine load; "
-        f"eta in nats per million tokens). It ran {s1.steps} steps and stopped by "
-        f"{'the stopper (marginal return below eta)' if s1.stopped_by == 'stopper' else 'the step cap'}; "
-        f"training loss {s1.train_loss_start:.3f} → validation loss {s1.curve[-1]['val_loss']:.3f}, "
-        f"{s1.resources['elapsed_s']:.1f} s of training."),
+        f"eta in nats per million tokens). {stage1_stop(results)} Training loss {s1.train_loss_start:.3f} → "
+        f"validation loss {s1.curve[-1]['val_loss']:.3f}, {s1.resources['elapsed_s']:.1f} s of training."),
         "",
         "| step | train loss | val loss | training s | marginal return (nats per million tokens) |", "|---|---|---|---|---|"]
     returns = [None] * (len(s1.curve) - len(s1.cpr)) + s1.cpr
@@ -257,17 +306,23 @@ def write_markdown(path: Path, results: DemoResults, summaries: Sequence[Summary
               f"{overall.top_shares[0.1]:.0%} of the mass and the top 20% {overall.top_shares[0.2]:.0%}; Gini "
               f"{overall.gini:.2f}" + (f"; the top {fit.tail_blocks} ranked norms follow norm ∝ rank^−{fit.alpha:.2f} "
                                        f"(KS distance {fit.ks:.3f})" if fit else "; no power-law tail was fitted")
-              + f". The blueprint (`{Path(s1.blueprint_path).name}`) recommends density "
-              f"{overall.recommended_density:.3f} for {overall.target_share:.0%} of the mass.", "",
+              + f". These statistics are the mean over the stage; the blueprint "
+              f"(`{Path(s1.blueprint_path).name}`) records an exponential moving average of the block scores "
+              f"(factor {cfg.blueprint_beta:g}: mostly the last ~{1 / (1 - cfg.blueprint_beta):.0f} steps). The "
+              f"stage's mean recommends density {overall.recommended_density:.3f} for {overall.target_share:.0%} of "
+              "the mass.", "",
               "![heavy tail](heavy_tail.png)", "",
-              "## Stage 2: adaptation to English prose", "",
-              f"Every variant starts from the stage-1 weights (validation loss {results.start_val_loss:.3f} on the "
-              f"prose), sees the same {cfg.stage2_steps} batches (lr {cfg.stage2_lr:g}, weight decay "
-              f"{cfg.weight_decay:g}), and is evaluated every {cfg.eval_every} steps"
+              f"## Stage 2: {TASKS[cfg.task]}", "",
+              f"Every variant starts from the stage-1 weights (held-out loss {results.start_val_loss:.3f} before "
+              f"adaptation), sees the same {cfg.stage2_steps} batches (weight decay {cfg.weight_decay:g}), and is "
+              f"evaluated every {cfg.eval_every} steps on the held-out split"
               + (f"; each ran {cfg.repeats} times with different batch orders (and random draws)"
-                 if cfg.repeats > 1 else "") + ".", "",
+                 if cfg.repeats > 1 else "") + ". " + TUNING_TEXT.format(
+                  lrs=", ".join(f"{cfg.stage2_lr * m:g}" for m in cfg.lr_multipliers),
+                  weights=", ".join(f"{w:g}" for w in cfg.blueprint_weights)), "",
               _markdown_table(results, summaries), "",
-              "Columns: *val loss ± SE* — final validation loss, standard error "
+              "Columns: *lr* — the learning rate chosen on the tuning split (*w* — the blueprint's blend weight "
+              "chosen there); *val loss ± SE* — final loss on the held-out split, standard error "
               + (f"over the {cfg.repeats} repeats" if cfg.repeats > 1 else
                  f"over the {cfg.val_batches} validation batches (evaluation noise only: one training run each)")
               + "; *optimizer ms* — median time of `optimizer.step()` alone; *step ms* — median time of forward, "
@@ -283,18 +338,39 @@ def write_markdown(path: Path, results: DemoResults, summaries: Sequence[Summary
               "results.json also has it with Γ = optimizer-state GiB-hours (`cpr_state_vs_dense`); *mean churn* — "
               "share of the selected blocks that were not selected at the step before, mean over the steps "
               "(from the score hook).", "",
-              "## Findings", ""]
+              "*share of dense gain* — (start − loss) / (start − dense AdamW's loss).", "",
+              "### Hyper-parameter grids (first repeat)", "",
+              "| variant | searched | grid: value → tuning loss / held-out loss | chosen |", "|---|---|---|---|"]
+    lines += [_grid_row(c) for c in results.tuning]
+    lines += ["", "## Findings", ""]
     lines += [f"- {f}" for f in findings(results, summaries, verdicts)]
     lines += ["", (f"Differences count as real when they exceed {NOISE_SIGMAS:g} standard errors of the paired "
               "difference; otherwise the report calls them a tie."), "", "| comparison | density | result | basis |",
               "|---|---|---|---|"]
     lines += [f"| {v['kind']} | {v['density']:g} | {v['text']} | {v['basis']} |" for v in verdicts]
+    dense = next((s for s in summaries if s.family == "dense"), None)
     if dense is not None and dense.gain <= 0:
         lines += ["", "Dense AdamW did not lower the validation loss, so CPR relative to dense is undefined."]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", ("Files: `results.json` (everything, including every curve), `results.csv` (the table), "
               "`stage1_blueprint.safetensors`, `stage1_model.pt`."), ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+TUNING_TEXT = ("Each variant ran at every learning rate of the grid {lrs} (dense AdamW included) and keeps "
+               "the run with the lowest loss on the tuning split, a part of the stage-2 data disjoint from both "
+               "the training and the held-out bytes; blueprint-guided selection and compact state take the lr "
+               "chosen for norm selection at their density (the same update rule), and the blueprint variants "
+               "choose their blend weight from {weights} the same way. The table reports the chosen runs.")
+
+
+def _grid_row(choice) -> str:
+    key = choice.searched
+    cells = ", ".join(f"{r.hyper[key]:g} → {r.tune_loss:.4f} / {r.val_loss:.4f}" for r in choice.runs) if key else \
+        f"{choice.chosen.tune_loss:.4f} / {choice.chosen.val_loss:.4f}"
+    chosen = ", ".join(f"{k} {v:g}" for k, v in choice.chosen.hyper.items())
+    searched = key or "none (norm selection's lr)"
+    return f"| {choice.name} | {searched} | {cells} | {chosen} |"
 
 
 def write_outputs(results: DemoResults, out_dir: Path) -> tuple[str, list[Path]]:

@@ -127,10 +127,12 @@ class Stage1Result:
 def run_stage1(model: torch.nn.Module, train: Iterable[Batch], val_batches: Sequence[Batch], *, steps: int,
                lr: float, weight_decay: float, block_size: int, check_every: int, stopper: MarginalReturnStopper,
                blueprint_path, device: torch.device, target_share: float = 0.9,
-               progress: bool = True) -> Stage1Result:
+               blueprint_beta: float | None = None, progress: bool = True) -> Stage1Result:
     """Dense AdamW "pretraining" with a GradientMonitor and a ResourceMeter, stopped by
     ``stopper`` or after ``steps``; saves the blueprint of the recorded block scores to
-    ``blueprint_path``.
+    ``blueprint_path``: their mean over the stage, or with ``blueprint_beta`` their exponential
+    moving average with that factor (a second monitor), which weighs the last ~1/(1 − beta) steps
+    most: the blueprint of where training ended, not of its early transient.
 
     The stopper sees Ψ = −validation loss and Γ = training tokens in millions: compute for a
     fixed model, and unlike device-hours the same on every machine, so where stage 1 stops does
@@ -138,6 +140,8 @@ def run_stage1(model: torch.nn.Module, train: Iterable[Batch], val_batches: Sequ
     _checks.positive_int(steps, "steps")
     _checks.positive_int(check_every, "check_every")
     monitor = GradientMonitor(model, block_size=block_size)
+    late = None if blueprint_beta is None else GradientMonitor(model, block_size=block_size, accumulate="ema",
+                                                                 beta=blueprint_beta)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     meter = _MeteredSegments(device, opt)
     bar = Progress(steps, "stage 1: dense AdamW on Python source", enabled=progress)
@@ -148,6 +152,8 @@ def run_stage1(model: torch.nn.Module, train: Iterable[Batch], val_batches: Sequ
         opt.zero_grad(set_to_none=True)
         loss.backward()
         monitor.update()
+        if late is not None:
+            late.update()
         opt.step()
         window.append(loss.item())
         first = window[0] if first is None else first
@@ -173,7 +179,8 @@ def run_stage1(model: torch.nn.Module, train: Iterable[Batch], val_batches: Sequ
 
     snapshot = monitor.snapshot()
     report = snapshot.report(target_share=target_share)
-    Blueprint.from_monitor(snapshot, target_share=target_share).save(blueprint_path)
+    recorded = snapshot if late is None else late.snapshot()
+    Blueprint.from_monitor(recorded, target_share=target_share).save(blueprint_path)
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     return Stage1Result(steps=step, stopped_by=stopped_by, curve=curve, cpr=list(stopper.returns), eta=stopper.eta,
                         resources=meter.as_dict(), train_loss_start=first, blueprint_path=str(blueprint_path),
@@ -203,6 +210,8 @@ class VariantResult:
     resources: dict  # ResourceMeter totals over the training segments
     churn: list[float] = field(default_factory=list)  # per step: share of selected blocks new since the last step
     note: str = ""
+    hyper: dict = field(default_factory=dict)  # the variant's tunable hyper-parameters (lr, ...) in this run
+    tune_loss: float | None = None  # final mean loss on the tuning split (hyper-parameters are chosen by it)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -212,8 +221,8 @@ def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module],
                 train: Iterable[Batch] | Callable[[torch.nn.Module], Iterable[Batch]],
                 val_batches: Sequence[Batch], *, steps: int, eval_every: int, device: torch.device, seed: int = 0,
                 progress: bool = True, label: str | None = None,
-                loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss
-                ) -> VariantResult:
+                loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss,
+                tune_batches: Sequence[Batch] | None = None) -> VariantResult:
     """Train ``variant`` for ``steps`` steps on ``train`` from ``make_model()`` (a fresh model
     with the start weights, on ``device``) and measure it.
 
@@ -224,7 +233,9 @@ def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module],
     Evaluates on ``val_batches`` at the start and every ``eval_every`` steps; times
     ``optimizer.step()`` alone and the whole step (synchronizing on CUDA); meters the resources
     of the training steps (not the evaluations) with :class:`~sparse_grad.cpr.ResourceMeter`;
-    records the mask churn of SparseAdamW through its score hook.
+    records the mask churn of SparseAdamW through its score hook. With ``tune_batches`` (a split
+    disjoint from ``val_batches``), the final model is also evaluated on them: ``tune_loss``, what
+    hyper-parameters are chosen by, so the reported ``val_loss`` stays an unbiased estimate.
     """
     _checks.positive_int(steps, "steps")
     _checks.positive_int(eval_every, "eval_every")
@@ -280,10 +291,12 @@ def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module],
     if curve[-1]["step"] != steps:
         raise ValueError(f"train gave {curve[-1]['step']} batches, fewer than steps={steps}")
     val_loss, val_stderr = mean_and_stderr(losses)
+    tune_loss = statistics.fmean(evaluate(model, tune_batches, device)) if tune_batches else None
     skip = min(2, len(opt_times) - 1)  # the first steps allocate state
     return VariantResult(
         name=variant.name, family=variant.family, density=variant.density, seed=seed, steps=steps, curve=curve,
         val_losses=losses, val_loss=val_loss, val_stderr=val_stderr,
         optimizer_ms=1e3 * statistics.median(opt_times[skip:]), step_ms=1e3 * statistics.median(step_times[skip:]),
         state_bytes=optimizer_state_bytes(opt), trained_fraction=trained_fraction, footprint_bytes=footprint,
-        resources=meter.as_dict(), churn=churn.churn, note=variant.note)
+        resources=meter.as_dict(), churn=churn.churn, note=variant.note, hyper=dict(variant.hyper),
+        tune_loss=tune_loss)

@@ -1,7 +1,9 @@
 """The optimizers stage 2 of the demo compares, each a small :class:`Variant` spec.
 
 A variant builds its optimizer on a fresh copy of the stage-1 model; :func:`~.stages.run_variant`
-trains any variant the same way (same start, same batches, same step budget).
+trains any variant the same way (same start, same batches, same step budget). Its tunable
+hyper-parameters (``lr``, a blueprint's blend weight) are in ``hyper``; ``variant.with_hyper(lr=...)``
+is the same variant with other values (what :mod:`.tuning` searches over).
 """
 from __future__ import annotations
 
@@ -32,31 +34,46 @@ class Variant:
     build: Callable[[torch.nn.Module, int], torch.optim.Optimizer] = field(compare=False)
     density: float | None = None  # fraction of the parameters' blocks updated per step, if fixed
     note: str = ""
+    hyper: dict = field(default_factory=dict, compare=False)  # e.g. {"lr": 2e-3}
+    respec: Callable[..., Variant] | None = field(default=None, compare=False)  # hyper -> the variant
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
 
+    def with_hyper(self, **changes) -> Variant:
+        """This variant with some of its ``hyper`` values changed."""
+        unknown = sorted(set(changes) - set(self.hyper))
+        if unknown or self.respec is None:
+            raise ValueError(f"variant {self.name!r} has no hyper-parameter {(unknown or list(changes))[0]!r} "
+                             f"(it has {sorted(self.hyper)})")
+        return self.respec(**{**self.hyper, **changes})
+
 
 def dense_adamw(lr: float, weight_decay: float) -> Variant:
     return Variant("AdamW (dense)", "dense",
                    lambda model, seed: torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay),
-                   density=1.0, note="torch.optim.AdamW on every parameter")
+                   density=1.0, note="torch.optim.AdamW on every parameter", hyper={"lr": lr},
+                   respec=lambda lr: dense_adamw(lr, weight_decay))
 
 
 def sparse(family: str, density: float, *, lr: float, weight_decay: float, block_size: int,
-           backend: str = "auto", blueprint=None, blueprint_weight: float = 0.5) -> Variant:
+           backend: str = "auto", blueprint=None, blueprint_weight: float = 0.5, name: str | None = None,
+           **extra_options) -> Variant:
     """SparseAdamW at ``density``: ``family`` "norm" (top blocks by gradient norm), "random"
     (as many blocks drawn uniformly at random: the control), "blueprint" (norms blended with the
-    stage-1 blueprint) or "compact" (norm selection, compact state layout)."""
+    stage-1 blueprint) or "compact" (norm selection, compact state layout). ``extra_options``
+    go to SparseAdamW as they are (e.g. ``error_feedback=True``), ``name`` replaces the default."""
     options = {"lr": lr, "weight_decay": weight_decay, "density": density, "block_size": block_size,
-               "backend": backend}
+               "backend": backend, **extra_options}
+    hyper = {"lr": lr}
     if family == "random":
         note = "SparseAdamW, blocks drawn uniformly at random each step"
     elif family == "blueprint":
         if blueprint is None:
             raise ValueError("family 'blueprint' needs blueprint=")
         options.update(blueprint=blueprint, blueprint_weight=blueprint_weight)
+        hyper["blueprint_weight"] = blueprint_weight
         note = f"SparseAdamW, norms blended with the stage-1 blueprint (weight {blueprint_weight:g})"
     elif family == "compact":
         options.update(state_layout="compact")
@@ -70,7 +87,13 @@ def sparse(family: str, density: float, *, lr: float, weight_decay: float, block
         extra = {"selection": "random", "seed": seed} if family == "random" else {}
         return SparseAdamW(model.named_parameters(), **options, **extra)
 
-    return Variant(f"{family} d={density:g}", family, build, density=density, note=note)
+    def respec(**new_hyper) -> Variant:
+        return sparse(family, density, weight_decay=weight_decay, block_size=block_size, backend=backend,
+                      blueprint=blueprint, name=name, **{**{"blueprint_weight": blueprint_weight}, **new_hyper},
+                      **extra_options)
+
+    return Variant(name or f"{family} d={density:g}", family, build, density=density, note=note, hyper=hyper,
+                   respec=respec)
 
 
 def fixed_layers(lr: float, weight_decay: float, last: int = 1) -> Variant:
@@ -85,7 +108,8 @@ def fixed_layers(lr: float, weight_decay: float, last: int = 1) -> Variant:
                                  weight_decay=weight_decay)
 
     return Variant(f"last {last} layer{'s' if last > 1 else ''} (AdamW)", "fixed-layer", build,
-                   note=f"torch.optim.AdamW on the last {last} layer(s), final norm and head; the rest frozen")
+                   note=f"torch.optim.AdamW on the last {last} layer(s), final norm and head; the rest frozen",
+                   hyper={"lr": lr}, respec=lambda lr: fixed_layers(lr, weight_decay, last))
 
 
 def trained_by_fixed_layers(model: torch.nn.Module, last: int) -> set[str]:
@@ -99,15 +123,23 @@ def trained_by_fixed_layers(model: torch.nn.Module, last: int) -> set[str]:
 
 def standard_variants(densities: Sequence[float], *, lr: float, weight_decay: float, block_size: int,
                       blueprint, backend: str = "auto", compact_density: float | None = None,
-                      fixed_last: int = 1) -> list[Variant]:
+                      fixed_last: int = 1, error_feedback: bool = False) -> list[Variant]:
     """What the demo compares: dense AdamW; norm, random and blueprint selection at every
-    density; compact state at ``compact_density``; the fixed-layer baseline."""
+    density; compact state at ``compact_density``; the fixed-layer baseline. ``error_feedback``:
+    every SparseAdamW variant keeps the unapplied gradient (its names end in "+EF")."""
     common = {"lr": lr, "weight_decay": weight_decay, "block_size": block_size, "backend": backend}
+    if error_feedback:
+        common["error_feedback"] = True
+
+    def named(family: str, d: float) -> Variant:
+        return sparse(family, d, blueprint=blueprint, name=f"{family} d={d:g} +EF" if error_feedback else None,
+                      **common)
+
     variants = [dense_adamw(lr, weight_decay)]
     for family in ("norm", "random", "blueprint"):
-        variants += [sparse(family, d, blueprint=blueprint, **common) for d in densities]
+        variants += [named(family, d) for d in densities]
     if compact_density is not None:
-        variants.append(sparse("compact", compact_density, **common))
+        variants.append(named("compact", compact_density))
     if fixed_last:
         variants.append(fixed_layers(lr, weight_decay, fixed_last))
     return variants
