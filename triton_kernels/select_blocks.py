@@ -220,17 +220,19 @@ class Plan:
     num_warps: int
 
 
-# On a GPU: about this many programs over all scores (4 per SM of a 132-SM H100/H200), with
-# tiles of GPU_MIN_TILE to GPU_MAX_TILE scores (see benchmarks/RESULTS.md for the tile sweep).
-GPU_PROGRAMS = 512
+# On a GPU: about this many programs over all scores (2 per SM of a 132-SM H100/H200), with
+# tiles of GPU_MIN_TILE to GPU_MAX_TILE scores (benchmarks/RESULTS.md has the tile sweep).
+GPU_PROGRAMS = 256
 GPU_MIN_TILE, GPU_MAX_TILE = 1024, 4096
 
 
 def tile_size(sizes: Sequence[int], device: torch.device) -> int:
     """Scores per program: no wider than the longest segment needs. The interpreter pays per
     operation, so on CPU tiles are as wide as allowed (``MAX_TILE``); on a GPU a tile is sized so
-    that all scores spread over about ``GPU_PROGRAMS`` programs: a histogram pass over 98,688
-    scores in tiles of 4,096 ran on 25 of an H100's 132 SMs (21 us a pass)."""
+    that all scores spread over about ``GPU_PROGRAMS`` programs. On an H100 (benchmarks/RESULTS.md)
+    a histogram pass over 98,688 scores in tiles of 4,096 ran on 25 of 132 SMs (21 us a pass);
+    tiles of 1,024 took 10 us, and the whole selection was fastest with 1,024 at 98,688 scores
+    and with 4,096 at 1,048,576, the two tiles this rule gives."""
     widest = triton.next_power_of_2(max(sizes, default=1))
     if device.type == "cpu":
         return min(MAX_TILE, max(16, widest))
