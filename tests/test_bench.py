@@ -212,7 +212,7 @@ class FakeClock:
 
 
 def fake_backend(clock):
-    """A module with the three kernel entry points: each advances the clock by a known amount;
+    """A module with the kernel entry points (backends.KERNEL_NAMES): each advances the clock by a known amount;
     select_blocks calls block_sqnorms through the module, as a kernel might."""
     module = types.ModuleType("fake_backend")
 
@@ -231,6 +231,7 @@ def fake_backend(clock):
         return None
 
     module.block_sqnorms, module.select_blocks, module.sparse_adamw_step = block_sqnorms, select_blocks, sparse_adamw_step
+    module.sparse_sgd_step = module.sparse_lion_step = sparse_adamw_step  # the other update rules' entry points
     return module
 
 

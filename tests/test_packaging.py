@@ -50,10 +50,12 @@ def test_benchmark_suite_runs():
     # Per shape set (3): read, copy, 2 torch AdamW, and per CPU backend 4 norm-pass cases
     # (2 dtypes x 2 block sizes), 4 selections (2 densities x 2 scopes), 6 updates (2 dtypes x
     # 3 densities) and 4 optimizer steps (densities); the sparsify module's 18 (3 dense torch
-    # steps, 3 optimizers x 4 sparsify cases, 3 SparseAdamW steps); plus 2 models x 5
-    # data-selection costs.
+    # steps, 3 optimizers x 4 sparsify cases, 3 SparseAdamW steps); the SGD/Lion module's 3 torch
+    # baselines and per CPU backend 2 optimizers x 4 densities; plus 2 models x 5 data-selection
+    # costs.
     cpu_backends = [b for b in ("reference", "cpp") if backends.unavailable_reason(b, torch.device("cpu")) is None]
-    assert re.search(rf"\b{3 * (4 + 18 * len(cpu_backends) + 18) + 10} passed\b", run.stdout), run.stdout[-2000:]
+    per_shape_set = 4 + 18 * len(cpu_backends) + 18 + 3 + 8 * len(cpu_backends)
+    assert re.search(rf"\b{3 * per_shape_set + 10} passed\b", run.stdout), run.stdout[-2000:]
 
 
 SOURCES = ["setup.py", "pyproject.toml", "README.md", "LICENSE", "sparse_grad", "triton_kernels", "csrc"]

@@ -78,7 +78,13 @@ class BoundStep:
         self.options = options.shaping_values(group)
         self.has_grad = [p.grad is not None for p in group["params"]]
         self.all_have_grads = all(self.has_grad)
-        self.fingerprint: bytes | None = None  # of the group when reuse() last checked it in full
+        # Of the group as checked now (so the next reuse() is already the one C call), then as
+        # reuse() last checked it in full; None without the extension.
+        self.fingerprint: bytes | None = None
+        fingerprint_of = _native_fingerprint() if reusable else None
+        if fingerprint_of is not None:
+            fingerprint = fingerprint_of(group["params"])
+            self.fingerprint = None if fingerprint is None else fingerprint[0]
         if reusable:
             self.param_ptrs = list(map(_data_ptr, params))
             self.param_shapes = list(map(_shape, params))
