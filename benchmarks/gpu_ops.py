@@ -213,8 +213,7 @@ def run(args) -> list[dict]:
         if device.type == "cuda":
             row.update(kernel_times(opt.step, steps))
         if density is not None:
-            moved = ideal_bytes(n, density) if every == 1 else (
-                (4 * n if density < 1 else 0) / every + 28 * n * density)
+            moved = ideal_bytes(n, density, every)
             row["pct_ideal"] = moved / bw / row["pipelined"]
         rows.append(row)
         print(json.dumps(row), flush=True)

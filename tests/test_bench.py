@@ -52,6 +52,8 @@ def test_ideal_bytes_follow_design_section_7():
     assert ideal_bytes(1000, 1.0) == 28_000  # no norm pass at density 1
     assert ideal_bytes(1000, 0.05) == pytest.approx(4000 + 1400)
     assert ideal_bytes(1000, 0.01) == pytest.approx(4000 + 280)
+    assert ideal_bytes(1000, 0.01, reselect_every=10) == pytest.approx(400 + 280)  # one norm pass in 10 steps
+    assert ideal_bytes(1000, 1.0, reselect_every=10) == 28_000
 
 
 def test_median_time_counts_warmup_and_takes_the_median(monkeypatch):

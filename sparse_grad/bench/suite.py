@@ -20,11 +20,11 @@ from .timing import host_time, median_time, pipelined_time, python_calls_per_ste
 __all__ = ["Result", "ideal_bytes", "make_params", "plan_cases", "run"]
 
 
-def ideal_bytes(num_params: int, density: float) -> float:
+def ideal_bytes(num_params: int, density: float, reselect_every: int = 1) -> float:
     """Bytes a SparseAdamW step must move with fp32 params, grads and state: 4 B/param to read
-    every grad for the norm pass (skipped at density 1) + 28 B/param·density for the update
-    (read param, grad, two moments; write param, two moments)."""
-    return (0 if density == 1.0 else 4 * num_params) + 28 * num_params * density
+    every grad for the norm pass (skipped at density 1; once per ``reselect_every`` steps) +
+    28 B/param·density for the update (read param, grad, two moments; write param, two moments)."""
+    return (0 if density == 1.0 else 4 * num_params / reselect_every) + 28 * num_params * density
 
 
 @dataclass
