@@ -80,11 +80,8 @@ class BoundStep:
         self.all_have_grads = all(self.has_grad)
         # Of the group as checked now (so the next reuse() is already the one C call), then as
         # reuse() last checked it in full; None without the extension.
-        self.fingerprint: bytes | None = None
-        fingerprint_of = _native_fingerprint() if reusable else None
-        if fingerprint_of is not None:
-            fingerprint = fingerprint_of(group["params"])
-            self.fingerprint = None if fingerprint is None else fingerprint[0]
+        fingerprint = _fingerprint(group["params"]) if reusable else None
+        self.fingerprint: bytes | None = None if fingerprint is None else fingerprint[0]
         if reusable:
             self.param_ptrs = list(map(_data_ptr, params))
             self.param_shapes = list(map(_shape, params))
@@ -112,6 +109,13 @@ def _native_fingerprint():
 _FINGERPRINT: list = []  # filled once by _native_fingerprint
 
 
+def _fingerprint(params: list) -> tuple[bytes, list] | None:
+    """``group_fingerprint(params)``: (bytes, grads), or None without the extension or where a
+    tensor needs the full check."""
+    fingerprint_of = _native_fingerprint()
+    return None if fingerprint_of is None else fingerprint_of(params)
+
+
 def reuse(bound: BoundStep | None, group: dict, opt_state: dict) -> bool:
     """Whether ``bound`` still describes ``group``; if only grads moved, it is updated to them.
 
@@ -122,8 +126,7 @@ def reuse(bound: BoundStep | None, group: dict, opt_state: dict) -> bool:
             or len(group["params"]) != bound.num_params or opt_state is not bound.opt_state
             or options.shaping_values(group) != bound.options):
         return False
-    fingerprint_of = _native_fingerprint()
-    fingerprint = None if fingerprint_of is None else fingerprint_of(group["params"])
+    fingerprint = _fingerprint(group["params"])
     if fingerprint is not None and fingerprint[0] == bound.fingerprint:
         bound.grads = fingerprint[1]
         return True
