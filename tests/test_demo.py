@@ -33,13 +33,15 @@ def test_demo_quick_command_writes_outputs_that_parse(tmp_path):
     run = subprocess.run([sys.executable, "-m", "sparse_grad", "demo", "--quick", "--out", str(out), "--threads", "1"],
                          check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    # progress bars; --quick: 12 variants, 20 runs (lr grid x1, x10; blueprint and compact borrow norm's lr)
-    assert "stage 1: dense AdamW" in run.stderr and "stage 2 [20/20]" in run.stderr
+    # progress bars; --quick: 14 variants, 23 runs (lr grid x1, x10; blueprint and compact borrow norm's
+    # lr; the sparse_backward variant runs once at its twin's)
+    assert "stage 1: dense AdamW" in run.stderr and "stage 2 [23/23]" in run.stderr
     assert "AdamW (dense)" in run.stdout and "random d=0.05" in run.stdout and "CPR/dense" in run.stdout
 
     results = json.loads((out / "results.json").read_text())
     names = [r["variant"] for r in results["summary"]]
-    assert names[0] == "AdamW (dense)" and len(names) == 12
+    assert names[0] == "AdamW (dense)" and len(names) == 14
+    assert names[-3:-1] == ["norm d=0.05 R=10", "norm d=0.05 R=10 +SB"]
     assert {f"{f} d={d:g}" for f in ("norm", "random", "blueprint") for d in (0.01, 0.05, 0.2)} <= set(names)
     assert [g["variant"] for g in results["tuning"]] == names
     assert all(row["lr"] in (2e-3, 2e-2) for row in results["summary"])
@@ -62,6 +64,14 @@ def test_demo_quick_command_writes_outputs_that_parse(tmp_path):
     by_name = {r["variant"]: r for r in results["summary"]}
     assert by_name["compact d=0.05"]["state_mib"] < 0.5 * by_name["norm d=0.05"]["state_mib"]
     assert {c["kind"] for c in results["comparisons"]} >= {"norm vs random", "norm vs blueprint", "dense vs norm"}
+    # sparse_backward: the same numbers as its twin (GEMM summation order aside), another cost
+    assert by_name["norm d=0.05 R=10 +SB"]["val_loss"] == pytest.approx(by_name["norm d=0.05 R=10"]["val_loss"],
+                                                                        rel=1e-4)
+    assert by_name["norm d=0.05 R=10 +SB"]["lr"] == by_name["norm d=0.05 R=10"]["lr"]
+    assert any(f.startswith("sparse_backward (norm d=0.05 R=10 +SB vs norm d=0.05 R=10): the same held-out loss")
+               for f in results["findings"])
+    recorded = json.loads((out / "tuning.json").read_text())  # --quick searched: a reusable recording
+    assert [c["variant"] for c in recorded["choices"]] == names and recorded["config"]["stage2_steps"] == 40
 
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -156,8 +166,8 @@ def test_bad_input_is_named():
 def test_outputs_of_a_tiny_in_process_run(tmp_path):
     """Two densities, two repeats: the standard error then comes from the repeats."""
     cfg = config_for(quick=True, densities=(0.1, 0.3), repeats=2, stage1_steps=30, stage2_steps=12, eval_every=6,
-                     compact_density=None, fixed_last_layers=0, source_bytes=60_000, prose_bytes=60_000,
-                     lr_multipliers=(1.0,))  # one lr: the grid is test_demo_tuning's
+                     compact_density=None, interval_density=None, fixed_last_layers=0, source_bytes=60_000,
+                     prose_bytes=60_000, lr_multipliers=(1.0,))  # one lr: the grid is test_demo_tuning's
     with one_thread():
         results = run_demo(cfg, tmp_path, progress=False)
         table, files = write_outputs(results, tmp_path)
@@ -218,3 +228,56 @@ def test_stage1_stops_by_the_stopper_and_saves_a_blueprint(tmp_path):
     assert all(torch.equal(result.state[k], v) for k, v in model.state_dict().items())
     summary = result.summary()
     assert "state" not in summary and 0 < summary["heavy_tail"]["gini"] < 1
+
+
+def test_interval_variants_train_to_the_same_numbers_with_and_without_sparse_backward():
+    """Norm selection every 3 steps: with sparse_backward the Linear layers compute only the
+    selected blocks' weight gradients between reselections, and the run ends at the same losses
+    (GEMM summation order aside); the churn, read from the selection after each step (no score
+    hook, which would force full gradients), is zero between reselections."""
+    make_model, _, val = small_setup(steps=7)
+    plain = sparse("interval", 0.1, lr=3e-3, weight_decay=0.0, block_size=64, reselect_every=3,
+                   name="norm d=0.1 R=3")
+    with_sb = sparse("interval", 0.1, lr=3e-3, weight_decay=0.0, block_size=64, reselect_every=3,
+                     sparse_backward=True, twin_of=plain.name, name="norm d=0.1 R=3 +SB")
+    assert with_sb.with_hyper(lr=1e-3).twin_of == plain.name  # the tuner's copies keep it
+    runs = []
+    for variant in (plain, with_sb):
+        _, train, _ = small_setup(steps=7)
+        with one_thread():
+            runs.append(run_variant(variant, make_model, train, val, steps=7, eval_every=7,
+                                    device=torch.device("cpu"), progress=False))
+    # fp32 losses after 7 Adam steps whose selected-block grads differ by GEMM rounding only
+    assert runs[1].val_losses == pytest.approx(runs[0].val_losses, rel=1e-4)
+    assert runs[1].twin_of == plain.name and runs[0].twin_of is None
+    for r in runs:  # reselections at steps 1, 4, 7: the churn counts from step 2 on
+        assert len(r.churn) == 6 and r.churn[0] == r.churn[1] == r.churn[3] == r.churn[4] == 0
+        assert r.churn[2] + r.churn[5] > 0
+    model = make_model()
+    opt = with_sb.build(model, 0)
+    assert all(g["reselect_every"] == 3 for g in opt.param_groups)
+    assert getattr(model.layers[0].mlp_in, "_sparse_grad_backward", None) is not None  # patched
+    with pytest.raises(ValueError, match="reselect_every >= 2"):
+        sparse("interval", 0.1, lr=1e-3, weight_decay=0.0, block_size=64)
+    with pytest.raises(ValueError, match="sparse_backward needs family 'interval'"):
+        sparse("norm", 0.1, lr=1e-3, weight_decay=0.0, block_size=64, sparse_backward=True)
+    names = [v.name for v in standard_variants((0.05,), lr=1e-3, weight_decay=0.0, block_size=64,
+                                               blueprint=object(), interval_density=0.05, reselect_every=10)]
+    assert names[-3:] == ["norm d=0.05 R=10", "norm d=0.05 R=10 +SB", "last 1 layer (AdamW)"]
+
+
+def test_mask_churn_observes_the_selection_after_each_step():
+    from sparse_grad.analysis import MaskChurn
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(7, 9))]
+    opt = SparseAdamW(params, lr=1e-2, density=0.25, block_size=16, selection="random", seed=3)
+    churn, hooked = MaskChurn(), MaskChurn()
+    opt.register_score_hook(hooked)
+    for _ in range(4):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        churn.observe(opt)
+        churn.flush(), hooked.flush()
+    assert churn.churn == hooked.churn and len(churn.churn) == 3 and max(churn.churn) > 0

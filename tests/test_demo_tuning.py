@@ -12,7 +12,7 @@ from sparse_grad.demo import train_tune_test_split
 from sparse_grad.demo.experiment import config_for, prepare, run_demo
 from sparse_grad.demo.report import stage1_stop, write_outputs
 from sparse_grad.demo.stages import VariantResult
-from sparse_grad.demo.tuning import candidates, choose, tune
+from sparse_grad.demo.tuning import RECORDED, candidates, choose, recorded_choices, tune
 from sparse_grad.demo.variants import dense_adamw, sparse, standard_variants
 
 TINY = {"stage1_steps": 30, "stage2_steps": 12, "eval_every": 6, "source_bytes": 60_000, "prose_bytes": 60_000}
@@ -183,3 +183,98 @@ def test_error_feedback_option_reaches_every_sparse_variant_and_survives_tuning(
             assert all(g["lr"] == 3e-3 for g in groups)
     with pytest.raises(TypeError, match="error_feedback must be a bool"):
         run_demo(config_for(quick=True, error_feedback=1), None)
+
+
+def test_a_twin_runs_once_at_the_choice_of_the_variant_it_equals():
+    variants = standard_variants((0.05,), lr=2e-3, weight_decay=0.0, block_size=64, blueprint=object(),
+                                 fixed_last=0, interval_density=0.05, reselect_every=10)
+    ran = []
+
+    def run(variant):
+        ran.append(variant)
+        return _result(variant, abs(math.log(variant.hyper["lr"] / 6e-3)))
+
+    choices = {c.name: c for c in tune(variants, run, lr_multipliers=(1.0, 3.0), blueprint_weights=(0.5,))}
+    assert [v.hyper["lr"] for v in ran if v.name == "norm d=0.05 R=10"] == pytest.approx([2e-3, 6e-3])
+    twin = [v for v in ran if v.name == "norm d=0.05 R=10 +SB"]
+    assert len(twin) == 1 and twin[0].hyper["lr"] == pytest.approx(6e-3)
+    assert choices["norm d=0.05 R=10 +SB"].searched is None
+    assert ran.index(twin[0]) > max(i for i, v in enumerate(ran) if v.name == "norm d=0.05 R=10")
+    lonely = [v for v in variants if v.name != "norm d=0.05 R=10"]
+    with pytest.raises(ValueError, match="twin of 'norm d=0.05 R=10', which is not run"):
+        tune(lonely, run, lr_multipliers=(1.0,), blueprint_weights=(0.5,))
+
+
+def test_a_recorded_tuning_is_reused_run_once_per_variant_and_checked(tmp_path):
+    """A run that searched writes tuning.json; a run of the same settings given it trains each
+    variant once at the recorded choice and reproduces the searched run's chosen losses; a
+    recording of other settings, or a tampered one, is refused with the reason and runs nothing."""
+    cfg = config_for(quick=True, **TINY, densities=(0.1,), compact_density=None, fixed_last_layers=0,
+                     lr_multipliers=(1.0, 4.0), blueprint_weights=(0.3, 0.6), interval_density=0.1,
+                     reselect_every=4)
+    searched_dir, reused_dir = tmp_path / "searched", tmp_path / "reused"
+    with one_thread():
+        searched = run_demo(cfg, searched_dir, progress=False)
+        recording = searched_dir / "tuning.json"
+        assert recording.exists() and searched.tuning_recorded is None
+        reused = run_demo(cfg, reused_dir, progress=False, tuning=recording)
+    assert not (reused_dir / "tuning.json").exists()
+    assert reused.tuning_recorded["machine"] == searched.environment["machine"]
+    assert [r.name for r in reused.variants] == [r.name for r in searched.variants]
+    for a, b in zip(searched.variants, reused.variants):
+        assert a.hyper == b.hyper and a.val_losses == b.val_losses  # one thread, same batches: bit-equal
+    for a, b in zip(searched.tuning, reused.tuning):
+        assert len(b.runs) == 1 and a.as_dict()["grid"] == b.as_dict()["grid"]
+        assert b.as_dict()["source"] == "recorded" and a.as_dict()["source"] == "searched"
+    with one_thread():
+        table, _ = write_outputs(reused, reused_dir)
+    assert "recorded run of the same settings" in (reused_dir / "report.md").read_text()
+
+    variants = standard_variants(cfg.densities, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay,
+                                 block_size=cfg.block_size, blueprint=object(), fixed_last=0,
+                                 interval_density=0.1, reselect_every=4)
+    assert recorded_choices(cfg, variants, recording)[0]["norm d=0.1"]["chosen"] == searched.tuning[1].chosen.hyper
+    assert recorded_choices(replace(cfg, threads=2, repeats=3), variants, recording) is not None  # not in the key
+    with pytest.raises(ValueError, match=r"does not fit this run: .*other settings \(stage2_lr\)"):
+        recorded_choices(replace(cfg, stage2_lr=1e-3), variants, recording)
+    original = json.loads(recording.read_text())
+    tampered = [("[1, 2]", "needs the keys"),
+                ("{not json", "is not JSON"),
+                (json.dumps({**original, "choices": [{"variant": "x"}]}), "every choice needs"),
+                (json.dumps({**original, "choices": [{**c, "chosen": {"lr": -1.0}} for c in original["choices"]]}),
+                 "chosen lr must be a finite number >= 0"),
+                (json.dumps({**original, "choices": [{**c, "chosen": {"lr": "1e-3"}} for c in original["choices"]]}),
+                 "chosen lr must be a finite number"),
+                (json.dumps({**original, "choices": [{**c, "chosen": {"momentum": 0.9}}
+                                                     for c in original["choices"]]}), "hyper-parameters are")]
+    bad = tmp_path / "bad.json"
+    for text, message in tampered:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            recorded_choices(cfg, variants, bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        recorded_choices(cfg, variants, tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="no choice for variant"):
+        bad.write_text(json.dumps({**original, "choices": original["choices"][1:]}))
+        recorded_choices(cfg, variants, bad)
+    with pytest.raises(ValueError, match="takes no tuning recording"):
+        run_demo(cfg, tmp_path / "x", progress=False, retune=True, tuning=recording)
+
+
+def test_the_packaged_recording_fits_the_default_demo():
+    """`python -m sparse_grad demo` reuses the packaged recording: it must have been made with
+    the default settings and hold every default variant (change a default: rerun --retune and
+    copy its tuning.json over sparse_grad/demo/recorded_tuning.json)."""
+    cfg = config_for()
+    variants = standard_variants(cfg.densities, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay,
+                                 block_size=cfg.block_size, blueprint=object(), compact_density=cfg.compact_density,
+                                 fixed_last=cfg.fixed_last_layers, error_feedback=cfg.error_feedback,
+                                 interval_density=cfg.interval_density, reselect_every=cfg.reselect_every)
+    found = recorded_choices(cfg, variants, RECORDED)
+    assert found is not None
+    entries, where = found
+    assert set(entries) == {v.name for v in variants} and where["date_utc"]
+    for entry in entries.values():  # each choice is the grid's lowest tuning loss
+        if entry["searched"]:
+            best = min(entry["grid"], key=lambda g: g["tune_loss"])
+            assert entry["chosen"] == best["hyper"]

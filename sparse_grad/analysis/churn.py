@@ -7,8 +7,9 @@ __all__ = ["MaskChurn"]
 
 
 class MaskChurn:
-    """A SparseAdamW score hook (``opt.register_score_hook(churn)``) that records, per step, the
-    share of the selected blocks that were not selected at the group's previous step.
+    """Records, per step, the share of SparseAdamW's selected blocks that were not selected at the
+    group's previous step: as a score hook (``opt.register_score_hook(churn)``, every group step)
+    or by :meth:`observe` after each step (no hook: the step's cost is unchanged).
 
     The hook only clones each group step's id vector (on device, no sync); :meth:`flush`, called
     outside the timed step, compares them on the host and appends one value to ``churn`` per
@@ -22,6 +23,14 @@ class MaskChurn:
 
     def __call__(self, optimizer, group_index, params, scores, block_ids) -> None:
         self.pending.setdefault(group_index, []).append(block_ids.detach().clone())
+
+    def observe(self, optimizer) -> None:
+        """Record ``optimizer``'s current selection (``SparseAdamW.selected_blocks()``), once after
+        each step, instead of registering as a score hook: a score hook makes every step read
+        every gradient (the norm pass, and full weight gradients under sparse_backward), which
+        would change what a step between reselections costs."""
+        for index, _, block_ids, _ in optimizer.selected_blocks():
+            self.pending.setdefault(index, []).append(block_ids.detach().clone())
 
     def flush(self) -> float | None:
         """Compare the recorded selections; returns the new churn value (None: nothing to compare)."""

@@ -23,7 +23,7 @@ from ..cpr import MarginalReturnStopper
 from .data import batches, prose_bytes, stdlib_bytes, train_tune_test_split, train_val_split
 from .model import TinyLM
 from .stages import Stage1Result, VariantResult, run_stage1, run_variant
-from .tuning import Choice, check_grid, tune
+from .tuning import Choice, check_grid, recorded_choices, rerun, tune, write_recording
 from .variants import Variant, standard_variants
 
 __all__ = ["SIZES", "TASKS", "DemoConfig", "DemoResults", "Stage2Setup", "config_for", "prepare", "run_demo"]
@@ -67,6 +67,10 @@ class DemoConfig:
     weight_decay: float = 0.01
     densities: tuple[float, ...] = (0.01, 0.05, 0.2)
     compact_density: float | None = 0.05
+    # Norm selection every `reselect_every` steps at this density, without and with sparse_backward
+    # (None: neither): what computing only the selected blocks' weight gradients saves end to end.
+    interval_density: float | None = 0.05
+    reselect_every: int = 10
     fixed_last_layers: int = 1
     repeats: int = 1  # stage-2 runs per variant, with different batch orders (and random draws)
     seed: int = 0
@@ -92,10 +96,10 @@ def config_for(size: str = "small", quick: bool = False, **overrides) -> DemoCon
     """The preset ``size`` (``--quick``: a tiny model and few steps), then ``overrides``."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    # None means "the preset's value" (unset CLI options), except for compact_density, where it
-    # means "no compact-state run".
+    # None means "the preset's value" (unset CLI options), except for compact_density and
+    # interval_density, where it means "no such run".
     chosen = {**SIZES[size], **(QUICK if quick else {}),
-              **{k: v for k, v in overrides.items() if v is not None or k == "compact_density"}}
+              **{k: v for k, v in overrides.items() if v is not None or k in ("compact_density", "interval_density")}}
     return replace(DemoConfig(), **chosen)
 
 
@@ -108,8 +112,13 @@ def check_config(cfg: DemoConfig) -> None:
         raise ValueError(f"val_batches must be at least 2 (for a standard error), got {cfg.val_batches}")
     if not cfg.densities or not all(0.0 < d < 1.0 for d in cfg.densities):
         raise ValueError(f"densities must be in (0, 1), got {cfg.densities!r}")
-    if cfg.compact_density is not None and not 0.0 < cfg.compact_density < 1.0:
-        raise ValueError(f"compact_density must be in (0, 1), got {cfg.compact_density!r}")
+    for name in ("compact_density", "interval_density"):
+        value = getattr(cfg, name)
+        if value is not None and not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    _checks.positive_int(cfg.reselect_every, "reselect_every")
+    if cfg.reselect_every < 2:
+        raise ValueError(f"reselect_every must be at least 2 (1 is the norm variants), got {cfg.reselect_every}")
     _checks.choice(cfg.task, tuple(TASKS), "task")
     check_grid(cfg.lr_multipliers, "lr_multipliers")
     _checks.flag(cfg.error_feedback, "error_feedback")
@@ -140,12 +149,13 @@ class DemoResults:
     variants: list[VariantResult]  # every reported run (repeats included), in the order run
     elapsed_s: float
     tuning: list[Choice] = field(default_factory=list)  # every variant's grid (first repeat)
+    tuning_recorded: dict | None = None  # where and when the reused recording was made (None: searched here)
 
     def as_dict(self) -> dict:
         return {"config": asdict(self.config), "environment": self.environment, "data": self.data,
                 "stage1": self.stage1.summary(), "stage2_start_val_loss": self.start_val_loss,
                 "stage2": [v.as_dict() for v in self.variants], "tuning": [c.as_dict() for c in self.tuning],
-                "elapsed_s": self.elapsed_s}
+                "tuning_recorded": self.tuning_recorded, "elapsed_s": self.elapsed_s}
 
 
 def environment(cfg: DemoConfig, started: datetime.datetime) -> dict:
@@ -256,19 +266,30 @@ def _stage1(cfg: DemoConfig, out_dir: Path, source_train: torch.Tensor, val_batc
     return stage1
 
 
-def run_demo(cfg: DemoConfig, out_dir: Path, *, progress: bool = True) -> DemoResults:
+def run_demo(cfg: DemoConfig, out_dir: Path, *, progress: bool = True, retune: bool = False,
+             tuning: Path | None = None) -> DemoResults:
     """Run both stages; writes the blueprint into ``out_dir`` (the report is :mod:`.report`'s).
-    Every variant's grid runs on the first repeat's batches; further repeats rerun the choice."""
+
+    Stage 2 runs every variant once at its recorded choice where a recording of this config
+    exists (``tuning``: its path; default: the packaged recording of the default demo;
+    :func:`~.tuning.recorded_choices`), else, or with ``retune``, every variant's grid, and then
+    writes ``tuning.json`` into ``out_dir`` (a recording a later run can reuse). Every variant's
+    grid runs on the first repeat's batches; further repeats rerun the choice."""
     # timezone.utc, not datetime.UTC: Python 3.10 is supported
     started, started_at = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017
+    _checks.flag(retune, "retune")
+    if retune and tuning is not None:
+        raise ValueError("retune=True searches every grid: it takes no tuning recording")
+    check_config(cfg)  # before anything else reads cfg or out_dir
+    out_dir = Path(out_dir)
     setup = prepare(cfg, out_dir, progress=progress)
     variants = standard_variants(cfg.densities, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay,
                                  block_size=cfg.block_size, blueprint=setup.blueprint, backend=cfg.backend,
                                  compact_density=cfg.compact_density, fixed_last=cfg.fixed_last_layers,
-                                 error_feedback=cfg.error_feedback)
-    grid = len(cfg.lr_multipliers)
-    runs = sum(len(cfg.blueprint_weights) if v.family == "blueprint" else
-               1 if v.family == "compact" and v.density in cfg.densities else grid for v in variants)
+                                 error_feedback=cfg.error_feedback, interval_density=cfg.interval_density,
+                                 reselect_every=cfg.reselect_every)
+    recorded = None if retune else recorded_choices(cfg, variants, tuning)
+    runs = len(variants) if recorded else search_runs(variants, cfg)
     done = 0
 
     def run(variant: Variant, repeat: int = 0) -> VariantResult:
@@ -278,16 +299,30 @@ def run_demo(cfg: DemoConfig, out_dir: Path, *, progress: bool = True) -> DemoRe
             f"{k} {v:g}" for k, v in variant.hyper.items()) + (f" (repeat {repeat + 1})" if repeat else "")
         return setup.run(variant, repeat, progress=progress, label=label)
 
-    choices = tune(variants, run, lr_multipliers=cfg.lr_multipliers, blueprint_weights=cfg.blueprint_weights)
+    if recorded:
+        choices, recorded_at = rerun(variants, run, recorded[0]), recorded[1]
+    else:
+        choices, recorded_at = tune(variants, run, lr_multipliers=cfg.lr_multipliers,
+                                    blueprint_weights=cfg.blueprint_weights), None
     results = [c.chosen for c in choices]
     for repeat in range(1, cfg.repeats):
         for choice in choices:
             chosen = next(v for v in variants if v.name == choice.name).with_hyper(**choice.chosen.hyper)
             results.append(run(chosen, repeat))
     start_val = statistics.fmean(r.curve[0]["val_loss"] for r in results)
-    return DemoResults(config=cfg, environment=environment(cfg, started_at), data=setup.data, stage1=setup.stage1,
+    env = environment(cfg, started_at)
+    if recorded_at is None:
+        write_recording(out_dir / "tuning.json", cfg, env, choices)
+    return DemoResults(config=cfg, environment=env, data=setup.data, stage1=setup.stage1,
                        start_val_loss=start_val, variants=results, elapsed_s=time.perf_counter() - started,
-                       tuning=choices)
+                       tuning=choices, tuning_recorded=recorded_at)
+
+
+def search_runs(variants: Sequence[Variant], cfg: DemoConfig) -> int:
+    """How many stage-2 runs searching every grid takes (for the progress labels)."""
+    grid = len(cfg.lr_multipliers)
+    return sum(1 if v.twin_of is not None or (v.family == "compact" and v.density in cfg.densities) else
+               len(cfg.blueprint_weights) if v.family == "blueprint" else grid for v in variants)
 
 
 def default_threads() -> int:

@@ -13,7 +13,7 @@ from .experiment import TASKS, DemoResults
 __all__ = ["save_all"]
 
 COLORS = {"dense": "black", "norm": "tab:blue", "random": "tab:orange", "blueprint": "tab:green",
-          "compact": "tab:purple", "fixed-layer": "tab:red"}
+          "compact": "tab:purple", "interval": "tab:cyan", "fixed-layer": "tab:red"}
 DPI = 90
 
 

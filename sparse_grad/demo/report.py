@@ -243,6 +243,7 @@ def findings(results: DemoResults, summaries: Sequence[Summary], verdicts: Seque
     for v in verdicts:
         if v["kind"] in ("norm vs blueprint", "norm vs compact", "norm vs fixed-layer"):
             out.append(f"Density {v['density']:g}, {v['kind']}: {v['text']}.")
+    out += [sparse_backward_finding(a, b) for a, b in twins(summaries)]
     fastest = min((s for s in summaries if s.family != "dense"), key=lambda s: s.optimizer_ms, default=None)
     if dense is not None and fastest is not None:
         out.append(f"Optimizer step: dense AdamW {dense.optimizer_ms:.2f} ms; the fastest other variant, "
@@ -266,6 +267,30 @@ def findings(results: DemoResults, summaries: Sequence[Summary], verdicts: Seque
                    f"{min(same_work):.0f} to {max(same_work):.0f} ms per step, so the time-based columns (step ms, "
                    "CPR vs dense) carry that noise; the loss comparisons do not (same steps, same batches).")
     return out
+
+
+def twins(summaries: Sequence[Summary]) -> list[tuple[Summary, Summary]]:
+    """(variant, its twin): pairs that train to the same numbers at different cost (sparse_backward)."""
+    by_name = {s.name: s for s in summaries}
+    pairs = []
+    for s in summaries:
+        twin_of = s.runs[0].twin_of
+        if twin_of is not None and twin_of in by_name:
+            pairs.append((by_name[twin_of], s))
+    return pairs
+
+
+def sparse_backward_finding(plain: Summary, with_sb: Summary) -> str:
+    """What computing only the selected blocks' weight gradients saved: the loss should not move
+    (the same numbers up to GEMM summation order); the step time and CPR should."""
+    same = ("the same held-out loss" if abs(with_sb.val_loss - plain.val_loss) <= 1e-3 * abs(plain.val_loss) else
+            f"held-out loss {plain.val_loss:.4f} vs {with_sb.val_loss:.4f} (they should agree: a defect)")
+    cpr = (f"; CPR vs dense {plain.cpr_vs_dense:.2f} → {with_sb.cpr_vs_dense:.2f}"
+           if math.isfinite(plain.cpr_vs_dense) and math.isfinite(with_sb.cpr_vs_dense) else "")
+    return (f"sparse_backward ({with_sb.name} vs {plain.name}): {same}; median step {plain.step_ms:.1f} → "
+            f"{with_sb.step_ms:.1f} ms ({plain.step_ms / with_sb.step_ms:.2f}× the speed){cpr}. Between "
+            "reselections the Linear layers compute only the selected blocks' weight gradients; reselection "
+            "steps compute them all.")
 
 
 def write_markdown(path: Path, results: DemoResults, summaries: Sequence[Summary], verdicts: Sequence[dict],
@@ -319,7 +344,7 @@ def write_markdown(path: Path, results: DemoResults, summaries: Sequence[Summary
               + (f"; each ran {cfg.repeats} times with different batch orders (and random draws)"
                  if cfg.repeats > 1 else "") + ". " + TUNING_TEXT.format(
                   lrs=", ".join(f"{cfg.stage2_lr * m:g}" for m in cfg.lr_multipliers),
-                  weights=", ".join(f"{w:g}" for w in cfg.blueprint_weights)), "",
+                  weights=", ".join(f"{w:g}" for w in cfg.blueprint_weights)) + recorded_text(results), "",
               _markdown_table(results, summaries), "",
               "Columns: *lr* — the learning rate chosen on the tuning split (*w* — the blueprint's blend weight "
               "chosen there); *val loss ± SE* — final loss on the held-out split, standard error "
@@ -337,7 +362,7 @@ def write_markdown(path: Path, results: DemoResults, summaries: Sequence[Summary
               "the training steps measured by `sparse_grad.cpr.ResourceMeter` (evaluations excluded); "
               "results.json also has it with Γ = optimizer-state GiB-hours (`cpr_state_vs_dense`); *mean churn* — "
               "share of the selected blocks that were not selected at the step before, mean over the steps "
-              "(from the score hook).", "",
+              "(read from the optimizer's selection after each step).", "",
               "*share of dense gain* — (start − loss) / (start − dense AdamW's loss).", "",
               "### Hyper-parameter grids (first repeat)", "",
               "| variant | searched | grid: value → tuning loss / held-out loss | chosen |", "|---|---|---|---|"]
@@ -353,7 +378,9 @@ def write_markdown(path: Path, results: DemoResults, summaries: Sequence[Summary
         lines += ["", "Dense AdamW did not lower the validation loss, so CPR relative to dense is undefined."]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", ("Files: `results.json` (everything, including every curve), `results.csv` (the table), "
-              "`stage1_blueprint.safetensors`, `stage1_model.pt`."), ""]
+              "`stage1_blueprint.safetensors`, `stage1_model.pt`"
+              + (", `tuning.json` (the grids, reusable with `--tuning`)." if results.tuning_recorded is None else
+                 ".")), ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -361,15 +388,33 @@ TUNING_TEXT = ("Each variant ran at every learning rate of the grid {lrs} (dense
                "the run with the lowest loss on the tuning split, a part of the stage-2 data disjoint from both "
                "the training and the held-out bytes; blueprint-guided selection and compact state take the lr "
                "chosen for norm selection at their density (the same update rule), and the blueprint variants "
-               "choose their blend weight from {weights} the same way. The table reports the chosen runs.")
+               "choose their blend weight from {weights} the same way; a variant with sparse_backward trains to "
+               "the numbers of the same optimizer without it and runs once at that one's choice. The table "
+               "reports the chosen runs.")
+
+
+def recorded_text(results: DemoResults) -> str:
+    rec = results.tuning_recorded
+    if rec is None:
+        return (" This run searched every grid and wrote them to `tuning.json`, which a run of the same "
+                "settings can reuse (`--tuning`).")
+    return (f" The choices are those of a recorded run of the same settings ({rec.get('date_utc')}, "
+            f"{rec.get('machine')}, torch {rec.get('torch')}): this run trained each variant once, at its recorded "
+            "choice, and the grids below are the recording's; `--retune` searches them again (about three times "
+            "the stage-2 time).")
 
 
 def _grid_row(choice) -> str:
+    entry = choice.as_dict()
     key = choice.searched
-    cells = ", ".join(f"{r.hyper[key]:g} → {r.tune_loss:.4f} / {r.val_loss:.4f}" for r in choice.runs) if key else \
-        f"{choice.chosen.tune_loss:.4f} / {choice.chosen.val_loss:.4f}"
+    grid = entry["grid"]
+    if key:
+        cells = ", ".join(f"{g['hyper'][key]:g} → {g['tune_loss']:.4f} / {g['val_loss']:.4f}" for g in grid)
+    else:
+        cells = f"{grid[0]['tune_loss']:.4f} / {grid[0]['val_loss']:.4f}" if grid else "-"
     chosen = ", ".join(f"{k} {v:g}" for k, v in choice.chosen.hyper.items())
-    searched = key or "none (norm selection's lr)"
+    twin = choice.chosen.twin_of
+    searched = key or (f"none (trains to the numbers of {twin})" if twin else "none (norm selection's lr)")
     return f"| {choice.name} | {searched} | {cells} | {chosen} |"
 
 

@@ -212,6 +212,7 @@ class VariantResult:
     note: str = ""
     hyper: dict = field(default_factory=dict)  # the variant's tunable hyper-parameters (lr, ...) in this run
     tune_loss: float | None = None  # final mean loss on the tuning split (hyper-parameters are chosen by it)
+    twin_of: str | None = None  # the variant this one trains to the same numbers as (Variant.twin_of)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -233,7 +234,7 @@ def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module],
     Evaluates on ``val_batches`` at the start and every ``eval_every`` steps; times
     ``optimizer.step()`` alone and the whole step (synchronizing on CUDA); meters the resources
     of the training steps (not the evaluations) with :class:`~sparse_grad.cpr.ResourceMeter`;
-    records the mask churn of SparseAdamW through its score hook. With ``tune_batches`` (a split
+    records the mask churn of SparseAdamW from its selection after each step. With ``tune_batches`` (a split
     disjoint from ``val_batches``), the final model is also evaluated on them: ``tune_loss``, what
     hyper-parameters are chosen by, so the reported ``val_loss`` stays an unbiased estimate.
     """
@@ -247,7 +248,7 @@ def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module],
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     trained_fraction = sum(p.numel() for p in params if id(p) in trained) / sum(p.numel() for p in params)
     churn = MaskChurn()
-    hook = opt.register_score_hook(churn) if hasattr(opt, "register_score_hook") else None
+    observe = churn.observe if hasattr(opt, "selected_blocks") else None
     meter = _MeteredSegments(device, opt)
     start_losses = evaluate(model, val_batches, device)
     curve = [{"step": 0, "train_loss": None, "val_loss": statistics.fmean(start_losses), "device_s": 0.0}]
@@ -269,7 +270,9 @@ def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module],
         opt_times.append(t2 - t1)
         step_times.append(t2 - t0)
         window.append(loss.item())
-        churn.flush()
+        if observe is not None:
+            observe(opt)
+            churn.flush()
         if step == 1:  # parameters, grads and state are all allocated after the first step
             footprint = (tensor_bytes(params) + tensor_bytes(p.grad for p in params)
                          + optimizer_state_bytes(opt))
@@ -285,8 +288,6 @@ def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module],
         if step >= steps:
             break
     meter.end()
-    if hook is not None:
-        hook.remove()
     bar.close()
     if curve[-1]["step"] != steps:
         raise ValueError(f"train gave {curve[-1]['step']} batches, fewer than steps={steps}")
@@ -299,4 +300,4 @@ def run_variant(variant: Variant, make_model: Callable[[], torch.nn.Module],
         optimizer_ms=1e3 * statistics.median(opt_times[skip:]), step_ms=1e3 * statistics.median(step_times[skip:]),
         state_bytes=optimizer_state_bytes(opt), trained_fraction=trained_fraction, footprint_bytes=footprint,
         resources=meter.as_dict(), churn=churn.churn, note=variant.note, hyper=dict(variant.hyper),
-        tune_loss=tune_loss)
+        tune_loss=tune_loss, twin_of=variant.twin_of)
