@@ -320,7 +320,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="block_size"):
         sparse_grad.sparsify(torch.optim.SGD(params, lr=0.1), block_size=0)
     with pytest.raises(ValueError, match="state_layout"):
-        sparse_grad.sparsify(torch.optim.SGD(params, lr=0.1), state_layout="compact")
+        sparse_grad.sparsify(torch.optim.SGD(params, lr=0.1), state_layout="sparse")
     with pytest.raises(ValueError, match="scope"):
         sparse_grad.sparsify(torch.optim.SGD(params, lr=0.1), scope="layer")
     with pytest.raises(TypeError, match="options"):
