@@ -231,8 +231,9 @@ def apply(rule: UpdateRule, group: dict, params: list[torch.Tensor], grads: list
     in selection order.
 
     Blocks are run in cohorts of equal per-block scalars, one call of torch's functional per
-    cohort with one compact buffer per tensor, so every block sees the scalars it would have under
-    the unwrapped optimizer had it been updated only at these steps.
+    cohort on one compact buffer per state list (per tensor where they are views), so every block
+    sees the scalars it would have under the unwrapped optimizer had it been updated only at
+    these steps.
     """
     block_size, device = group["block_size"], params[0].device
     keys = rule.state_keys(group)
@@ -250,21 +251,36 @@ def apply(rule: UpdateRule, group: dict, params: list[torch.Tensor], grads: list
             piece = Piece(own, block_size, last, device)
             slots = [rows[i] for i in positions]
             pieces.append((t, piece, piece if slots == own else Piece(slots, block_size, last, device)))
-        lists = {key: [held.take(stores[t][key]) if not (key == rule.lazy and step == 0) else None
-                       for t, _, held in pieces] for key in keys}
-        # One scalar tensor per entry: the functional increments each in place.
-        lists["step"] = list(torch.full((len(pieces),), float(step), dtype=scalar_dtype, device=where).unbind())
-        if has_mu:
-            lists["mu_product"] = list(torch.full((len(pieces),), mu, dtype=scalar_dtype, device=where).unbind())
+        lazy = rule.lazy if step == 0 and rule.lazy in keys else None  # made by torch from the grad
+        buffers = {key: [held.take(stores[t][key]) for t, _, held in pieces] for key in keys if key != lazy}
         taken_params = [piece.take(params[t]) for t, piece, _ in pieces]
         taken_grads = [piece.take(grads[t]) for t, piece, _ in pieces]
-        rule.functional(taken_params, taken_grads, *(lists.get(key, []) for key in rule.lists), **kwargs)
+        # Parts of tensors run as one buffer per list: each of torch's ops makes one pass over the
+        # cohort instead of one per tensor (its launch costs more than a few blocks' arithmetic),
+        # and its for-loop implementation loops once in Python. Whole params (density 1) stay
+        # apart: the update runs in place on them, with no copy.
+        joined = len(pieces) > 1 and any(piece.run != slice(0, params[t].numel()) for t, piece, _ in pieces)
+        if joined:
+            sizes = [part.numel() for part in taken_params]
+            taken_params, taken_grads = [torch.cat(taken_params)], [torch.cat(taken_grads)]
+            buffers = {key: [torch.cat(parts)] for key, parts in buffers.items()}
+        count = len(taken_params)
+        if lazy is not None:
+            buffers[lazy] = [None] * count
+        # One scalar tensor per entry: the functional increments each in place.
+        buffers["step"] = list(torch.full((count,), float(step), dtype=scalar_dtype, device=where).unbind())
+        if has_mu:
+            buffers["mu_product"] = list(torch.full((count,), mu, dtype=scalar_dtype, device=where).unbind())
+        rule.functional(taken_params, taken_grads, *(buffers.get(key, []) for key in rule.lists), **kwargs)
+        if joined:  # (a lazy buffer is torch's new tensor, in the list it was given)
+            taken_params = taken_params[0].split(sizes)
+            buffers.update({key: buffers[key][0].split(sizes) for key in keys})
         for j, (t, piece, held) in enumerate(pieces):
             piece.put(params[t], taken_params[j])
             for key in keys:
-                held.put(stores[t][key], lists[key][j])
+                held.put(stores[t][key], buffers[key][j])
             if has_mu:
-                stores[t]["block_mu_product"][held.blocks] = lists["mu_product"][j].to(device)
+                stores[t]["block_mu_product"][held.blocks] = buffers["mu_product"][min(j, count - 1)].to(device)
 
 
 def count_steps(selected: Selected, compact: bool) -> None:
