@@ -6,7 +6,10 @@ reselect_every 10 shows the average over one interval (one step reselects, nine 
 Times are medians over interleaved rounds (every case steps once per round, in turn: on a
 shared machine the load then falls on every case alike).
 
-    python benchmarks/sparsify_calls.py --scale 0.01 --rounds 21 --threads 1
+Then, with ``--breakdown-steps``, where a sparsify step's time goes (cProfile's own time by part,
+as ``sparsify_overhead.py`` splits it).
+
+    python benchmarks/sparsify_calls.py --scale 0.01 --rounds 21 --threads 1 --breakdown-steps 20
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import time
 import torch
 
 import sparse_grad
+from sparsify_overhead import breakdown
 from sparse_grad import SparseAdamW, backends
 from sparse_grad.bench import make_params, python_calls
 from sparse_grad.bench.shapes import shapes as shape_set
@@ -43,6 +47,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layouts", default="dense,compact")
+    parser.add_argument("--breakdown-steps", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -72,6 +77,13 @@ def main() -> None:
                       if f"SparseAdamW {tail}" in times), None)
         ratio = "" if fused is None or name.startswith("SparseAdamW") else f"{median / fused:.1f}x"
         print(f"| {name} | {calls:,.0f} | {1e3 * median:.2f} | {ratio} |")
+    for name, (opt, _) in built.items():
+        if args.breakdown_steps and name.startswith("sparsify"):
+            parts = breakdown(opt, args.breakdown_steps)
+            total = sum(parts.values())
+            print(f"{name}, cProfile own time per step: {1e3 * total:.2f} ms = "
+                  + ", ".join(f"{part} {1e3 * value:.2f} ms ({100 * value / total:.0f}%)"
+                              for part, value in sorted(parts.items(), key=lambda kv: -kv[1])))
 
 
 if __name__ == "__main__":

@@ -671,3 +671,54 @@ def test_python_calls_per_step_follow_the_selected_tensors_not_all_tensors(layou
     # functional runs once per cohort on joined buffers, so its own loop adds nothing per tensor.
     few, many = _calls_per_step(8, layout, every, spread=True), _calls_per_step(16, layout, every, spread=True)
     assert 0 < many - few <= 40 * 8
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_a_bound_step_sees_changes_made_by_hand(layout):
+    """After steps that reuse the bound group: a resized param, a param converted to another
+    dtype and a param added to the group are each seen, before anything is written."""
+    params = _params(shapes=[(37,), (5, 7), (3,)])
+    opt = sparse_grad.sparsify(torch.optim.Adam(params, lr=0.1), density=0.5, block_size=BLOCK, state_layout=layout)
+    _run(opt, params, _grads(params, 3))
+    before = snapshot((params, opt.state_dict()))
+    params[1].data = heavy_tailed((6, 7))
+    params[1].grad = heavy_tailed((6, 7))
+    with pytest.raises(ValueError, match="resized"):
+        opt.step()
+    params[1].data, params[1].grad = before[0][1].clone(), heavy_tailed((5, 7))
+    assert_same(opt.state_dict(), before[1])
+    if layout == "compact":
+        for p in params:
+            p.data, p.grad = p.data.to(torch.bfloat16), heavy_tailed(p.shape, torch.bfloat16)
+        with pytest.raises(ValueError, match="converted by hand"):
+            opt.step()
+        for p, old in zip(params, before[0]):
+            p.data, p.grad = old.clone(), heavy_tailed(p.shape)
+        assert_same(opt.state_dict(), before[1])
+    extra = heavy_tailed((9,))
+    opt.param_groups[0]["params"].append(extra)
+    extra.grad = heavy_tailed((9,))
+    if layout == "compact":  # its slot table was made for the params it had
+        with pytest.raises(ValueError, match="made for"):
+            opt.step()
+    else:
+        opt.step()  # stepped with fresh state, like any new param
+        assert opt.state[extra]["block_step"].sum() <= 2
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_the_step_holds_no_grad_past_its_end(layout):
+    """The bound step keeps no grad: after zero_grad(set_to_none=True) the grads are freed."""
+    import gc
+    import weakref
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 7))
+    opt = sparse_grad.sparsify(torch.optim.Adam(model.parameters(), lr=1e-3), density=0.3, block_size=16,
+                               reselect_every=2, state_layout=layout)
+    x = heavy_tailed((9, 24))
+    for _ in range(3):
+        model(x).square().mean().backward()
+        opt.step()
+        grads = [weakref.ref(p.grad) for p in model.parameters()]
+        opt.zero_grad()
+        gc.collect()
+        assert all(g() is None for g in grads), "a grad outlived zero_grad(set_to_none=True)"

@@ -226,6 +226,7 @@ class SparsifiedOptimizer(Optimizer):
         for group, bound in zip(self.param_groups, bounds):
             if bound is not None:
                 self._step_group(group, bound)
+                bound.grads = None  # as SparseAdamW: zero_grad(set_to_none=True) then frees them
         for group_state in self._group_states:
             group_state.refresh()
         return loss
