@@ -276,9 +276,9 @@ class SparsifiedOptimizer(Optimizer):
         cached = caches.get("selected")
         if cached is not None and cached[0] is block_ids and cached[1] is bound and cached[2] is compact:
             return cached[3]
-        offsets = bound.view.layout.block_offsets
-        tensor_of = torch.searchsorted(offsets, block_ids.cpu(), right=True) - 1
-        local = (block_ids.cpu() - offsets[tensor_of]).tolist()
+        offsets, ids = bound.view.layout.block_offsets, block_ids.cpu()
+        tensor_of = torch.searchsorted(offsets, ids, right=True) - 1
+        local = (ids - offsets[tensor_of]).tolist()
         tensors, sizes = torch.unique_consecutive(tensor_of, return_counts=True)
         stops = sizes.cumsum(0).tolist()
         spans = list(zip(tensors.tolist(), [0, *stops[:-1]], stops))
