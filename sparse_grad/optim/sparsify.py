@@ -96,7 +96,9 @@ class SparsifiedOptimizer(Optimizer):
     group's options, and the results are scattered back. Unselected blocks keep params and state
     bit for bit. Per-tensor scalars of torch's state (the step count; NAdam's ``mu_product``) are
     kept per block (``block_step``, ``block_mu_product``), so bias corrections follow each block's
-    own updates. State per param: the wrapped optimizer's buffers, like the param, and those.
+    own updates. State per param (``state_layout="dense"``): the wrapped optimizer's buffers, like
+    the param, and those; ``"compact"``: per group, slabs of those buffers for the selected
+    blocks only, with per-slot counts (:mod:`.compact_state`).
     """
 
     def __init__(self, optimizer: Optimizer, **sparsify_options: Any):
