@@ -85,6 +85,7 @@ class BlockOracle:
 
     def __init__(self, cls, kw, params, block_size, foreach=False):
         self.block_size = block_size
+        self.make = lambda piece: cls([piece], foreach=foreach, **kw)
         self.blocks = []  # per param: [(slice, tensor, optimizer)]
         for p in params:
             flat = p.detach().reshape(-1)
@@ -104,6 +105,12 @@ class BlockOracle:
                 piece.grad = flat[where].clone()
                 opt.step()
                 self.counts[t][b] += 1
+
+    def restart(self, t, b):
+        """Block ``b`` of param ``t`` enters a compact selection: a fresh optimizer, step 0."""
+        where, piece, opt = self.blocks[t][b]
+        self.blocks[t][b] = (where, piece, self.make(piece))
+        self.counts[t][b] = 0
 
     def params(self, shapes):
         return [torch.cat([piece for _, piece, _ in parts]).reshape(shape) for parts, shape in zip(self.blocks, shapes)]
@@ -320,7 +327,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="block_size"):
         sparse_grad.sparsify(torch.optim.SGD(params, lr=0.1), block_size=0)
     with pytest.raises(ValueError, match="state_layout"):
-        sparse_grad.sparsify(torch.optim.SGD(params, lr=0.1), state_layout="compact")
+        sparse_grad.sparsify(torch.optim.SGD(params, lr=0.1), state_layout="sparse")
     with pytest.raises(ValueError, match="scope"):
         sparse_grad.sparsify(torch.optim.SGD(params, lr=0.1), scope="layer")
     with pytest.raises(TypeError, match="options"):
@@ -417,3 +424,301 @@ def test_named_parameters_and_params_without_grad():
             o.step()
     assert_same(list(model.parameters()), list(twin.parameters()))
     assert opt.state[model[1].bias]["block_step"].tolist() == [2]
+
+
+# --- state_layout="compact": the wrapped optimizer's state for the selected blocks only ---
+
+def _compact(opt, index=0):
+    return opt._group_states[index].compact
+
+
+def _rows(opt, params, block_size):
+    """(param index, block of that param, slab row) of every selected block, in slot order."""
+    [(_, taking_part, ids, _)] = opt.selected_blocks()
+    positions = [next(j for j, p in enumerate(params) if p is q) for q in taking_part]
+    local = _local(ids.tolist(), taking_part, block_size)
+    rows = [(positions[t], b) for t, blocks in enumerate(local) for b in blocks]
+    return [(j, b, row) for row, (j, b) in enumerate(rows)]
+
+
+@pytest.mark.parametrize("cls,kw", CASES, ids=IDS)
+def test_compact_density_one_is_the_wrapped_optimizer(cls, kw):
+    for dtype in (torch.float32, torch.bfloat16):
+        params = _params(dtype)
+        grads = _grads(params, 4)
+        ours, theirs = snapshot(params), snapshot(params)
+        opt = sparse_grad.sparsify(cls(ours, **kw), density=1.0, block_size=BLOCK, state_layout="compact")
+        _run(opt, ours, grads)
+        _run(cls(theirs, **kw), theirs, grads)
+        assert_same(ours, theirs)
+        assert not any(opt.state[p] for p in ours)  # no per-param state: it is all in the slabs
+
+
+@pytest.mark.parametrize("cls,kw", CASES, ids=IDS)
+def test_compact_equals_dense_while_the_selection_holds(cls, kw):
+    """One selection kept for the whole run (reselect_every beyond it): every selected block has
+    the same history in both layouts, so params and state agree bit for bit."""
+    for dtype in (torch.float32, torch.bfloat16):
+        params = _params(dtype, shapes=[(37,), (5, 7), (3,), (1,), (19, 3)])
+        grads = _grads(params, 5)
+        runs = []
+        for layout in ("dense", "compact"):
+            ps = snapshot(params)
+            opt = sparse_grad.sparsify(cls(ps, **kw), density=0.4, block_size=BLOCK, reselect_every=100,
+                                       state_layout=layout)
+            _run(opt, ps, grads)
+            runs.append((ps, opt))
+        (dense_params, dense), (compact_params, compact) = runs
+        assert_same(compact_params, dense_params)
+        slabs = _compact(compact)
+        for j, b, row in _rows(compact, compact_params, BLOCK):
+            state = dense.state[dense_params[j]]
+            assert int(slabs["block_step"][row]) == int(state["block_step"][b]) == 5
+            n = min(BLOCK, dense_params[j].numel() - b * BLOCK)
+            for key in slabs:
+                if key in state and key != "block_step":
+                    held = slabs[key][row] if slabs[key].dim() == 1 else slabs[key][row, :n]
+                    expected = state[key][b] if slabs[key].dim() == 1 else state[key].reshape(-1)[b * BLOCK:][:n]
+                    assert_same(held, expected)
+
+
+@pytest.mark.parametrize("cls,kw", CASES, ids=IDS)
+@pytest.mark.parametrize("density,selection,reselect_every", [(0.3, "norm", 1), (0.4, "random", 2)])
+def test_compact_matches_per_block_oracle_with_fresh_entering_blocks(cls, kw, density, selection, reselect_every):
+    """A block leaving the selection drops its state; entering, it starts as a new optimizer
+    would (zeros, Adagrad's initial accumulator, SGD's lazy momentum, step 0)."""
+    dtype = torch.float64 if cls is torch.optim.NAdam else torch.float32
+    params = _params(dtype)
+    shapes = [p.shape for p in params]
+    grads = _grads(params, 7)
+    oracle = BlockOracle(cls, kw, params, BLOCK)
+    ours = snapshot(params)
+    opt = sparse_grad.sparsify(cls(ours, **kw), density=density, block_size=BLOCK, reselect_every=reselect_every,
+                               selection=selection, seed=3, backend="reference", state_layout="compact")
+    before: set = set()
+    entered = 0
+    for step in grads:
+        for p, g in zip(ours, step):
+            p.grad = g.clone()
+        opt.step()
+        now = {(j, b) for j, b, _ in _rows(opt, ours, BLOCK)}
+        for j, b in now - before:
+            oracle.restart(j, b)
+        entered += len(now - before)
+        before = now
+        [(_, _, ids, _)] = opt.selected_blocks()
+        oracle.step(step, _local(ids.tolist(), ours, BLOCK))
+    assert entered > len(before)  # blocks left and came back (the policy was exercised)
+    assert_same(ours, oracle.params(shapes))
+    slabs = _compact(opt)
+    for j, b, row in _rows(opt, ours, BLOCK):
+        assert int(slabs["block_step"][row]) == oracle.counts[j][b]
+        where, piece, inner = oracle.blocks[j][b]
+        for key in slabs:
+            if slabs[key].dim() == 2:
+                assert_same(slabs[key][row, :piece.numel()], inner.state[piece][key])
+
+
+@pytest.mark.parametrize("cls,kw", [CASES[2], CASES[4], CASES[8], CASES[9], CASES[11]],
+                         ids=[IDS[2], IDS[4], IDS[8], IDS[9], IDS[11]])
+def test_compact_resume_mid_interval_is_bit_exact(cls, kw):
+    params = _params(shapes=[(37,), (5, 7), (3,), (1,), (19, 3)])
+    grads = _grads(params, 7)
+    options = {"density": 0.4, "block_size": BLOCK, "reselect_every": 3, "state_layout": "compact"}
+    straight = snapshot(params)
+    _run(sparse_grad.sparsify(cls(straight, **kw), **options), straight, grads)
+    first = snapshot(params)
+    opt = sparse_grad.sparsify(cls(first, **kw), **options)
+    _run(opt, first, grads[:4])
+    buffer = io.BytesIO()
+    torch.save({"params": first, "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = saved["params"]
+    again = sparse_grad.sparsify(cls(resumed, **kw), **options)
+    again.load_state_dict(saved["opt"])
+    assert_same(again.state_dict()["param_groups"][0]["sparse_grad"], opt.state_dict()["param_groups"][0]["sparse_grad"])
+    _run(again, resumed, grads[4:])
+    assert_same(resumed, straight)
+
+
+def test_compact_bad_state_dict_is_refused_and_changes_nothing():
+    params = _params()
+    opt = sparse_grad.sparsify(torch.optim.NAdam(params, lr=0.1), density=0.5, block_size=BLOCK,
+                               state_layout="compact")
+    _run(opt, params, _grads(params, 2))
+    good = snapshot(opt.state_dict())
+    before = snapshot((params, opt.state_dict()))
+
+    def compact(sd):
+        return sd["param_groups"][0]["sparse_grad"]["compact"]
+
+    cases = [
+        (lambda sd: compact(sd).update(exp_avg=compact(sd)["exp_avg"][:, :4]), "exp_avg"),
+        (lambda sd: compact(sd).update(exp_avg_sq=compact(sd)["exp_avg_sq"].double()), "exp_avg_sq"),
+        (lambda sd: compact(sd).update(block_mu_product=compact(sd)["block_mu_product"][:1]), "block_mu_product"),
+        (lambda sd: compact(sd).pop("block_mu_product"), "must hold"),
+        (lambda sd: compact(sd)["slot_of_block"].roll(1), None),  # no change: a copy (sanity of the harness)
+        (lambda sd: compact(sd).update(slot_of_block=compact(sd)["slot_of_block"].roll(1)), "slot_of_block"),
+        (lambda sd: compact(sd)["block_of_slot"].flip(0).clone(), None),
+        (lambda sd: compact(sd).update(block_of_slot=compact(sd)["block_of_slot"].flip(0).clone()), "ascending"),
+        (lambda sd: compact(sd)["block_step"].fill_(-1), "step counts"),
+        (lambda sd: compact(sd)["exp_avg_sq"].fill_(-1.0), "negative"),
+        (lambda sd: compact(sd).update(param_numels=torch.tensor([37, 35, 3, 2])), "37|35|2"),
+        (lambda sd: sd["param_groups"][0]["sparse_grad"].pop("compact"), "no compact state"),
+        (lambda sd: sd["param_groups"][0].update(state_layout="dense"), "state_layout"),
+        (lambda sd: sd["state"].update({0: {"block_step": torch.zeros(5, dtype=torch.int32)}}), "compact"),
+        (lambda sd: sd["param_groups"][0]["sparse_grad"]["selection"].update(
+            block_ids=sd["param_groups"][0]["sparse_grad"]["selection"]["block_ids"][:-1]), "other blocks|does not fit"),
+    ]
+    for edit, message in cases:
+        sd = snapshot(good)
+        edit(sd)
+        if message is None:
+            opt.load_state_dict(sd)
+        else:
+            with pytest.raises(ValueError, match=message):
+                opt.load_state_dict(sd)
+        assert_same((params, opt.state_dict()), before)
+
+
+def test_compact_state_memory_follows_the_density():
+    """Per param: (buffers) · (bytes per element) · density, plus the blocks' padding and the slot
+    table (4 B per block, 8 + 4 (+ 4 for NAdam's mu_product) per slot, 8 per param)."""
+    shapes, block = [(4096,), (1000,), (33, 17), (7,)], 64
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    blocks = sum(-(-torch.Size(s).numel() // block) for s in shapes)
+    for cls, kw in CASES:
+        for dtype in (torch.float32, torch.bfloat16):
+            params = _params(dtype, shapes)
+            opt = sparse_grad.sparsify(cls(params, **kw), density=0.1, block_size=block, state_layout="compact")
+            _run(opt, params, _grads(params, 2))
+            slabs = _compact(opt)
+            buffers = sum(1 for key, value in slabs.items() if value.dim() == 2)
+            assert buffers == len(opt._rule.state_keys(opt.param_groups[0]))
+            slots = ops.num_selected(0.1, blocks)
+            assert slabs["block_of_slot"].numel() == slots
+            size = dtype.itemsize
+            per_slot = 8 + 4 + 4 * ("block_mu_product" in slabs)
+            # slots · block ≤ density · blocks · block + block, and blocks · block ≤ numel + tensors · block
+            bound = (buffers * size * (0.1 * (numel + len(shapes) * block) + block)
+                     + 4 * blocks + per_slot * slots + 8 * len(shapes))
+            held = sum(t.numel() * t.element_size() for t in slabs.values())
+            assert held <= bound
+            dense = buffers * size * numel + 4 * blocks
+            assert held <= 0.2 * dense + 4 * blocks + per_slot * slots + 8 * len(shapes)
+
+
+def test_compact_refusals_write_nothing():
+    a, b = _params()[:2]
+    opt = sparse_grad.sparsify(torch.optim.Adam([a, b.to(torch.bfloat16)], lr=0.1), density=0.5, block_size=BLOCK,
+                               state_layout="compact")
+    for p in opt.param_groups[0]["params"]:
+        p.grad = heavy_tailed(p.shape, p.dtype)
+    before = snapshot(opt.param_groups[0]["params"])
+    with pytest.raises(ValueError, match="one state dtype per group"):
+        opt.step()
+    assert_same(opt.param_groups[0]["params"], before)
+    assert _compact(opt) is None and not opt.state
+    params = _params()
+    opt = sparse_grad.sparsify(torch.optim.SGD(params, lr=0.1), density=0.5, block_size=BLOCK, state_layout="compact")
+    _run(opt, params, _grads(params, 2))
+    opt.param_groups[0]["momentum"] = 0.9  # a buffer the option now needs: a fresh slab (lazy: from the grad)
+    _run(opt, params, _grads(params, 1))
+    assert _compact(opt)["momentum_buffer"].shape == (ops.num_selected(0.5, 12), BLOCK)
+    before = snapshot((params, opt.state_dict()))
+    opt.param_groups[0]["block_size"] = 4
+    with pytest.raises(ValueError, match="block_size"):
+        opt.step()
+    opt.param_groups[0]["block_size"] = BLOCK
+    opt.param_groups[0]["state_layout"] = "dense"
+    with pytest.raises(ValueError, match="compact state"):
+        opt.step()
+    assert_same((params, opt.state_dict()["state"]), (before[0], before[1]["state"]))
+
+
+# --- per-step overhead: Python calls per step against the number of tensors ---
+
+def _calls_per_step(n, layout, every, spread):
+    """Steady-state Python calls per step, averaged over two selection intervals, for ``n``
+    tensors of 4 blocks. ``spread``: one block of every tensor selected (scope "tensor");
+    else 4 blocks, all in the first tensor (its grad dominates), whatever ``n``."""
+    from sparse_grad.bench import python_calls
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(4 * 64, generator=generator) for _ in range(n)]
+    for j, p in enumerate(params):
+        p.grad = torch.randn(p.shape, generator=generator) * (100.0 if j == 0 and not spread else 1.0)
+    opt = sparse_grad.sparsify(torch.optim.AdamW(params, lr=1e-3), density=0.25 if spread else 1.0 / n,
+                               scope="tensor" if spread else "global", block_size=64, reselect_every=every,
+                               state_layout=layout)
+    for _ in range(3):
+        opt.step()  # state made, caches filled
+    calls = [python_calls(opt.step) for _ in range(2 * every)]
+    return sum(calls) / len(calls)
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+@pytest.mark.parametrize("every", [1, 10])
+def test_python_calls_per_step_follow_the_selected_tensors_not_all_tensors(layout, every):
+    """A bound step checks nothing per tensor (one fingerprint of the group), and the selected
+    blocks are located and their step counts read with a constant number of calls: the calls of a
+    step grow with the tensors that have selected blocks, not with the group's tensors."""
+    assert _calls_per_step(16, layout, every, spread=False) == _calls_per_step(8, layout, every, spread=False)
+    # Each tensor with selected blocks costs what touches it alone: its piece (~5 calls: the
+    # block ids as a slice or index), a view and a gather of each list taken (param, grad, two
+    # AdamW buffers: 2-3 calls each), a view and a scatter of each written back (param and
+    # buffers: ~4 each), and its count update (~3): about 36 (measured 36-36.5). Torch's
+    # functional runs once per cohort on joined buffers, so its own loop adds nothing per tensor.
+    few, many = _calls_per_step(8, layout, every, spread=True), _calls_per_step(16, layout, every, spread=True)
+    assert 0 < many - few <= 40 * 8
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_a_bound_step_sees_changes_made_by_hand(layout):
+    """After steps that reuse the bound group: a resized param, a param converted to another
+    dtype and a param added to the group are each seen, before anything is written."""
+    params = _params(shapes=[(37,), (5, 7), (3,)])
+    opt = sparse_grad.sparsify(torch.optim.Adam(params, lr=0.1), density=0.5, block_size=BLOCK, state_layout=layout)
+    _run(opt, params, _grads(params, 3))
+    before = snapshot((params, opt.state_dict()))
+    params[1].data = heavy_tailed((6, 7))
+    params[1].grad = heavy_tailed((6, 7))
+    with pytest.raises(ValueError, match="resized"):
+        opt.step()
+    params[1].data, params[1].grad = before[0][1].clone(), heavy_tailed((5, 7))
+    assert_same(opt.state_dict(), before[1])
+    if layout == "compact":
+        for p in params:
+            p.data, p.grad = p.data.to(torch.bfloat16), heavy_tailed(p.shape, torch.bfloat16)
+        with pytest.raises(ValueError, match="converted by hand"):
+            opt.step()
+        for p, old in zip(params, before[0]):
+            p.data, p.grad = old.clone(), heavy_tailed(p.shape)
+        assert_same(opt.state_dict(), before[1])
+    extra = heavy_tailed((9,))
+    opt.param_groups[0]["params"].append(extra)
+    extra.grad = heavy_tailed((9,))
+    if layout == "compact":  # its slot table was made for the params it had
+        with pytest.raises(ValueError, match="made for"):
+            opt.step()
+    else:
+        opt.step()  # stepped with fresh state, like any new param
+        assert opt.state[extra]["block_step"].sum() <= 2
+
+
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+def test_the_step_holds_no_grad_past_its_end(layout):
+    """The bound step keeps no grad: after zero_grad(set_to_none=True) the grads are freed."""
+    import gc
+    import weakref
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 7))
+    opt = sparse_grad.sparsify(torch.optim.Adam(model.parameters(), lr=1e-3), density=0.3, block_size=16,
+                               reselect_every=2, state_layout=layout)
+    x = heavy_tailed((9, 24))
+    for _ in range(3):
+        model(x).square().mean().backward()
+        opt.step()
+        grads = [weakref.ref(p.grad) for p in model.parameters()]
+        opt.zero_grad()
+        gc.collect()
+        assert all(g() is None for g in grads), "a grad outlived zero_grad(set_to_none=True)"

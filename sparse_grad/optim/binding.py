@@ -69,31 +69,38 @@ class BoundStep:
         self.param_states: list[dict] | None = None  # filled on the first apply (it writes state)
         self.dense: tuple | None = None  # kernel lists of dense moments and counts, and all of them
         self.errors: list[torch.Tensor] | None = None  # error-feedback buffers (local)
-        # The fingerprint.
-        self.reusable = reusable
-        self.opt_state = opt_state
-        self.param_list = group["params"]
-        self.all_params = list(group["params"])  # the objects: one may be replaced in place
-        self.num_params = len(group["params"])
-        self.options = options.shaping_values(group)
-        self.has_grad = [p.grad is not None for p in group["params"]]
-        self.all_have_grads = all(self.has_grad)
-        # Of the group as checked now (so the next reuse() is already the one C call), then as
-        # reuse() last checked it in full; None without the extension.
-        fingerprint = _fingerprint(group["params"]) if reusable else None
-        self.fingerprint: bytes | None = None if fingerprint is None else fingerprint[0]
-        if reusable:
-            self.param_ptrs = list(map(_data_ptr, params))
-            self.param_shapes = list(map(_shape, params))
-            self.grad_ptrs = list(map(_data_ptr, grads))
-            self.grad_shapes = list(map(_shape, grads))
-            self.grad_dtypes = list(map(_dtype, grads))
+        track(self, group, params, grads, opt_state, reusable)
 
     def states(self) -> list[dict]:
         """The per-param state dicts of the params that take part (created empty if new)."""
         if self.param_states is None:
             self.param_states = [self.opt_state[p] for p in self.params]
         return self.param_states
+
+
+def track(bound, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], opt_state: dict,
+          reusable: bool) -> None:
+    """Record on ``bound`` (a :class:`BoundStep`, or sparsify's bound group: anything with the
+    ``positions``, ``params``, ``grads``, ``view`` and ``caches`` reuse() reads) what
+    :func:`reuse` compares: the group as checked now."""
+    bound.reusable = reusable
+    bound.opt_state = opt_state
+    bound.param_list = group["params"]
+    bound.all_params = list(group["params"])  # the objects: one may be replaced in place
+    bound.num_params = len(group["params"])
+    bound.options = options.shaping_values(group)
+    bound.has_grad = [p.grad is not None for p in group["params"]]
+    bound.all_have_grads = all(bound.has_grad)
+    # Of the group as checked now (so the next reuse() is already the one C call), then as
+    # reuse() last checked it in full; None without the extension.
+    fingerprint = _fingerprint(group["params"]) if reusable else None
+    bound.fingerprint = None if fingerprint is None else fingerprint[0]
+    if reusable:
+        bound.param_ptrs = list(map(_data_ptr, params))
+        bound.param_shapes = list(map(_shape, params))
+        bound.grad_ptrs = list(map(_data_ptr, grads))
+        bound.grad_shapes = list(map(_shape, grads))
+        bound.grad_dtypes = list(map(_dtype, grads))
 
 
 def _native_fingerprint():

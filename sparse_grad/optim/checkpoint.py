@@ -49,8 +49,10 @@ def check_param_state(state: dict, p: torch.Tensor, group: dict, name: str, rule
             check_second_moment(state[key], f"the state of {name}: its {key}")
 
 
-def loaded_compact(state: dict, saved_group: dict, params: list, index: int, name: str, rule=None) -> dict:
-    """A saved group's compact state, checked against this group's params and on their device."""
+def loaded_compact(state: dict, saved_group: dict, params: list, index: int, name: str, rule=None,
+                   per_slot: dict | None = None) -> dict:
+    """A saved group's compact state, checked against this group's params and on their device;
+    ``per_slot``: its per-slot vectors besides the step counts (see ``compact_state.create``)."""
     if sharding.is_dtensor(params[0]):
         raise ValueError(f"{name} is compact state of FSDP2-sharded params, which state_dict() keeps per rank: "
                          "checkpoint it with sparse_grad.distributed.optimizer_state_dict / "
@@ -60,10 +62,11 @@ def loaded_compact(state: dict, saved_group: dict, params: list, index: int, nam
     rule = rule or ADAMW
     dtype = options.state_dtype(saved_group, params[0])
     compact_state.check_saved(state, [p.numel() for p in params], saved_group["block_size"], dtype, name,
-                              lambda j: f"param_groups[{index}]['params'][{j}]", rule.moments(saved_group))
+                              lambda j: f"param_groups[{index}]['params'][{j}]", rule.moments(saved_group), per_slot)
     check_counts(state["block_step"], f"{name}['block_step']")
     for key in rule.nonnegative:
-        check_second_moment(state[key], f"{name}[{key!r}]")
+        if key in state:  # (a moment only some options keep: RMSprop's, Adam's amsgrad)
+            check_second_moment(state[key], f"{name}[{key!r}]")
     return {key: value.to(device=params[0].device, copy=True) for key, value in state.items()}
 
 

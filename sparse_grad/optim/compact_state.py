@@ -53,41 +53,46 @@ def group_ids(block_ids: torch.Tensor, numels: tuple[int, ...], positions: tuple
 
 
 def create(numels: list[int], block_size: int, dtype: torch.dtype, device: torch.device,
-           moments: tuple[str, ...] = ("exp_avg", "exp_avg_sq")) -> dict:
+           moments: tuple[str, ...] = ("exp_avg", "exp_avg_sq"), per_slot: dict | None = None) -> dict:
     """An empty compact state (capacity 0) for a group of params with these element counts,
-    with a slab per moment of the update rule."""
+    with a slab per moment of the update rule and a vector per entry of ``per_slot`` (key →
+    dtype: a per-block scalar beside the step count, as sparsify keeps NAdam's mu_product)."""
     num_blocks = sum(num_blocks_of(n, block_size) for n in numels)
     return {"param_numels": torch.tensor(numels, dtype=torch.int64, device=device),
             "slot_of_block": torch.full((num_blocks,), -1, dtype=torch.int32, device=device),
             "block_of_slot": torch.empty(0, dtype=torch.int64, device=device),
             **{key: torch.empty(0, block_size, dtype=dtype, device=device) for key in moments},
+            **{key: torch.empty(0, dtype=vector_dtype, device=device) for key, vector_dtype in (per_slot or {}).items()},
             "block_step": torch.empty(0, dtype=torch.int32, device=device)}
 
 
 def moment_keys(state: dict) -> tuple[str, ...]:
-    """The slabs of a compact state, in the update rule's order."""
+    """The slabs (and per-slot vectors) of a compact state, in the update rule's order."""
     return tuple(key for key in state if key not in TABLE_KEYS)
 
 
-def reassign(state: dict, ids: torch.Tensor) -> dict:
+def reassign(state: dict, ids: torch.Tensor, fills: dict | None = None) -> dict:
     """The state for the new selection ``ids`` (group ids, ascending): slot i holds block ids[i];
-    staying blocks keep moments and counts, entering ones start from zero (see the module doc)."""
+    staying blocks keep moments and counts, entering ones start from zero, or from
+    ``fills[key]`` (Adagrad's initial accumulator, NAdam's mu_product 1) (see the module doc)."""
     k = ids.numel()
     old = state["slot_of_block"][ids].long()
     kept = old >= 0
+    fills = fills or {}
     if state["block_of_slot"].numel() == 0:  # nothing to keep (and nothing to index)
-        gather = lambda slab: slab.new_zeros((k,) + tuple(slab.shape[1:]))  # noqa: E731
+        gather = lambda key, slab: slab.new_full((k,) + tuple(slab.shape[1:]), fills.get(key, 0))  # noqa: E731
     else:
         index = old.clamp(min=0)
 
-        def gather(slab):
+        def gather(key, slab):
             rows = slab[index]
             mask = kept.view((k,) + (1,) * (slab.dim() - 1))
-            return torch.where(mask, rows, torch.zeros((), dtype=slab.dtype, device=slab.device))
+            return torch.where(mask, rows, torch.full((), fills.get(key, 0), dtype=slab.dtype, device=slab.device))
     slot_of_block = torch.full_like(state["slot_of_block"], -1)
     slot_of_block[ids] = torch.arange(k, dtype=torch.int32, device=ids.device)
     new = {"param_numels": state["param_numels"], "slot_of_block": slot_of_block, "block_of_slot": ids.clone(),
-           **{key: gather(state[key]) for key in moment_keys(state)}, "block_step": gather(state["block_step"])}
+           **{key: gather(key, state[key]) for key in moment_keys(state)},
+           "block_step": gather("block_step", state["block_step"])}
     if state["block_of_slot"].numel() != k:
         return new
     # Same capacity: write into the existing tensors, so that a step captured in a CUDA graph
@@ -99,10 +104,12 @@ def reassign(state: dict, ids: torch.Tensor) -> dict:
 
 
 def check_saved(state: dict, numels: list[int], block_size: int, dtype: torch.dtype, name: str,
-                param_name, moments: tuple[str, ...] = ("exp_avg", "exp_avg_sq")) -> None:
-    """Raise unless a saved compact state fits params with these element counts and the update
-    rule's ``moments``; a param that does not fit is named by ``param_name(j)``."""
-    keys = TABLE_KEYS + tuple(moments)
+                param_name, moments: tuple[str, ...] = ("exp_avg", "exp_avg_sq"), per_slot: dict | None = None) -> None:
+    """Raise unless a saved compact state fits params with these element counts, the update
+    rule's ``moments`` and per-slot vectors (``per_slot``: key → dtype, as :func:`create`); a
+    param that does not fit is named by ``param_name(j)``."""
+    per_slot = per_slot or {}
+    keys = TABLE_KEYS + tuple(moments) + tuple(per_slot)
     if not isinstance(state, dict) or set(state) != set(keys):
         raise ValueError(f"{name} must hold {keys}")
     saved = state["param_numels"]
@@ -119,6 +126,7 @@ def check_saved(state: dict, numels: list[int], block_size: int, dtype: torch.dt
     capacity = state["block_of_slot"].numel()
     expected = {"slot_of_block": ((num_blocks,), torch.int32), "block_of_slot": ((capacity,), torch.int64),
                 **{key: ((capacity, block_size), dtype) for key in moments},
+                **{key: ((capacity,), vector_dtype) for key, vector_dtype in per_slot.items()},
                 "block_step": ((capacity,), torch.int32)}
     for key, (shape, want) in expected.items():
         value = state[key]
@@ -156,7 +164,7 @@ def check_compact(state: dict | None, group: dict, where: str, whole=None) -> No
     blocks = sum(num_blocks_of(p.numel(), group["block_size"]) for p in group["params"])
     if whole is not None:  # slots of this rank's blocks only
         blocks = whole.kernel_layout.num_blocks
-    slabs = [state[key] for key in moment_keys(state)]  # none for SGD without momentum
+    slabs = [state[key] for key in moment_keys(state) if state[key].dim() == 2]  # none for SGD without momentum
     if any(slab.shape[1] != group["block_size"] for slab in slabs) or state["slot_of_block"].numel() != blocks:
         raise ValueError(f"{where}['block_size'] is {group['block_size']}, but the group's compact "
                          "state was made with another block size")

@@ -9,7 +9,7 @@ the wrapper's, and the wrapper keeps its own state.
 """
 from __future__ import annotations
 
-import bisect
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from .. import backends
 from ..layout import cached_layout, check_tensor, num_blocks_of
-from . import checkpoint, options, sharding, torch_rules
+from . import binding, checkpoint, compact_state, options, sharding, torch_rules
 from .functional import _select
 from .group_state import GroupState, Selection
 from .group_view import PlainGroup
@@ -44,7 +44,9 @@ def sparsify(optimizer: Optimizer, *, density: float = 0.05, block_size: int = 4
     step updates only the ``density`` fraction of blocks with the largest gradients.
 
     The options are SparseAdamW's (docs/design.md §3) and may be set per param group
-    (``add_param_group``, or by editing ``param_groups``). ``state_layout`` must be ``"dense"``.
+    (``add_param_group``, or by editing ``param_groups``). ``state_layout="compact"`` keeps the
+    wrapped optimizer's state for the selected blocks only (memory ∝ density; a block entering
+    the selection starts afresh, docs/design.md §4, §10).
     The wrapped optimizer must not have stepped yet; step, schedule and checkpoint the returned
     optimizer from then on, not the wrapped one.
     """
@@ -53,19 +55,36 @@ def sparsify(optimizer: Optimizer, *, density: float = 0.05, block_size: int = 4
                                backend=backend, seed=seed, score=score, min_blocks_per_tensor=min_blocks_per_tensor)
 
 
-@dataclass
-class _Selecting:
-    """What the shared selection (:func:`.functional._select`) reads of a step."""
+class _Bound:
+    """A checked param group's step (what the shared selection, :func:`.functional._select`, and
+    the update read), kept while :func:`.binding.reuse` finds the group unchanged: then a step
+    checks nothing per tensor (docs/design.md §9, §10)."""
 
-    index: int
-    group: dict
-    view: PlainGroup
-    state: GroupState
-    selection_key: tuple
-    backend: str
-    counts: Counts
-    reusable: bool = False  # no kernel caches: sparsify's cost is in the gathered update
-    blueprint_scores: None = None
+    blueprint_scores = None  # sparsify has no blueprint
+
+    def __init__(self, index: int, group: dict, positions: list[int], params: list[torch.Tensor],
+                 grads: list[torch.Tensor], state: GroupState, opt_state: dict, rule: torch_rules.UpdateRule):
+        device = params[0].device
+        self.index, self.state = index, state
+        self.positions, self.params, self.grads = positions, params, grads
+        self.all_numels = tuple(p.numel() for p in group["params"])
+        layout = cached_layout(tuple(p.numel() for p in params), group["block_size"], device)
+        self.view = PlainGroup(layout, self.all_numels)
+        self.group = {**group, **_SELECTION_FIXED}
+        self.counts = Counts.of(layout, self.group)
+        self.selection_key = (tuple(positions), group["block_size"], group["density"], group["scope"],
+                              group["score"], group["min_blocks_per_tensor"], group["selection"], group["seed"])
+        self.backend = backends.resolve(group["backend"], device)
+        self.compact = group["state_layout"] == "compact"
+        self.state_keys = rule.state_keys(group)  # options outside the shaping ones change them
+        self.caches = {"norms": {}, "select": {}, "update": {}}  # kernel tables, valid while bound
+        self.states: list[dict] | None = None  # the params' state dicts, made on the first step
+        self.step_counts: list[torch.Tensor] | None = None  # dense: the params' block_step vectors
+        self.mu_products: list[torch.Tensor] | None = None
+        # Not under torch.compile (the step is kept out of it, see NOT_COMPILED), and only
+        # contiguous grads: a copy made by .contiguous() is new every step.
+        reusable = not torch.compiler.is_compiling() and all(g is p.grad for g, p in zip(grads, params))
+        binding.track(self, group, params, grads, opt_state, reusable)
 
 
 class SparsifiedOptimizer(Optimizer):
@@ -77,7 +96,9 @@ class SparsifiedOptimizer(Optimizer):
     group's options, and the results are scattered back. Unselected blocks keep params and state
     bit for bit. Per-tensor scalars of torch's state (the step count; NAdam's ``mu_product``) are
     kept per block (``block_step``, ``block_mu_product``), so bias corrections follow each block's
-    own updates. State per param: the wrapped optimizer's buffers, like the param, and those.
+    own updates. State per param (``state_layout="dense"``): the wrapped optimizer's buffers, like
+    the param, and those; ``"compact"``: per group, slabs of those buffers for the selected
+    blocks only, with per-slot counts (:mod:`.compact_state`).
     """
 
     def __init__(self, optimizer: Optimizer, **sparsify_options: Any):
@@ -104,9 +125,6 @@ class SparsifiedOptimizer(Optimizer):
     def _check_options(self, group: dict, where: str) -> None:
         options.check_selection(group, where)
         name = options.namer(where)
-        if group["state_layout"] != "dense":
-            raise ValueError(f"{name('state_layout')}={group['state_layout']!r} is not supported by sparsify: its "
-                             "state is dense (use SparseAdamW for compact state)")
         if group.get("differentiable", False):
             raise ValueError(f"{name('differentiable')}=True is not supported by sparsify: the update runs on "
                              "gathered copies, which autograd cannot see through")
@@ -142,7 +160,7 @@ class SparsifiedOptimizer(Optimizer):
             self._group_states = [GroupState() for _ in saved_states]
             for group_state, saved in zip(self._group_states, saved_states):
                 selection = saved.get("selection")
-                group_state.set(None if selection is None else Selection(**selection), None)
+                group_state.set(None if selection is None else Selection(**selection), saved.get("compact"))
 
     def selected_blocks(self) -> list[tuple[int, list[torch.Tensor], torch.Tensor, int]]:
         """As :meth:`SparseAdamW.selected_blocks`: ``[(group_index, params, block_ids, block_size)]``."""
@@ -175,7 +193,24 @@ class SparsifiedOptimizer(Optimizer):
             positions.append(j)
             params.append(p)
             grads.append(grad.contiguous())
+        _check_compact(self._group_states[index], group, where)
         return (positions, params, grads) if params else None
+
+    def _bind(self, index: int, group: dict) -> _Bound | None:
+        """The group's bound step: the last one while nothing it depends on changed (one
+        fingerprint, no Python call per tensor), else the group checked in full and bound again."""
+        state = self._group_states[index]
+        bound = state.bound
+        if (bound is not None and bound.state_keys == self._rule.state_keys(group)
+                and binding.reuse(bound, group, self.state)):
+            bound.group = {**group, **_SELECTION_FIXED}  # the update's options may change on any step
+            return bound
+        state.bound = None
+        parts = self._check_group(index, group)
+        if parts is None:
+            return None
+        bound = state.bound = _Bound(index, group, *parts, state, self.state, self._rule)
+        return bound
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -189,46 +224,84 @@ class SparsifiedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        checked = [self._check_group(i, group) for i, group in enumerate(self.param_groups)]
-        for index, (group, parts) in enumerate(zip(self.param_groups, checked)):
-            if parts is not None:
-                self._step_group(index, group, *parts)
+        bounds = [self._bind(i, group) for i, group in enumerate(self.param_groups)]
+        for group, bound in zip(self.param_groups, bounds):
+            if bound is not None:
+                self._step_group(group, bound)
+                bound.grads = None  # as SparseAdamW: zero_grad(set_to_none=True) then frees them
         for group_state in self._group_states:
             group_state.refresh()
         return loss
 
-    def _step_group(self, index: int, group: dict, positions: list[int], params: list[torch.Tensor],
-                    grads: list[torch.Tensor]) -> None:
-        device = params[0].device
-        layout = cached_layout(tuple(p.numel() for p in params), group["block_size"], device)
-        states = [self.state[p] for p in params]
-        for p, state, blocks in zip(params, states, layout.block_counts):
-            torch_rules.init_state(self._rule, state, p, group, blocks)
-        selecting = {**group, **_SELECTION_FIXED}
-        key = (tuple(positions), group["block_size"], group["density"], group["scope"], group["score"],
-               group["min_blocks_per_tensor"], group["selection"], group["seed"])
-        step = _Selecting(index, selecting, PlainGroup(layout, tuple(p.numel() for p in group["params"])),
-                          self._group_states[index], key, backends.resolve(group["backend"], device),
-                          Counts.of(layout, selecting))
-        block_ids, _, _ = _select(step, grads, None, None, False)
-        local_ids = self._local_ids(index, block_ids, layout)
-        torch_rules.apply(self._rule, group, params, grads, states, local_ids)
+    def _step_group(self, group: dict, bound: _Bound) -> None:
+        rule = self._rule
+        if bound.states is None and not bound.compact:  # (compact: no per-param state at all)
+            bound.states = [self.state[p] for p in bound.params]
+            for p, state, blocks in zip(bound.params, bound.states, bound.view.layout.block_counts):
+                torch_rules.init_state(rule, state, p, group, blocks)
+            bound.step_counts = [state["block_step"] for state in bound.states]
+            if rule.per_slot(group):
+                bound.mu_products = [state["block_mu_product"] for state in bound.states]
+        block_ids, _, reselected = _select(bound, bound.grads, None, None, False)
+        compact = self._compact_state(bound, group, block_ids, reselected) if bound.compact else None
+        selected = self._selected(bound, block_ids, compact)
+        torch_rules.apply(rule, group, bound.params, bound.grads, selected, self._scalars(bound, block_ids, compact))
+        torch_rules.count_steps(selected, bound.compact)
 
-    def _local_ids(self, index: int, block_ids: torch.Tensor, layout) -> list[list[int]]:
-        """The selected ids split per tensor, numbered within it; read to the host once per
-        selection (a sync on CUDA)."""
-        caches = self._group_states[index].caches
-        cached = caches.get("local_ids")
-        if cached is not None and cached[0] is block_ids:
-            return cached[1]
-        ids = block_ids.tolist()
-        offsets = layout.block_offsets.tolist()
-        local = []
-        for t in range(len(offsets) - 1):
-            lo, hi = bisect.bisect_left(ids, offsets[t]), bisect.bisect_left(ids, offsets[t + 1])
-            local.append([b - offsets[t] for b in ids[lo:hi]])
-        caches["local_ids"] = (block_ids, local)
-        return local
+    def _compact_state(self, bound: _Bound, group: dict, block_ids: torch.Tensor, reselected: bool) -> dict:
+        """The group's compact state, its slots reassigned to a new selection (the policy of
+        :mod:`.compact_state`: staying blocks keep their state and counts, entering ones start
+        as the wrapped optimizer starts a param)."""
+        state, rule, block_size = bound.state, self._rule, group["block_size"]
+        slabs = state.compact
+        if slabs is None:
+            slabs = compact_state.create(list(bound.all_numels), block_size, bound.params[0].dtype,
+                                         bound.view.device, rule.moments(group), rule.per_slot(group))
+            state.made_compact(slabs, list(bound.all_numels))
+            reselected = True
+        fresh = rule.fresh(group)
+        for key in bound.state_keys:  # a buffer an option asks for since the last step (momentum > 0)
+            if key not in slabs:
+                capacity = slabs["block_of_slot"].numel()
+                slabs[key] = torch.full((capacity, block_size), fresh.get(key, 0.0),
+                                        dtype=bound.params[0].dtype, device=bound.view.device)
+        if reselected:
+            ids = compact_state.group_ids(block_ids, bound.all_numels, tuple(bound.positions), block_size)
+            slabs = state.compact = compact_state.reassign(slabs, ids, fresh)
+        return slabs
+
+    def _selected(self, bound: _Bound, block_ids: torch.Tensor, compact: dict | None) -> torch_rules.Selected:
+        """Where the selected blocks live (:class:`.torch_rules.Selected`), made once per
+        selection from one read of the ids to the host (a sync on CUDA), with a constant number
+        of Python calls: no loop over the group's tensors."""
+        caches = bound.state.caches
+        cached = caches.get("selected")
+        if cached is not None and cached[0] is block_ids and cached[1] is bound and cached[2] is compact:
+            return cached[3]
+        offsets, ids = bound.view.layout.block_offsets, block_ids.cpu()
+        tensor_of = torch.searchsorted(offsets, ids, right=True) - 1
+        local = (ids - offsets[tensor_of]).tolist()
+        tensors, sizes = torch.unique_consecutive(tensor_of, return_counts=True)
+        stops = sizes.cumsum(0).tolist()
+        spans = list(zip(tensors.tolist(), [0, *stops[:-1]], stops))
+        if compact is None:
+            selected = torch_rules.Selected(spans, local, bound.states, local)
+        else:  # slot i holds the i-th selected block
+            selected = torch_rules.Selected(spans, local, [compact] * len(bound.params), list(range(len(local))))
+        caches["selected"] = (block_ids, bound, compact, selected)
+        return selected
+
+    def _scalars(self, bound: _Bound, block_ids: torch.Tensor, compact: dict | None) -> list[tuple]:
+        """Each selected block's (step count, mu_product), in selection order: one read to the
+        host per step (a sync on CUDA), for all the group's tensors at once."""
+        if compact is not None:
+            steps = compact["block_step"].tolist()
+            mus = compact["block_mu_product"].tolist() if "block_mu_product" in compact else None
+        else:
+            ids = block_ids.to(bound.step_counts[0].device)
+            steps = torch.cat(bound.step_counts).index_select(0, ids).tolist()
+            mus = None if bound.mu_products is None else torch.cat(bound.mu_products).index_select(0, ids).tolist()
+        return list(zip(steps, mus if mus is not None else itertools.repeat(None)))
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict; each saved param group also holds its selection under
@@ -263,14 +336,23 @@ class SparsifiedOptimizer(Optimizer):
                     stepped = stepped or bool(state)
             part = saved.get(GROUP_STATE_KEY, {})
             name = f"{where}[{GROUP_STATE_KEY!r}]"
-            if not isinstance(part, dict) or not set(part) <= {"selection"}:
-                raise ValueError(f"{name} must be a dict with a 'selection' entry, as state_dict() gives")
-            selection = None
+            if not isinstance(part, dict) or not set(part) <= {"selection", "compact"}:
+                raise ValueError(f"{name} must be a dict with 'selection' and 'compact' entries, as state_dict() gives")
+            selection = compact = None
             if "selection" in part:
                 selection = checkpoint.loaded_selection(part["selection"], group["params"], f"{name}['selection']")
-            elif stepped:
+            if "compact" in part:
+                compact = checkpoint.loaded_compact(part["compact"], {**saved, "state_dtype": None}, group["params"],
+                                                    i, f"{name}['compact']", self._rule, self._rule.per_slot(saved))
+                checkpoint.check_compact_selection(compact, selection, tuple(p.numel() for p in group["params"]),
+                                                   saved["block_size"], f"{name}['compact']")
+            stepped = stepped or compact is not None
+            if selection is None and stepped:
                 raise ValueError(f"{name} has no selection, but the group has stepped: the state dict was cut short")
-            selections.append(selection)
+            if saved["state_layout"] == "compact" and selection is not None and compact is None:
+                raise ValueError(f"{name} has no compact state, but the group's state_layout is 'compact' and it "
+                                 "has stepped: the state dict was cut short")
+            selections.append((selection, compact))
             groups.append({key: value for key, value in saved.items() if key != GROUP_STATE_KEY})
         # Checked: write.
         super().load_state_dict({"state": saved_state, "param_groups": groups})
@@ -279,8 +361,8 @@ class SparsifiedOptimizer(Optimizer):
         for p, state in own.items():
             for key, value in state.items():
                 self.state[p][key] = value.to(device=p.device, copy=True)
-        for group_state, selection in zip(self._group_states, selections):
-            group_state.set(selection, None)
+        for group_state, (selection, compact) in zip(self._group_states, selections):
+            group_state.set(selection, compact)
 
 
 # Why dynamo is kept out of the step (docs/design.md §10): tracing it broke inside dynamo's guards
@@ -302,6 +384,9 @@ def _check_param(p, name: str, device: torch.device | None) -> None:
 def _check_state(state: dict, p: torch.Tensor, group: dict, name: str, rule=None) -> None:
     """A param's state against the param (``p.data`` may be resized by hand) and, for a saved
     state (``rule`` given), against what the rule keeps under the saved group's options."""
+    if state and group["state_layout"] == "compact":
+        raise ValueError(f"the state of {name} is per param, but its group's state_layout is 'compact' (its "
+                         "state lives in the group's slabs)")
     blocks = num_blocks_of(p.numel(), group["block_size"])
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -327,3 +412,24 @@ def _check_state(state: dict, p: torch.Tensor, group: dict, name: str, rule=None
             checkpoint.check_second_moment(value, f"the state of {name}: its {key}")
     if state and "block_step" not in state:
         raise ValueError(f"state_dict does not fit {name}: its state has no block_step")
+
+
+def _check_compact(state: GroupState, group: dict, where: str) -> None:
+    """A group's compact state (or its absence) against its layout, params and block size. A
+    compact group keeps one state dtype, its params' (torch keeps state like the param)."""
+    if group["state_layout"] == "compact" and group["params"]:
+        dtypes = {p.dtype for p in group["params"]}
+        if len(dtypes) > 1:
+            raise ValueError(f"{where}['state_layout'] is 'compact', which keeps one state dtype per group, but "
+                             f"its params have several ({sorted(map(str, dtypes))}): put them in separate groups")
+        slabs = state.compact
+        if slabs is not None:
+            numels = [p.numel() for p in group["params"]]
+            if list(state.compact_numels()) != numels:
+                raise ValueError(f"{where}'s compact state was made for params of {list(state.compact_numels())} "
+                                 f"elements, its params now have {numels} (resized by hand?)")
+            dtype = next(iter(dtypes))
+            held = [slabs[key].dtype for key in compact_state.moment_keys(slabs) if slabs[key].dim() == 2]
+            if held and held[0] != dtype:
+                raise ValueError(f"{where}'s compact state is {held[0]}, its params {dtype} (converted by hand?)")
+    compact_state.check_compact(state.compact, {**group, "state_dtype": None}, where)

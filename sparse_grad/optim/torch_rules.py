@@ -49,6 +49,26 @@ class UpdateRule:
         """The elementwise (param-shaped) state keys this group's options use, in list order."""
         return [key for key in self.lists if key not in BLOCK_KEYS and self.when.get(key, _always)(group)]
 
+    def moments(self, group: dict) -> tuple[str, ...]:
+        """The state keys as the compact-state and checkpoint code reads them (SparseAdamW's rules'
+        name): the elementwise buffers, one slab each in compact state."""
+        return tuple(self.state_keys(group))
+
+    def per_slot(self, group: dict) -> dict[str, torch.dtype]:
+        """Per-block scalars kept beside the step count (NAdam's mu_product), with their dtype."""
+        return {"block_mu_product": _scalar_dtype(group)} if "mu_product" in self.lists else {}
+
+    def fresh(self, group: dict) -> dict[str, float]:
+        """What a block's state starts at where not zero: a buffer's ``fill`` option (Adagrad's
+        initial accumulator) and a mu_product of 1, as torch initialises them."""
+        values = {key: group[option] for key, option in self.fill.items()}
+        return {**values, **dict.fromkeys(self.per_slot(group), 1.0)}
+
+    @property
+    def nonnegative(self) -> tuple[str, ...]:
+        """State a checkpoint load refuses with negative values."""
+        return tuple(key for key in self.lists if key in SQUARES)
+
     @functools.cached_property
     def options(self) -> tuple[str, ...]:
         """The functional's keyword arguments after its lists (its options)."""
@@ -99,14 +119,15 @@ def rule_of(optimizer) -> UpdateRule:
 def init_state(rule: UpdateRule, state: dict, p: torch.Tensor, group: dict, num_blocks: int) -> None:
     """A param's state on its first step, or the buffers a changed option now needs: per-block
     scalars, and every elementwise buffer the options use."""
+    fresh = rule.fresh(group)
     if "block_step" not in state:
         state["block_step"] = torch.zeros(num_blocks, dtype=torch.int32, device=p.device)
-    if "mu_product" in rule.lists and "block_mu_product" not in state:
-        state["block_mu_product"] = torch.ones(num_blocks, dtype=_scalar_dtype(group), device=p.device)
+    for key, dtype in rule.per_slot(group).items():
+        if key not in state:
+            state[key] = torch.full((num_blocks,), fresh[key], dtype=dtype, device=p.device)
     for key in rule.state_keys(group):
         if key not in state:
-            fill = group[rule.fill[key]] if key in rule.fill else 0.0
-            state[key] = torch.full_like(p, fill, memory_format=torch.preserve_format)
+            state[key] = torch.full_like(p, fresh.get(key, 0.0), memory_format=torch.preserve_format)
 
 
 def _scalar_dtype(group: dict) -> torch.dtype:
@@ -133,19 +154,21 @@ def _kwargs(rule: UpdateRule, group: dict) -> dict:
 
 
 class Piece:
-    """The selected blocks of one tensor in one cohort: a view if they are one run of memory,
-    else gathered into a compact copy (:meth:`take`) and scattered back (:meth:`put`)."""
+    """Some blocks of one flat tensor: a view if they are one run of memory, else gathered into a
+    compact copy (:meth:`take`) and scattered back (:meth:`put`). ``last``: the elements of the
+    last listed block (fewer than ``block_size`` for a tensor's partial last block; a compact
+    slab row holds it in its first ``last`` elements)."""
 
-    def __init__(self, numel: int, block_ids: list[int], block_size: int, device: torch.device):
-        first, last = block_ids[0], block_ids[-1]
+    def __init__(self, block_ids: list[int], block_size: int, last: int, device: torch.device):
+        first, final = block_ids[0], block_ids[-1]
         self.blocks = _blocks(block_ids, device)
         if isinstance(self.blocks, slice):  # one run: a view, updated in place
-            self.run = slice(first * block_size, min((last + 1) * block_size, numel))
+            self.run = slice(first * block_size, final * block_size + last)
             self.index = None
             return
         self.run = None
         index = (self.blocks[:, None] * block_size + torch.arange(block_size, device=device)).view(-1)
-        short = (last + 1) * block_size - numel  # the tensor's last block is partial
+        short = block_size - last
         self.index = index[:index.numel() - short] if short > 0 else index
 
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -168,66 +191,107 @@ def _blocks(block_ids: list[int], device: torch.device) -> slice | torch.Tensor:
     return torch.tensor(block_ids, dtype=torch.int64, device=device)
 
 
-def _read(vector: torch.Tensor, blocks: slice | torch.Tensor) -> list:
-    return (vector[blocks] if isinstance(blocks, slice) else vector.index_select(0, blocks)).tolist()
-
-
-def cohorts(block_ids: list[list[int]], scalars: list[list[tuple]]) -> dict[tuple, dict[int, list[int]]]:
-    """Selected blocks grouped by their per-block scalars: ``{scalars: {tensor: [block ids]}}``."""
+def cohorts(scalars: list, spans: list[tuple[int, int, int]]) -> dict[tuple, dict[int, range | list[int]]]:
+    """The selected blocks grouped by their per-block scalars (``scalars``: one tuple per selected
+    block, in selection order; ``spans``: ``(tensor, start, stop)`` of each tensor's blocks in that
+    order): ``{scalars: {tensor: positions in the selection}}``. One cohort in one pass when all
+    blocks share their scalars (density 1, a stable selection): no Python call per block."""
+    if not scalars:
+        return {}
+    if scalars.count(scalars[0]) == len(scalars):
+        return {scalars[0]: {t: range(lo, hi) for t, lo, hi in spans}}
     groups: dict[tuple, dict[int, list[int]]] = {}
-    for t, (ids, values) in enumerate(zip(block_ids, scalars)):
-        for b, value in zip(ids, values):
-            groups.setdefault(value, {}).setdefault(t, []).append(b)
+    for t, lo, hi in spans:
+        for i in range(lo, hi):
+            groups.setdefault(scalars[i], {}).setdefault(t, []).append(i)
     return groups
 
 
-def apply(rule: UpdateRule, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
-          states: list[dict], local_ids: list[list[int]]) -> None:
-    """The wrapped optimizer's update on the selected blocks (``local_ids[t]``: ascending block
-    ids of ``params[t]``), in place; every other element of params and state is untouched.
+@dataclass
+class Selected:
+    """Where a step's selected blocks live (built once per selection, see ``sparsify``).
 
-    Blocks are run in cohorts of equal per-block scalars (step count, mu_product), one call of
-    torch's functional per cohort with one compact buffer per tensor, so every block sees the
-    scalars it would have under the unwrapped optimizer had it been updated only at these steps.
+    ``spans``: per tensor with selected blocks, ``(t, start, stop)``: its blocks' positions in
+    the selection. ``ids``: per selected block, its id within its tensor. ``stores``: per tensor,
+    the dict that holds its state buffers and per-block scalars (dense: the param's state;
+    compact: the group's slabs). ``rows``: per selected block, its row in its store's per-block
+    vectors (dense: its id; compact: its slot, which is its position in the selection).
+    """
+
+    spans: list[tuple[int, int, int]]
+    ids: list[int]
+    stores: list[dict]
+    rows: list[int]
+
+
+def apply(rule: UpdateRule, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
+          selected: Selected, scalars: list[tuple]) -> None:
+    """The wrapped optimizer's update on the selected blocks, in place; every other element of
+    params and state is untouched. ``scalars``: each selected block's (step count, mu_product)
+    in selection order.
+
+    Blocks are run in cohorts of equal per-block scalars, one call of torch's functional per
+    cohort on one compact buffer per state list (per tensor where they are views), so every block
+    sees the scalars it would have under the unwrapped optimizer had it been updated only at
+    these steps.
     """
     block_size, device = group["block_size"], params[0].device
     keys = rule.state_keys(group)
     has_mu = "mu_product" in rule.lists
-    scalars = []
-    for ids, state in zip(local_ids, states):
-        if not ids:
-            scalars.append([])
-            continue
-        blocks = _blocks(ids, state["block_step"].device)
-        steps = _read(state["block_step"], blocks)
-        mus = _read(state["block_mu_product"], blocks) if has_mu else [None] * len(ids)
-        scalars.append(list(zip(steps, mus)))
     kwargs = _kwargs(rule, group)
     where = device if _on_device(group) else torch.device("cpu")
     scalar_dtype = _scalar_dtype(group)
-    for (step, mu), members in cohorts(local_ids, scalars).items():
-        pieces = [(t, Piece(params[t].numel(), ids, block_size, device)) for t, ids in members.items()]
-        lists = {key: [piece.take(states[t][key]) if not (key == rule.lazy and step == 0) else None
-                       for t, piece in pieces] for key in keys}
+    ids, rows, stores = selected.ids, selected.rows, selected.stores
+    for (step, mu), members in cohorts(scalars, selected.spans).items():
+        pieces = []
+        for t, positions in members.items():
+            numel = params[t].numel()
+            own = [ids[i] for i in positions]
+            last = min(block_size, numel - own[-1] * block_size)
+            piece = Piece(own, block_size, last, device)
+            slots = [rows[i] for i in positions]
+            pieces.append((t, piece, piece if slots == own else Piece(slots, block_size, last, device)))
+        lazy = rule.lazy if step == 0 and rule.lazy in keys else None  # made by torch from the grad
+        buffers = {key: [held.take(stores[t][key]) for t, _, held in pieces] for key in keys if key != lazy}
+        taken_params = [piece.take(params[t]) for t, piece, _ in pieces]
+        taken_grads = [piece.take(grads[t]) for t, piece, _ in pieces]
+        # Parts of tensors run as one buffer per list: each of torch's ops makes one pass over the
+        # cohort instead of one per tensor (its launch costs more than a few blocks' arithmetic),
+        # and its for-loop implementation loops once in Python. Whole params (density 1) stay
+        # apart: the update runs in place on them, with no copy.
+        joined = len(pieces) > 1 and any(piece.run != slice(0, params[t].numel()) for t, piece, _ in pieces)
+        if joined:
+            sizes = [part.numel() for part in taken_params]
+            taken_params, taken_grads = [torch.cat(taken_params)], [torch.cat(taken_grads)]
+            buffers = {key: [torch.cat(parts)] for key, parts in buffers.items()}
+        count = len(taken_params)
+        if lazy is not None:
+            buffers[lazy] = [None] * count
         # One scalar tensor per entry: the functional increments each in place.
-        lists["step"] = list(torch.full((len(pieces),), float(step), dtype=scalar_dtype, device=where).unbind())
+        buffers["step"] = list(torch.full((count,), float(step), dtype=scalar_dtype, device=where).unbind())
         if has_mu:
-            lists["mu_product"] = list(torch.full((len(pieces),), mu, dtype=scalar_dtype, device=where).unbind())
-        taken_params = [piece.take(params[t]) for t, piece in pieces]
-        taken_grads = [piece.take(grads[t]) for t, piece in pieces]
-        rule.functional(taken_params, taken_grads, *(lists.get(key, []) for key in rule.lists), **kwargs)
-        for j, (t, piece) in enumerate(pieces):
+            buffers["mu_product"] = list(torch.full((count,), mu, dtype=scalar_dtype, device=where).unbind())
+        rule.functional(taken_params, taken_grads, *(buffers.get(key, []) for key in rule.lists), **kwargs)
+        if joined:  # (a lazy buffer is torch's new tensor, in the list it was given)
+            taken_params = taken_params[0].split(sizes)
+            buffers.update({key: buffers[key][0].split(sizes) for key in keys})
+        for j, (t, piece, held) in enumerate(pieces):
             piece.put(params[t], taken_params[j])
             for key in keys:
-                piece.put(states[t][key], lists[key][j])
+                held.put(stores[t][key], buffers[key][j])
             if has_mu:
-                mu_products = states[t]["block_mu_product"]
-                mu_products[piece.blocks] = lists["mu_product"][j].to(device)
-    for ids, state in zip(local_ids, states):
-        if ids:
-            counts = state["block_step"]
-            blocks = _blocks(ids, counts.device)
-            if isinstance(blocks, slice):
-                counts[blocks] += 1
-            else:
-                counts.index_add_(0, blocks, torch.ones(len(ids), dtype=torch.int32, device=counts.device))
+                stores[t]["block_mu_product"][held.blocks] = buffers["mu_product"][min(j, count - 1)].to(device)
+
+
+def count_steps(selected: Selected, compact: bool) -> None:
+    """One more step for every selected block (after :func:`apply`)."""
+    if compact:  # one vector for the group, and every slot is a selected block
+        selected.stores[selected.spans[0][0]]["block_step"] += 1
+        return
+    for t, lo, hi in selected.spans:
+        counts = selected.stores[t]["block_step"]
+        blocks = _blocks(selected.rows[lo:hi], counts.device)
+        if isinstance(blocks, slice):
+            counts[blocks] += 1
+        else:
+            counts.index_add_(0, blocks, torch.ones(hi - lo, dtype=torch.int32, device=counts.device))
