@@ -39,11 +39,12 @@ class GroupPlan:
 def group_plan(index: int, group: dict, state: GroupState, hooked: bool) -> GroupPlan:
     """The plan of one group, from its options and current selection, without writing anything.
 
-    The params that will take part are the ones with a grad now; before any has one (the
+    The params that will take part are the ones with a grad now (or a compact one); before any has one (the
     backward has not run yet, or ``zero_grad`` set them to None) those of the current selection.
     """
     selection = state.selection
-    with_grad = [j for j, p in enumerate(group["params"]) if p.grad is not None]
+    covered = {} if state.compact_grad is None else state.compact_grad.covered  # grads in a compact slab
+    with_grad = [j for j, p in enumerate(group["params"]) if p.grad is not None or id(p) in covered]
     if not with_grad and selection is not None:
         with_grad = list(selection.key[0])
     key = selection_key(group, with_grad)
