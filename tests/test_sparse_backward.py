@@ -25,14 +25,15 @@ def batches(dtype, steps=STEPS, batch=(5, 3), device="cpu"):
     return [heavy_tailed((*batch, 13), dtype, device) for _ in range(steps)]
 
 
-def train(options: dict, use: bool, dtype=torch.float32, autocast=False, accumulate=1, data=None):
-    """Params after STEPS steps, from a fixed init, with or without sparse_backward; also the
-    fraction of weight-gradient rows left at zero over the steps (the sparse path ran)."""
+def train(options: dict, use, dtype=torch.float32, autocast=False, accumulate=1, data=None):
+    """Params after STEPS steps, from a fixed init, with or without sparse_backward (``use``:
+    False, True, or "compact" for compact_grads=True); also the fraction of weight-gradient rows
+    left at zero over the steps (the sparse path ran; a weight without a .grad counts whole)."""
     torch.manual_seed(0)
     device = data[0].device  # the case's device: the backends that run there
     model = mlp(dtype).to(device)
     opt = SparseAdamW(model.parameters(), lr=1e-2, block_size=16, **options)
-    handle = sparse_backward(model, opt) if use else None
+    handle = sparse_backward(model, opt, compact_grads=use == "compact") if use else None
     zero_rows = total_rows = 0
     for x in data:
         for part in x.chunk(accumulate):
@@ -41,7 +42,8 @@ def train(options: dict, use: bool, dtype=torch.float32, autocast=False, accumul
             loss.backward()
         for m in model:
             if isinstance(m, nn.Linear):
-                zero_rows += int((m.weight.grad == 0).all(dim=1).sum())
+                grad = m.weight.grad
+                zero_rows += m.weight.shape[0] if grad is None else int((grad == 0).all(dim=1).sum())
                 total_rows += m.weight.shape[0]
         opt.step()
         opt.zero_grad()
@@ -56,14 +58,18 @@ def assert_close_params(got, expected, dtype):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
+USES = [pytest.param(True, id="full-grads"), pytest.param("compact", id="compact-grads")]
+
+
+@pytest.mark.parametrize("use", USES)
 @pytest.mark.parametrize("layout", ["dense", "compact"])
 @pytest.mark.parametrize("reselect_every", [1, 3, 10])
-def test_same_params_as_without(case, reselect_every, layout):
+def test_same_params_as_without(case, reselect_every, layout, use):
     device, backend = case
     data = batches(torch.float32, device=device)
     options = {"density": 0.2, "reselect_every": reselect_every, "state_layout": layout, "backend": backend}
     expected, _ = train(options, False, data=data)
-    got, zero_rows = train(options, True, data=data)
+    got, zero_rows = train(options, use, data=data)
     assert_close_params(got, expected, torch.float32)
     if reselect_every == 1:
         assert zero_rows == 0  # every step reselects: full gradients
@@ -75,34 +81,38 @@ def test_same_params_as_without(case, reselect_every, layout):
     {"error_feedback": True}, {"max_grad_norm": 0.05}, {"score_ema": 0.5, "scope": "tensor"},
     {"min_blocks_per_tensor": 2, "state_layout": "compact"}, {"selection": "random", "seed": 3},
     {"density": 1.0}], ids=lambda o: "-".join(map(str, o.items())))
-def test_same_params_with_options(case, options):
+@pytest.mark.parametrize("use", USES)
+def test_same_params_with_options(case, options, use):
     device, backend = case
     data = batches(torch.float32, device=device)
     options = {"density": 0.2, "reselect_every": 3, "backend": backend, **options}
     expected, _ = train(options, False, data=data)
-    got, zero_rows = train(options, True, data=data)
+    got, zero_rows = train(options, use, data=data)
     assert_close_params(got, expected, torch.float32)
     needs_all = options["density"] == 1.0 or options.get("error_feedback") or options.get("max_grad_norm")
     assert (zero_rows == 0) if needs_all else (zero_rows > 0.2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_same_params_other_dtypes(case, dtype):
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+@pytest.mark.parametrize("use", USES)
+def test_same_params_other_dtypes(case, dtype, use, layout):
     device, backend = case
     data = batches(dtype, device=device)
-    options = {"density": 0.2, "reselect_every": 4, "backend": backend, "state_layout": "compact"}
+    options = {"density": 0.2, "reselect_every": 4, "backend": backend, "state_layout": layout}
     expected, _ = train(options, False, dtype=dtype, data=data)
-    got, zero_rows = train(options, True, dtype=dtype, data=data)
+    got, zero_rows = train(options, use, dtype=dtype, data=data)
     assert_close_params(got, expected, dtype)
     assert zero_rows > 0.2
 
 
-def test_same_params_under_bf16_autocast_and_accumulation(case):
+@pytest.mark.parametrize("use", USES)
+def test_same_params_under_bf16_autocast_and_accumulation(case, use):
     device, backend = case
     data = batches(torch.float32, batch=(6, 3), device=device)
     options = {"density": 0.2, "reselect_every": 3, "backend": backend, "state_dtype": torch.float32}
     expected, _ = train(options, False, autocast=True, accumulate=2, data=data)
-    got, zero_rows = train(options, True, autocast=True, accumulate=2, data=data)
+    got, zero_rows = train(options, use, autocast=True, accumulate=2, data=data)
     # bf16 GEMMs: a row's gradient may round differently when gathered; Adam steps of lr 1e-2
     assert_close_params(got, expected, torch.bfloat16)
     assert zero_rows > 0.2

@@ -8,6 +8,7 @@ state (selection, compact slabs) lives in one :class:`~.group_state.GroupState` 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,7 +25,8 @@ from .gradients import check_scaling
 from .group_state import GroupState, Selection
 from .overflow import Overflow
 from .rules import ADAMW, UpdateRule
-from .step_plan import GroupPlan, group_plan
+from .selection import reselection_due, selection_key
+from .step_plan import GroupPlan, group_plan, taking_part
 
 __all__ = ["SparseAdamW", "SparseOptimizer"]
 
@@ -332,6 +334,11 @@ class SparseOptimizer(Optimizer):
                 "unscaled). The step was refused and changed nothing; use compact_grads=False with GradScaler "
                 "(bf16 autocast needs no scaler)")
         plan = self.plan_next_step()[index]
+        state = self._group_states[index]
+        group = self.param_groups[index]
+        if not plan.reads_all and reselection_due(state.selection, selection_key(group, taking_part(group, state)),
+                                                  group):
+            plan = replace(plan, reads_all=True, reason="the params with a gradient changed: the step reselects")
         if plan.reads_all or plan.block_ids is not compact.block_ids:
             why = plan.reason or "its selection changed"
             raise RuntimeError(
