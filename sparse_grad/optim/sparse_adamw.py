@@ -316,7 +316,8 @@ class SparseOptimizer(Optimizer):
                 # the bound step's kernel tables stay valid (else they are rebuilt every step).
                 step.grads = None
         for group_state in self._group_states:
-            group_state.compact_grad = None  # read: the next backward starts a new one
+            if group_state.compact_grad is not None:  # (no setattr otherwise: a compiled step traces this)
+                group_state.compact_grad = None  # read: the next backward starts a new one
         if overflow is not None:  # (none under torch.compile, whose dynamo 2.11 refuses a setattr here)
             self._overflow = overflow.close()
         for group_state in self._group_states:
