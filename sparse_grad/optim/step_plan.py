@@ -37,7 +37,7 @@ class GroupPlan:
 
 
 def taking_part(group: dict, state: GroupState) -> list[int]:
-    """The positions of the group's params that the step takes part: those with a .grad or
+    """The positions of the group's params that take part in the step: those with a .grad or
     whose gradient is in the group's compact slab."""
     covered = {} if state.compact_grad is None else state.compact_grad.covered
     return [j for j, p in enumerate(group["params"]) if p.grad is not None or id(p) in covered]
