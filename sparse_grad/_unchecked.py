@@ -43,15 +43,17 @@ def sparse_adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp
                       exp_avg_sqs: list[torch.Tensor], block_steps: list[torch.Tensor], block_ids: torch.Tensor,
                       hyper: torch.Tensor, block_size: int, maximize: bool, backend: str,
                       grad_coef: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
-                      compact: bool = False, cache: dict | None = None, mutated: list | None = None) -> None:
+                      compact: bool = False, cache: dict | None = None, mutated: list | None = None,
+                      compact_grads: bool = False) -> None:
     """``mutated``: the list ``[*params, *exp_avgs, *exp_avg_sqs, *block_steps]`` if the caller
     keeps one (built here otherwise)."""
     if torch.compiler.is_compiling():
         library.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper,
-                                  block_size, maximize, backend, grad_coef, found_inf, compact)
+                                  block_size, maximize, backend, grad_coef, found_inf, compact, compact_grads)
         return
     backends.get(backend).sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper,
-                                            block_size, maximize, grad_coef, found_inf, compact, cache)
+                                            block_size, maximize, grad_coef, found_inf, compact, cache,
+                                            compact_grads=compact_grads)
     torch._C._increment_version(mutated if mutated is not None
                                 else [*params, *exp_avgs, *exp_avg_sqs, *block_steps])
 

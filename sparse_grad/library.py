@@ -56,14 +56,16 @@ def sparse_adamw_step(
     grad_coef: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     compact: bool = False,
+    compact_grads: bool = False,
 ) -> None:
     backends.get(backend).sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids,
-                                            hyper, block_size, maximize, grad_coef, found_inf, compact)
+                                            hyper, block_size, maximize, grad_coef, found_inf, compact,
+                                            compact_grads=compact_grads)
 
 
 @sparse_adamw_step.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper, block_size, maximize, backend,
-      grad_coef=None, found_inf=None, compact=False):
+      grad_coef=None, found_inf=None, compact=False, compact_grads=False):
     return None
 
 
@@ -133,7 +135,8 @@ _native.define("native_select_blocks(Tensor scores, int[] segment_sizes, int[] s
 _native.define(
     "native_sparse_adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] block_steps, Tensor block_ids, Tensor hyper, int block_size, "
-    "bool maximize, Tensor? grad_coef=None, Tensor? found_inf=None, bool compact=False) -> ()")
+    "bool maximize, Tensor? grad_coef=None, Tensor? found_inf=None, bool compact=False, "
+    "bool compact_grads=False) -> ()")
 _native.define(
     "native_sparse_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
     "Tensor(c!)[] block_steps, Tensor block_ids, Tensor hyper, int block_size, bool maximize, bool nesterov, "
@@ -157,7 +160,7 @@ def _(scores, segment_sizes, segment_ks):
 
 @torch.library.register_fake("sparse_grad::native_sparse_adamw_step")
 def _(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper, block_size, maximize,
-      grad_coef=None, found_inf=None, compact=False):
+      grad_coef=None, found_inf=None, compact=False, compact_grads=False):
     return None
 
 

@@ -215,6 +215,7 @@ def sparse_adamw_step(
     grad_coef: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     compact: bool = False,
+    compact_grads: bool = False,
 ) -> None:
     r"""AdamW, in place, on the blocks ``block_ids`` only (docs/design.md §3.4).
 
@@ -245,6 +246,11 @@ def sparse_adamw_step(
         compact: the moments are one slab each, ``exp_avgs == [m]``, ``exp_avg_sqs == [v]`` of
             shape ``[len(block_ids), block_size]``, and ``block_steps == [s]`` int32
             ``[len(block_ids)]``: row ``i`` is the state of block ``block_ids[i]``.
+        compact_grads: the grads are one slab, ``grads == [g]`` of shape ``[len(block_ids),
+            block_size]`` (any floating dtype): row ``i`` is the gradient of block ``block_ids[i]``
+            (a partial last block uses the front of its row), as
+            ``sparse_grad.nn.sparse_backward(..., compact_grads=True)`` leaves it. Independent
+            of ``compact``.
         grad_coef: optional one-element fp32 tensor on the params' device, read by the kernel
             (no host sync): a gradient-clipping coefficient, divided by a loss scale.
         found_inf: optional one-element fp32 tensor on the params' device, as GradScaler's:
@@ -253,7 +259,7 @@ def sparse_adamw_step(
     exp_avgs = _tensor_list(exp_avgs, "exp_avgs")
     exp_avg_sqs = _tensor_list(exp_avg_sqs, "exp_avg_sqs")
     checked = _check_update(params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, block_steps,
-                            block_ids, block_size, compact, grad_coef, found_inf, backend)
+                            block_ids, block_size, compact, grad_coef, found_inf, backend, compact_grads)
     for check, value, name in ((_checks.non_negative, lr, "lr"), (_checks.beta, beta1, "beta1"),
                                (_checks.beta, beta2, "beta2"), (_checks.non_negative, weight_decay, "weight_decay")):
         _checks.tensor_or(check, value, name)
@@ -265,7 +271,8 @@ def sparse_adamw_step(
     hyper = hyper_table([lr, beta1, beta2, eps, weight_decay], layout.device)
     with torch.no_grad():
         unchecked.sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper,
-                                    layout.block_size, maximize, backend, grad_coef, found_inf, compact)
+                                    layout.block_size, maximize, backend, grad_coef, found_inf, compact,
+                                    compact_grads=_checks.flag(compact_grads, "compact_grads"))
 
 
 def sparse_sgd_step(
@@ -372,7 +379,7 @@ def sparse_lion_step(
 
 
 def _check_update(params, grads, moments: dict, block_steps, block_ids, block_size, compact, grad_coef, found_inf,
-                  backend):
+                  backend, compact_grads=False):
     """The checks every update op shares (tensors, state, ids, device scalars, backend);
     ``moments`` maps each state list's name to it. Returns ``(params, grads, block_steps,
     layout, found_inf, backend)`` to call the op with, or None when there is nothing to update."""
@@ -381,9 +388,12 @@ def _check_update(params, grads, moments: dict, block_steps, block_ids, block_si
     block_steps = _tensor_list(block_steps, "block_steps")
     layout = BlockLayout(params, block_size, name="params")
     device = layout.device
-    _check_like(grads, params, "grads", device)
     if not isinstance(block_ids, torch.Tensor) or block_ids.dtype != torch.int64 or block_ids.dim() != 1:
         raise TypeError("block_ids must be a 1-D int64 tensor")
+    if _checks.flag(compact_grads, "compact_grads"):
+        _check_slabs({"grads": grads}, None, params, block_ids.numel(), layout.block_size, device, "compact_grads")
+    else:
+        _check_like(grads, params, "grads", device)
     if params and block_ids.device != device:
         raise ValueError(f"block_ids is on {block_ids.device} but params are on {device}")
     if block_ids.numel() > layout.num_blocks:
@@ -448,21 +458,25 @@ def _check_moments(moments: dict, block_steps, params, layout: BlockLayout, devi
                              f"{device}, got shape {tuple(steps.shape)} on {steps.device}")
 
 
-def _check_slabs(moments: dict, block_steps, params, num_ids: int, block_size: int, device) -> None:
-    """Compact state: one slab per moment, [num_ids, block_size], and one int32 count per id."""
-    for name, lst in (*moments.items(), ("block_steps", block_steps)):
+def _check_slabs(moments: dict, block_steps, params, num_ids: int, block_size: int, device,
+                 flag: str = "compact") -> None:
+    """Compact state: one slab per moment, [num_ids, block_size], and one int32 count per id
+    (``block_steps=None``: slabs only, as compact grads are, of any floating dtype)."""
+    for name, lst in (*moments.items(), *(() if block_steps is None else (("block_steps", block_steps),))):
         if len(lst) != 1:
-            raise ValueError(f"with compact=True, {name} must hold exactly one tensor, got {len(lst)}")
+            raise ValueError(f"with {flag}=True, {name} must hold exactly one tensor, got {len(lst)}")
     slabs = [(f"{name}[0]", lst[0]) for name, lst in moments.items()]
-    (steps,) = block_steps
     for name, slab in slabs:
         check_tensor(slab, name, device)
         if slab.numel() != num_ids * block_size:
             raise ValueError(f"{name} must hold block_size elements per block id ({num_ids} x {block_size}), "
                              f"got shape {tuple(slab.shape)}")
+    if block_steps is None:
+        return
     for (first, m), (name, v) in zip(slabs, slabs[1:]):
         if m.dtype != v.dtype:
             raise TypeError(f"{name} is {v.dtype} but {first} is {m.dtype}")
+    (steps,) = block_steps
     for name, m in slabs[:1]:
         for i, p in enumerate(params):
             if m.dtype not in (p.dtype, torch.float32):

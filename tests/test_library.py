@@ -32,6 +32,12 @@ def test_opcheck(case):
              [torch.zeros(4, dtype=torch.int32, device=device)])
     compact = (params, grads, *slabs, ids, *step_args(device, backend)[6:], None, None, True)  # noqa: E501
     torch.library.opcheck(torch.ops.sparse_grad.sparse_adamw_step.default, compact)
+    # compact grads: one slab [len(ids), block_size], with dense and with compact state
+    grad_slab = [heavy_tailed((4, 8), device=device)]
+    for state_compact in (False, True):
+        state = slabs if state_compact else step_args(device, backend)[2:5]
+        args = (params, grad_slab, *state, ids, *step_args(device, backend)[6:], None, None, state_compact, True)
+        torch.library.opcheck(torch.ops.sparse_grad.sparse_adamw_step.default, args)
 
 
 def test_compiled_step_matches_eager():

@@ -61,6 +61,9 @@ def test_opcheck_native_schemas():
     extras = (torch.full((1,), 0.5), torch.zeros(1), False)
     torch.library.opcheck(torch.ops.sparse_grad.native_sparse_adamw_step.default,
                           (*step_state([torch.float32] * 4, 8), ids, hyper, 8, False, *extras))
+    params, _, *moments = step_state([torch.float32] * 4, 8)
+    torch.library.opcheck(torch.ops.sparse_grad.native_sparse_adamw_step.default,
+                          (params, [heavy_tailed((4, 8))], *moments, ids, hyper, 8, False, None, None, False, True))
 
 
 def test_public_and_native_update_schemas_agree():

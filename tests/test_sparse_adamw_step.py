@@ -299,3 +299,57 @@ def test_vector_widths_follow_each_kind_of_tensor(triton_case):
     slab = torch.zeros(3, 16, device=device)
     vecs = module._step_tables(params, grads, [slab], [slab.clone()], [steps[0][:3]], 16, True)[-1]
     assert vecs == [(4, 8, 4)]
+
+
+def grad_slab(grads, ids, block_size, dtype):
+    """The compact grad of ``grads`` for ``ids``: row i the block ids[i] (partial blocks padded
+    with a value the kernels must not read)."""
+    padded = [torch.cat([g.reshape(-1).to(dtype), torch.full((-g.numel() % block_size,), float("nan"), dtype=dtype,
+                                                             device=g.device)]) for g in grads]
+    return torch.cat(padded).view(-1, block_size)[ids].clone()
+
+
+@pytest.mark.parametrize("param_dtype, grad_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+    (torch.float64, torch.float64)], ids=str)
+@pytest.mark.parametrize("block_size", [1, 16, 50])
+@pytest.mark.parametrize("compact", [False, True], ids=["dense-state", "compact-state"])
+def test_compact_grads_update_as_the_dense_grads(case, param_dtype, grad_dtype, block_size, compact):
+    """compact_grads=True reads row i of one slab for block ids[i]: the same update, bit for bit,
+    as the dense grads (the tails of partial blocks hold NaN: a kernel reading past a block's
+    end would show it)."""
+    device, backend = case
+    torch.manual_seed(block_size)
+    shapes = SHAPES
+    n = num_blocks(shapes, block_size)
+    ids = random_ids(n, max(1, n // 3), device)
+    state = make_state(shapes, block_size, param_dtype, grad_dtype, device)
+    slab = grad_slab(state[1], ids, block_size, grad_dtype)
+    results = []
+    for compact_grads in (False, True):
+        params, grads, exp_avgs, exp_avg_sqs, steps = [[t.clone() for t in ts] for ts in state]
+        if compact:  # the selected blocks' moments and counts as slabs, rows in id order
+            exp_avgs, exp_avg_sqs = ([grad_slab(m, ids, block_size, m[0].dtype).nan_to_num()]
+                                     for m in (exp_avgs, exp_avg_sqs))
+            steps = [torch.cat(steps)[ids].clone()]
+        ops.sparse_adamw_step(params, [slab] if compact_grads else grads, exp_avgs, exp_avg_sqs, steps, ids,
+                              block_size=block_size, backend=backend, compact=compact, compact_grads=compact_grads,
+                              **HYPER)
+        results.append((params, exp_avgs, exp_avg_sqs, steps))
+    assert_same(results[1], results[0])
+
+
+def test_bad_compact_grads_change_nothing(case):
+    device, backend = case
+    state = make_state([(40,), (23,)], 16, torch.float32, torch.float32, device)
+    ids = torch.tensor([0, 2, 4], device=device)
+    before = snapshot(state)
+    params, grads, *moments = state
+    for message, bad in [("exactly one tensor", grads), ("block_size elements per block id", [grads[0][:32]]),
+                         ("dtype", [torch.zeros(3, 16, dtype=torch.int32, device=device)])]:
+        with pytest.raises((TypeError, ValueError), match=message):
+            ops.sparse_adamw_step(params, bad, *moments, ids, block_size=16, backend=backend, compact_grads=True)
+        assert_same(state, before)
+    with pytest.raises(TypeError, match="compact_grads"):
+        ops.sparse_adamw_step(params, grads, *moments, ids, block_size=16, backend=backend, compact_grads="yes")
+    assert_same(state, before)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _utils import TOLERANCES, heavy_tailed
+from _utils import TOLERANCES, assert_same, heavy_tailed, snapshot
 from torch import nn
 
 import sparse_grad
@@ -25,14 +25,15 @@ def batches(dtype, steps=STEPS, batch=(5, 3), device="cpu"):
     return [heavy_tailed((*batch, 13), dtype, device) for _ in range(steps)]
 
 
-def train(options: dict, use: bool, dtype=torch.float32, autocast=False, accumulate=1, data=None):
-    """Params after STEPS steps, from a fixed init, with or without sparse_backward; also the
-    fraction of weight-gradient rows left at zero over the steps (the sparse path ran)."""
+def train(options: dict, use, dtype=torch.float32, autocast=False, accumulate=1, data=None):
+    """Params after STEPS steps, from a fixed init, with or without sparse_backward (``use``:
+    False, True, or "compact" for compact_grads=True); also the fraction of weight-gradient rows
+    left at zero over the steps (the sparse path ran; a weight without a .grad counts whole)."""
     torch.manual_seed(0)
     device = data[0].device  # the case's device: the backends that run there
     model = mlp(dtype).to(device)
     opt = SparseAdamW(model.parameters(), lr=1e-2, block_size=16, **options)
-    handle = sparse_backward(model, opt) if use else None
+    handle = sparse_backward(model, opt, compact_grads=use == "compact") if use else None
     zero_rows = total_rows = 0
     for x in data:
         for part in x.chunk(accumulate):
@@ -41,7 +42,8 @@ def train(options: dict, use: bool, dtype=torch.float32, autocast=False, accumul
             loss.backward()
         for m in model:
             if isinstance(m, nn.Linear):
-                zero_rows += int((m.weight.grad == 0).all(dim=1).sum())
+                grad = m.weight.grad
+                zero_rows += m.weight.shape[0] if grad is None else int((grad == 0).all(dim=1).sum())
                 total_rows += m.weight.shape[0]
         opt.step()
         opt.zero_grad()
@@ -56,14 +58,18 @@ def assert_close_params(got, expected, dtype):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
+USES = [pytest.param(True, id="full-grads"), pytest.param("compact", id="compact-grads")]
+
+
+@pytest.mark.parametrize("use", USES)
 @pytest.mark.parametrize("layout", ["dense", "compact"])
 @pytest.mark.parametrize("reselect_every", [1, 3, 10])
-def test_same_params_as_without(case, reselect_every, layout):
+def test_same_params_as_without(case, reselect_every, layout, use):
     device, backend = case
     data = batches(torch.float32, device=device)
     options = {"density": 0.2, "reselect_every": reselect_every, "state_layout": layout, "backend": backend}
     expected, _ = train(options, False, data=data)
-    got, zero_rows = train(options, True, data=data)
+    got, zero_rows = train(options, use, data=data)
     assert_close_params(got, expected, torch.float32)
     if reselect_every == 1:
         assert zero_rows == 0  # every step reselects: full gradients
@@ -75,34 +81,38 @@ def test_same_params_as_without(case, reselect_every, layout):
     {"error_feedback": True}, {"max_grad_norm": 0.05}, {"score_ema": 0.5, "scope": "tensor"},
     {"min_blocks_per_tensor": 2, "state_layout": "compact"}, {"selection": "random", "seed": 3},
     {"density": 1.0}], ids=lambda o: "-".join(map(str, o.items())))
-def test_same_params_with_options(case, options):
+@pytest.mark.parametrize("use", USES)
+def test_same_params_with_options(case, options, use):
     device, backend = case
     data = batches(torch.float32, device=device)
     options = {"density": 0.2, "reselect_every": 3, "backend": backend, **options}
     expected, _ = train(options, False, data=data)
-    got, zero_rows = train(options, True, data=data)
+    got, zero_rows = train(options, use, data=data)
     assert_close_params(got, expected, torch.float32)
     needs_all = options["density"] == 1.0 or options.get("error_feedback") or options.get("max_grad_norm")
     assert (zero_rows == 0) if needs_all else (zero_rows > 0.2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_same_params_other_dtypes(case, dtype):
+@pytest.mark.parametrize("layout", ["dense", "compact"])
+@pytest.mark.parametrize("use", USES)
+def test_same_params_other_dtypes(case, dtype, use, layout):
     device, backend = case
     data = batches(dtype, device=device)
-    options = {"density": 0.2, "reselect_every": 4, "backend": backend, "state_layout": "compact"}
+    options = {"density": 0.2, "reselect_every": 4, "backend": backend, "state_layout": layout}
     expected, _ = train(options, False, dtype=dtype, data=data)
-    got, zero_rows = train(options, True, dtype=dtype, data=data)
+    got, zero_rows = train(options, use, dtype=dtype, data=data)
     assert_close_params(got, expected, dtype)
     assert zero_rows > 0.2
 
 
-def test_same_params_under_bf16_autocast_and_accumulation(case):
+@pytest.mark.parametrize("use", USES)
+def test_same_params_under_bf16_autocast_and_accumulation(case, use):
     device, backend = case
     data = batches(torch.float32, batch=(6, 3), device=device)
     options = {"density": 0.2, "reselect_every": 3, "backend": backend, "state_dtype": torch.float32}
     expected, _ = train(options, False, autocast=True, accumulate=2, data=data)
-    got, zero_rows = train(options, True, autocast=True, accumulate=2, data=data)
+    got, zero_rows = train(options, use, autocast=True, accumulate=2, data=data)
     # bf16 GEMMs: a row's gradient may round differently when gathered; Adam steps of lr 1e-2
     assert_close_params(got, expected, torch.bfloat16)
     assert zero_rows > 0.2
@@ -341,3 +351,168 @@ def test_same_params_under_grad_scaler(case):
     (expected, scale), (got, got_scale) = run(False), run(True)
     assert got_scale == scale
     assert_close_params(got, expected, torch.float32)
+
+
+def _compact_step_ready(options=None, dtype=torch.float32):
+    """A model and optimizer one step in (a selection made), the handle with compact grads, and
+    a forward and backward done: the next step reads the compact grads."""
+    torch.manual_seed(0)
+    model = mlp(dtype)
+    opt = SparseAdamW(model.parameters(), lr=1e-2, density=0.2, block_size=16, reselect_every=4,
+                      **(options or {}))
+    handle = sparse_backward(model, opt, compact_grads=True)
+    x = heavy_tailed((4, 13), dtype)
+    model(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    return model, opt, handle, x
+
+
+def _weights(model):
+    return [m.weight for m in model if isinstance(m, nn.Linear)]
+
+
+def test_compact_grads_leave_weight_grads_none_and_the_slab_in_selection_order():
+    model, opt, handle, x = _compact_step_ready()
+    (_, params, ids, block_size), = opt.selected_blocks()
+    assert all(w.grad is None for w in _weights(model))
+    assert all(p.grad is not None for p in model.parameters() if p.dim() == 1)  # biases, LayerNorm: full
+    slab = opt.compact_grad(0, [])
+    assert slab.shape == (ids.numel(), block_size)
+    # Row i is block ids[i]'s gradient: torch's full gradient, gathered.
+    reference = mlp()
+    reference.load_state_dict(model.state_dict())
+    reference(x).square().mean().backward()
+    flat = torch.cat([torch.nn.functional.pad(p.grad.reshape(-1), (0, -p.numel() % block_size))
+                      for p in reference.parameters()]).view(-1, block_size)[ids]
+    lengths = torch.tensor([min(block_size, n - (b - f) * block_size) for b in ids.tolist()
+                            for f, n in [_first_and_numel(params, b, block_size)]])
+    weight_rows = torch.tensor([any(p is w for w in _weights(model)) for b in ids.tolist()
+                                for p in [_param_of(params, b, block_size)]])
+    for i in weight_rows.nonzero().squeeze(1).tolist():
+        torch.testing.assert_close(slab[i, :lengths[i]], flat[i, :lengths[i]], rtol=1e-5, atol=1e-7)
+        assert torch.all(slab[i, lengths[i]:] == 0)  # a partial block's tail stays zero
+    handle.remove()
+
+
+def _first_and_numel(params, block, block_size):
+    first = 0
+    for p in params:
+        blocks = -(-p.numel() // block_size)
+        if block < first + blocks:
+            return first, p.numel()
+        first += blocks
+    raise AssertionError(block)
+
+
+def _param_of(params, block, block_size):
+    first = 0
+    for p in params:
+        first += -(-p.numel() // block_size)
+        if block < first:
+            return p
+    raise AssertionError(block)
+
+
+def test_compact_grads_memory_is_density_times_the_weights():
+    """On a step between reselections the weights' gradient is the slab only: its bytes are the
+    selected blocks' (≤ ⌈density · blocks⌉ · block_size elements), not the weights' size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
+    density, block_size = 0.05, 64
+    opt = SparseAdamW(model.parameters(), density=density, block_size=block_size, reselect_every=10,
+                      state_layout="compact")
+    handle = sparse_backward(model, opt, compact_grads=True)
+    for step in range(3):
+        for _ in range(2):  # accumulation: the same slab, no full-size grad at any point
+            model(heavy_tailed((8, 256))).square().mean().backward()
+        weights = _weights(model)
+        if step > 0:
+            assert all(w.grad is None for w in weights)
+            slab = opt.compact_grad(0, [])
+            blocks = sum(-(-p.numel() // block_size) for p in model.parameters())
+            weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+            grad_bytes = slab.numel() * slab.element_size()
+            assert grad_bytes <= -(-blocks * density // 1) * block_size * slab.element_size()
+            assert grad_bytes < 0.06 * weight_bytes + block_size * slab.element_size() * len(weights)
+        opt.step()
+        opt.zero_grad()
+    handle.remove()
+
+
+def test_compact_grads_under_grad_scaler_are_refused():
+    model, opt, handle, x = _compact_step_ready()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    opt.zero_grad()
+    scaler.scale(model(x).square().mean()).backward()
+    before = snapshot([list(model.parameters()), opt.state_dict()])
+    with pytest.raises(RuntimeError, match="GradScaler.*refused and changed nothing"):
+        scaler.step(opt)
+    assert_same([list(model.parameters()), opt.state_dict()], before)
+    # unscale_ first (as before clip_grad_norm_): it skips the weights (no .grad); the step refuses
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    opt.zero_grad()
+    scaler.scale(model(x).square().mean()).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="GradScaler.*refused and changed nothing"):
+        scaler.step(opt)
+    handle.remove()
+
+
+def test_compact_grad_refusals():
+    model, opt, handle, x = _compact_step_ready()
+    with pytest.raises(ValueError, match="not one of the params"):
+        opt.compact_grad(0, [torch.zeros(3)])
+    with pytest.raises(ValueError, match="param group index"):
+        opt.compact_grad(1, [])
+    fresh = SparseAdamW(mlp().parameters(), block_size=16)
+    with pytest.raises(ValueError, match="reads every block's gradient"):
+        fresh.compact_grad(0, [])
+    sgd = sparse_grad.SparseSGD(mlp().parameters(), lr=0.1, block_size=16)
+    with pytest.raises(TypeError, match="compact grads"):
+        sgd.compact_grad(0, [])
+    mixed = mlp()
+    mixed[0].double()
+    with pytest.raises(ValueError, match="one dtype per group"):
+        opt_mixed = SparseAdamW(mixed.parameters(), density=0.2, block_size=16, reselect_every=4)
+        for p in mixed.parameters():
+            p.grad = torch.ones_like(p)
+        opt_mixed.step()
+        opt_mixed.compact_grad(0, [])
+    with pytest.raises(TypeError, match="compact_grads must be a bool"):
+        sparse_backward(mlp(), opt, compact_grads=1)
+    handle.remove()
+
+
+def test_step_refused_when_the_compact_grad_no_longer_fits():
+    """Changed after the backward, the step would reselect: refused before anything changes
+    (the optimizer's own check; the handle's pre-hook says the same first)."""
+    model, opt, handle, x = _compact_step_ready()
+    handle.remove()  # the optimizer alone
+    opt.param_groups[0]["density"] = 0.5
+    before = snapshot([list(model.parameters()), opt.state_dict()])
+    with pytest.raises(RuntimeError, match="compact gradient .*reselects.*refused and changed nothing"):
+        opt.step()
+    assert_same([list(model.parameters()), opt.state_dict()], before)
+    opt.zero_grad()  # drops the slab: the next backward computes full gradients, and the step runs
+    model(x).square().mean().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("full", ["max_grad_norm", "error_feedback", "score_hook"])
+def test_options_that_read_every_gradient_keep_full_grads(full):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = SparseAdamW(model.parameters(), density=0.2, block_size=16, reselect_every=4,
+                      **({"max_grad_norm": 1.0} if full == "max_grad_norm" else
+                         {"error_feedback": True} if full == "error_feedback" else {}))
+    if full == "score_hook":
+        opt.register_score_hook(lambda *args: None)
+    with sparse_backward(model, opt, compact_grads=True):
+        for _ in range(3):
+            model(heavy_tailed((4, 13))).sum().backward()
+            assert all(w.grad is not None for w in _weights(model))
+            assert all(plan.reads_all for plan in opt.plan_next_step())
+            opt.step()
+            opt.zero_grad()

@@ -282,6 +282,7 @@ def _sparse_adamw_kernel(
     RULE: tl.constexpr = 0,  # ADAMW, SGD or LION; SGD and Lion keep their one state in exp_avg
     NESTEROV: tl.constexpr = False,  # SGD
     HAS_BUFFER: tl.constexpr = True,  # SGD: False without momentum (exp_avg is not read)
+    COMPACT_GRADS: tl.constexpr = False,  # AdamW: grads are one slab, row pid of [num_ids, block_size]
 ):
     pid = tl.program_id(0).to(tl.int64)
     block = tl.load(block_ids_ptr + pid)
@@ -330,7 +331,10 @@ def _sparse_adamw_kernel(
     # element below is the block's, counted from the kind's base pointer.
     start = local * block_size
     param_first = tl.load(param_offsets_ptr + t) + start
-    grad_first = tl.load(grad_offsets_ptr + t) + start
+    if COMPACT_GRADS:
+        grad_first = pid * block_size
+    else:
+        grad_first = tl.load(grad_offsets_ptr + t) + start
     if COMPACT:  # row pid of the slabs
         exp_avg_first = pid * block_size
         exp_avg_sq_first = pid * block_size
@@ -387,6 +391,7 @@ def launch_sparse_adamw(
     rule: int = ADAMW,
     nesterov: bool = False,
     has_buffer: bool = True,
+    compact_grads: bool = False,
 ) -> None:
     """Launch one program per id in ``block_ids``; ``rule``: ADAMW, SGD or LION (their state in
     exp_avg; ``has_buffer=False``: SGD without momentum, exp_avg not read).
@@ -397,7 +402,8 @@ def launch_sparse_adamw(
     exp_avg_sqs, then the address table of block_steps; ``dtypes`` the (param, grad, state)
     dtypes of the group; ``vecs`` its (param, grad, state) vector widths (see
     :func:`.tables.vector_width`). ``grad_coef`` and ``found_inf`` are optional one-element fp32
-    tensors, read on device.
+    tensors, read on device. ``compact_grads`` (AdamW): the grad base is one slab whose row ``i``
+    is the gradient of ``block_ids[i]``.
     """
     param_dtype, grad_dtype, state_dtype = dtypes
     _sparse_adamw_kernel[(block_ids.numel(),)](
@@ -415,7 +421,7 @@ def launch_sparse_adamw(
         STATE_DTYPE=TL_DTYPES[state_dtype],
         COMPUTE_DTYPE=compute_dtype(param_dtype),
         PARAM_VEC=vecs[0], GRAD_VEC=vecs[1], STATE_VEC=vecs[2],
-        RULE=rule, NESTEROV=nesterov, HAS_BUFFER=has_buffer,
+        RULE=rule, NESTEROV=nesterov, HAS_BUFFER=has_buffer, COMPACT_GRADS=compact_grads,
         # At most 16 bytes of param per thread and chunk (4 warps): 16-byte accesses for aligned
         # blocks, and few enough live values that fp32 fits in 64 registers (checked in
         # tests/test_kernels_compile.py). Elementwise: the chunk changes no result.
@@ -437,6 +443,7 @@ def sparse_adamw_step(
     found_inf: torch.Tensor | None = None,
     compact: bool = False,
     cache: dict | None = None,
+    compact_grads: bool = False,
 ) -> None:
     """In-place AdamW on the blocks ``block_ids`` (global ids over ``params``); see the reference.
 
@@ -444,7 +451,7 @@ def sparse_adamw_step(
     pointer tables built on the first call are kept there, so later calls do no per-tensor work.
     """
     _update(ADAMW, params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper, block_size, maximize,
-            grad_coef, found_inf, compact, cache)
+            grad_coef, found_inf, compact, cache, compact_grads=compact_grads)
 
 
 def sparse_sgd_step(params, grads, momentum_buffers, block_steps, block_ids, hyper, block_size, maximize, nesterov,
@@ -465,15 +472,16 @@ def sparse_lion_step(params, grads, exp_avgs, block_steps, block_ids, hyper, blo
 
 
 def _update(rule, params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper, block_size, maximize,
-            grad_coef, found_inf, compact, cache, nesterov=False, has_buffer=True) -> None:
+            grad_coef, found_inf, compact, cache, nesterov=False, has_buffer=True, compact_grads=False) -> None:
     """One launch per dtype group of ``rule``'s kernel (SGD and Lion pass their one state list
     twice: the second is not read)."""
     if block_ids.numel() == 0 or not params:
         return
-    key = ("sparse_adamw_step", rule)
+    key = ("sparse_adamw_step", rule, compact_grads)
     prepared = None if cache is None else cache.get(key)
     if prepared is None:
-        prepared = _step_tables(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_size, compact)
+        prepared = _step_tables(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_size, compact,
+                                compact_grads)
         if cache is not None:
             cache[key] = prepared
     bmap, tables, group_table, dtypes, bases, vecs = prepared
@@ -482,25 +490,27 @@ def _update(rule, params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, 
         launch_sparse_adamw(block_ids, hyper, [kind[i] for kind, i in zip(kinds, bases[g])], tables, bmap.numels,
                             bmap.first_block, bmap.block_tensor, group_table, bmap.num_blocks, block_size, g,
                             group_dtypes, maximize, grad_coef=grad_coef, found_inf=found_inf, compact=compact,
-                            vecs=vecs[g], rule=rule, nesterov=nesterov, has_buffer=has_buffer)
+                            vecs=vecs[g], rule=rule, nesterov=nesterov, has_buffer=has_buffer,
+                            compact_grads=compact_grads)
 
 
-def _step_tables(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_size: int, compact: bool):
+def _step_tables(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_size: int, compact: bool,
+                 compact_grads: bool = False):
     """The block map, the device offset tables, the dtype groups, each group's base tensors (as
     indices into params, grads, exp_avgs, exp_avg_sqs: a cache entry must not keep freed grads
     alive) and its (param, grad, state) vector widths."""
     device = params[0].device
     bmap = block_map(tuple(p.numel() for p in params), block_size, device)
     states = exp_avgs * len(params) if compact else exp_avgs  # a compact state's one slab serves all
-    groups, dtypes = group_by([(p.dtype, g.dtype, m.dtype) for p, g, m in zip(params, grads, states)])
+    grads_of = grads * len(params) if compact_grads else grads  # so does a compact grad's
+    groups, dtypes = group_by([(p.dtype, g.dtype, m.dtype) for p, g, m in zip(params, grads_of, states)])
     first = [groups.index(g) for g in range(len(dtypes))]
-    # A compact state's slabs are one tensor each: base index 0, offsets unused (the kernel
+    # A slab (compact state or grads) is one tensor: base index 0, offsets unused (the kernel
     # reads rows by program id).
-    bases = [(i, i, 0 if compact else i, 0 if compact else i) for i in first]
-    kinds = (params, grads) if compact else (params, grads, exp_avgs, exp_avg_sqs)
-    offsets = [element_offsets(kind, [kind[bases[g][0]] for g in groups]) for kind in kinds]
-    if compact:
-        offsets += [(0,) * len(params)] * 2
+    one_slab = (False, compact_grads, compact, compact)
+    bases = [tuple(0 if slab else i for slab in one_slab) for i in first]
+    offsets = [(0,) * len(params) if slab else element_offsets(kind, [kind[bases[g][0]] for g in groups])
+               for kind, slab in zip((params, grads, exp_avgs, exp_avg_sqs), one_slab)]
     *tables, group_table = cached_tables(
         tuple(offsets) + (tuple(x.data_ptr() for x in block_steps), tuple(groups)), device)
     vecs = []
@@ -509,6 +519,6 @@ def _step_tables(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_size: 
         states_of = ([exp_avgs[0], exp_avg_sqs[0]] if compact
                      else [exp_avgs[i] for i in members] + [exp_avg_sqs[i] for i in members])
         vecs.append((vector_width([params[i] for i in members], block_size),
-                     vector_width([grads[i] for i in members], block_size),
+                     vector_width(grads[:1] if compact_grads else [grads[i] for i in members], block_size),
                      vector_width(states_of, block_size)))
     return bmap, tables, group_table, dtypes, bases, vecs

@@ -134,21 +134,25 @@ const float* optional_scalar(const std::optional<at::Tensor>& t, const char* nam
 // The state lists of an update (AdamW: exp_avgs, exp_avg_sqs; SGD: momentum_buffers or none;
 // Lion: exp_avgs) and its step counts, checked against the params. Dense state: one tensor per
 // param, like it, and one count per block. Compact state (compact=true): one slab
-// [num_ids, block_size] per list and one count per id, row i belonging to block_ids[i].
+// [num_ids, block_size] per list and one count per id, row i belonging to block_ids[i]. Compact
+// grads (compact_grads=true): one slab [num_ids, block_size], row i the gradient of block_ids[i].
 void check_state(at::TensorList params, at::TensorList grads,
                  std::initializer_list<std::pair<const char*, at::TensorList>> states,
-                 at::TensorList block_steps, const Blocks& blocks, const at::Tensor& block_ids, bool compact) {
+                 at::TensorList block_steps, const Blocks& blocks, const at::Tensor& block_ids, bool compact,
+                 bool compact_grads = false) {
   const std::size_t num_tensors = params.size();
   const std::size_t num_states = compact ? 1 : num_tensors;
   check_list(params, "params", num_tensors);
-  check_list(grads, "grads", num_tensors);
+  check_list(grads, "grads", compact_grads ? 1 : num_tensors);
   for (const auto& [name, list] : states) check_list(list, name, num_states);
   check_list(block_steps, "block_steps", num_states);
   TORCH_CHECK(block_ids.device().is_cpu() && block_ids.scalar_type() == at::kLong &&
               block_ids.dim() == 1 && block_ids.is_contiguous(),
               "block_ids must be a contiguous 1-D int64 CPU tensor");
   const std::int64_t num_ids = block_ids.numel();
-  for (std::size_t t = 0; t < num_tensors; ++t) {
+  TORCH_CHECK(!compact_grads || grads[0].numel() == num_ids * blocks.block_size, "grads[0] has ",
+              grads[0].numel(), " elements, expected ", num_ids * blocks.block_size, " (block_size per block id)");
+  for (std::size_t t = 0; t < num_tensors && !compact_grads; ++t) {
     TORCH_CHECK(grads[t].numel() == params[t].numel(), "grads[", t, "] has ", grads[t].numel(),
                 " elements, params[", t, "] ", params[t].numel());
   }
@@ -171,12 +175,13 @@ void check_state(at::TensorList params, at::TensorList grads,
 // The update loop of tensor t from `pick(param, grad, state dtype)`, or an error naming the state.
 template <typename Fn, typename Pick>
 std::vector<Fn> update_loops(at::TensorList params, at::TensorList grads, at::TensorList states, const char* name,
-                             bool compact, Pick&& pick) {
+                             bool compact, Pick&& pick, bool compact_grads = false) {
   std::vector<Fn> loops_of(params.size());
   for (std::size_t t = 0; t < params.size(); ++t) {
     const std::size_t s = compact ? 0 : t;
+    const std::size_t g = compact_grads ? 0 : t;
     const DType state = states.empty() ? dtype_code(params[t], "params", t) : dtype_code(states[s], name, s);
-    loops_of[t] = pick(dtype_code(params[t], "params", t), dtype_code(grads[t], "grads", t), state);
+    loops_of[t] = pick(dtype_code(params[t], "params", t), dtype_code(grads[g], "grads", g), state);
     TORCH_CHECK(loops_of[t] != nullptr, name, "[", s, "] is ", states[s].scalar_type(),
                 "; the state dtype must be the param dtype or float32");
   }
@@ -191,8 +196,9 @@ const double* hyper_values(const at::Tensor& hyper, std::int64_t count) {
 }
 
 // One parallel loop over the selected ids: for each id in range, its count is advanced and
-// `apply(local, t, start, state_start, step, length)` updates the block; t is the tensor, `start`
+// `apply(local, t, start, state_start, step, length, i)` updates the block; t is the tensor, `start`
 // the block's first element in it, `state_start` in its state (slab row i with compact state),
+// i the id's position (the row of a compact grad),
 // `local` a Local made afresh for each chunk of ids (a cache of per-block scalars). Ids out of
 // range update nothing. Nothing at all when found_inf is set (an overflowed AMP step keeps even
 // the counts).
@@ -214,7 +220,7 @@ void for_each_selected(const Blocks& blocks, at::TensorList block_steps, const a
       const std::size_t t = blocks.tensor_of(block);
       const std::int64_t start = blocks.start(t, block);
       const std::int32_t step = ++steps[compact ? 0 : t][compact ? i : block - blocks.first[t]];
-      apply(local, t, start, compact ? i * block_size : start, step, blocks.length(t, block));
+      apply(local, t, start, compact ? i * block_size : start, step, blocks.length(t, block), i);
     }
   });
 }
@@ -223,17 +229,17 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::TensorList exp_avg_sqs, at::TensorList block_steps,
                        const at::Tensor& block_ids, const at::Tensor& hyper, std::int64_t block_size,
                        bool maximize, const std::optional<at::Tensor>& grad_coef,
-                       const std::optional<at::Tensor>& found_inf, bool compact) {
+                       const std::optional<at::Tensor>& found_inf, bool compact, bool compact_grads) {
   const Blocks blocks(params, block_size);
   check_state(params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, block_steps, blocks,
-              block_ids, compact);
+              block_ids, compact, compact_grads);
   const float* coef = optional_scalar(grad_coef, "grad_coef");
   const float* inf = optional_scalar(found_inf, "found_inf");
   const double* h = hyper_values(hyper, 5);  // [lr, beta1, beta2, eps, weight_decay]
   const double lr = h[0], beta1 = h[1], beta2 = h[2], eps = h[3], weight_decay = h[4];
   const std::vector<AdamWBlockFn> update = update_loops<AdamWBlockFn>(
       params, grads, exp_avgs, "exp_avgs", compact,
-      [&](DType p, DType g, DType s) { return loops().adamw_block(p, g, s, maximize); });
+      [&](DType p, DType g, DType s) { return loops().adamw_block(p, g, s, maximize); }, compact_grads);
   const float coef_value = coef != nullptr ? *coef : 1.0f;
   const std::vector<Operand> param = operands(params), grad = operands(grads),
                             exp_avg = operands(exp_avgs), exp_avg_sq = operands(exp_avg_sqs);
@@ -242,14 +248,15 @@ void sparse_adamw_step(at::TensorList params, at::TensorList grads, at::TensorLi
   struct Cached { std::int32_t step = 0; AdamWScalars scalars{}; };
   for_each_selected<Cached>(blocks, block_steps, block_ids, compact, inf,
                             [&](Cached& c, std::size_t t, std::int64_t start, std::int64_t state_start,
-                                std::int32_t step, std::int64_t length) {
+                                std::int32_t step, std::int64_t length, std::int64_t i) {
     if (step != c.step) {
       c.step = step;
       c.scalars = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay, coef_value);
     }
     const std::size_t s = compact ? 0 : t;
-    update[t](param[t].at(start), grad[t].at(start), exp_avg[s].at(state_start), exp_avg_sq[s].at(state_start),
-              length, c.scalars);
+    const void* g = compact_grads ? grad[0].at(i * block_size) : grad[t].at(start);
+    update[t](param[t].at(start), g, exp_avg[s].at(state_start), exp_avg_sq[s].at(state_start), length,
+              c.scalars);
   });
 }
 
@@ -275,7 +282,7 @@ void sparse_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList
   const std::vector<Operand> param = operands(params), grad = operands(grads), buffer = operands(momentum_buffers);
   for_each_selected(blocks, block_steps, block_ids, compact, inf,
                     [&](NoLocal&, std::size_t t, std::int64_t start, std::int64_t state_start, std::int32_t step,
-                        std::int64_t length) {
+                        std::int64_t length, std::int64_t) {
     SGDScalars block_scalars = scalars;
     block_scalars.first = step == 1;
     void* buf = has_buffer ? buffer[compact ? 0 : t].at(state_start) : nullptr;
@@ -301,7 +308,7 @@ void sparse_lion_step(at::TensorList params, at::TensorList grads, at::TensorLis
   const std::vector<Operand> param = operands(params), grad = operands(grads), exp_avg = operands(exp_avgs);
   for_each_selected(blocks, block_steps, block_ids, compact, inf,
                     [&](NoLocal&, std::size_t t, std::int64_t start, std::int64_t state_start, std::int32_t,
-                        std::int64_t length) {
+                        std::int64_t length, std::int64_t) {
     update[t](param[t].at(start), grad[t].at(start), exp_avg[compact ? 0 : t].at(state_start), length, scalars);
   });
 }

@@ -204,7 +204,7 @@ void run_update(k::Rule rule, at::TensorList params, at::TensorList grads, at::T
                 at::TensorList second, at::TensorList block_steps, const at::Tensor& block_ids,
                 const at::Tensor& hyper, int64_t hyper_size, int64_t block_size, bool maximize,
                 bool nesterov, const std::optional<at::Tensor>& grad_coef,
-                const std::optional<at::Tensor>& found_inf, bool compact) {
+                const std::optional<at::Tensor>& found_inf, bool compact, bool compact_grads = false) {
   TORCH_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
   const size_t T = params.size();
   const size_t num_states = compact ? 1 : T;  // compact: one slab of moments, one count per id
@@ -214,11 +214,13 @@ void run_update(k::Rule rule, at::TensorList params, at::TensorList grads, at::T
               "block_ids must be a contiguous 1-D int64 CUDA tensor");
   const bool has_moments = !moments.empty();
   check_list(params, "params", T, device);
-  check_list(grads, "grads", T, device);
+  check_list(grads, "grads", compact_grads ? 1 : T, device);
   if (has_moments || rule != k::Rule::SGD) check_list(moments, "moments", num_states, device);
   if (rule == k::Rule::AdamW) check_list(second, "exp_avg_sqs", num_states, device);
   check_list(block_steps, "block_steps", num_states, device);
   const int64_t num_ids = block_ids.numel();
+  TORCH_CHECK(!compact_grads || T == 0 || grads[0].numel() == num_ids * block_size,
+              "compact grads must be one slab of block_size elements per block id");
   if (compact) {
     for (const at::TensorList* list : {&moments, &second}) {
       TORCH_CHECK(list->empty() || (*list)[0].numel() == num_ids * block_size,
@@ -241,8 +243,9 @@ void run_update(k::Rule rule, at::TensorList params, at::TensorList grads, at::T
   std::vector<std::array<k::DType, 3>> distinct;  // (param, grad, state) triples, first seen first
   for (size_t t = 0; t < T; ++t) {
     const size_t s = compact ? 0 : t;  // the state tensors of params[t]
-    TORCH_CHECK(grads[t].numel() == params[t].numel(), "grads[", t, "] has ", grads[t].numel(),
-                " elements, params[", t, "] ", params[t].numel());
+    const size_t g = compact_grads ? 0 : t;  // the grad tensor of params[t]
+    TORCH_CHECK(compact_grads || grads[t].numel() == params[t].numel(), "grads[", t, "] has ",
+                grads[t].numel(), " elements, params[", t, "] ", params[t].numel());
     if (!compact) {
       for (const at::TensorList* list : {&moments, &second}) {
         TORCH_CHECK(list->empty() || (*list)[t].numel() == params[t].numel(), "tensor ", t,
@@ -256,7 +259,7 @@ void run_update(k::Rule rule, at::TensorList params, at::TensorList grads, at::T
     TORCH_CHECK(second.empty() || moments[s].scalar_type() == second[s].scalar_type(), "exp_avgs[", s,
                 "] and exp_avg_sqs[", s, "] have different dtypes");
     const k::DType param = dtype_code(params[t], "params", t);
-    const k::DType grad = dtype_code(grads[t], "grads", t);
+    const k::DType grad = dtype_code(grads[g], "grads", g);
     const k::DType state = has_moments ? dtype_code(moments[s], "moments", s) : param;
     TORCH_CHECK(state == param || state == k::DType::Float32, "the state of params[", t, "] is ",
                 moments[s].scalar_type(), "; the state dtype must be the param dtype or float32");
@@ -279,7 +282,7 @@ void run_update(k::Rule rule, at::TensorList params, at::TensorList grads, at::T
   for (size_t t = 0; t < T; ++t) {
     const size_t s = compact ? 0 : t;
     table.row(0)[t] = address(params[t].mutable_data_ptr());
-    table.row(1)[t] = address(grads[t].const_data_ptr());
+    table.row(1)[t] = address(grads[compact_grads ? 0 : t].const_data_ptr());
     table.row(2)[t] = has_moments ? address(moments[s].mutable_data_ptr()) : 0;
     table.row(3)[t] = second.empty() ? 0 : address(second[s].mutable_data_ptr());
     table.row(4)[t] = address(block_steps[s].mutable_data_ptr());
@@ -294,7 +297,7 @@ void run_update(k::Rule rule, at::TensorList params, at::TensorList grads, at::T
   const k::BlockMap map{d + 5 * width, d + 6 * width, block_tensor.const_data_ptr<int32_t>(),
                         layout.num_blocks(), block_size};
   const k::AdamwHyper scalars{hyper.const_data_ptr<double>(), maximize, coef, inf, compact, rule, nesterov,
-                              has_moments};
+                              has_moments, compact_grads};
   for (const auto& triple : distinct) {
     C10_CUDA_CHECK(k::launch_sparse_adamw(tables, map, block_ids.const_data_ptr<int64_t>(), num_ids,
                                           triple[0], triple[1], triple[2], scalars, stream.stream()));
@@ -306,9 +309,9 @@ void native_sparse_adamw_step(at::TensorList params, at::TensorList grads,
                               at::TensorList block_steps, const at::Tensor& block_ids,
                               const at::Tensor& hyper, int64_t block_size, bool maximize,
                               const std::optional<at::Tensor>& grad_coef,
-                              const std::optional<at::Tensor>& found_inf, bool compact) {
+                              const std::optional<at::Tensor>& found_inf, bool compact, bool compact_grads) {
   run_update(k::Rule::AdamW, params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper, 5,
-             block_size, maximize, false, grad_coef, found_inf, compact);
+             block_size, maximize, false, grad_coef, found_inf, compact, compact_grads);
 }
 
 void native_sparse_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,

@@ -69,6 +69,9 @@ struct AdamwHyper {
   Rule rule = Rule::AdamW;
   bool nesterov = false;    // SGD
   bool has_buffer = true;   // SGD: false for momentum 0 (no buffers; the exp_avgs table unused)
+  // Compact grads: the grad table holds one slab [num_ids, block_size] (entry 0); row i is the
+  // gradient of block_ids[i] (the rows of a compact state, for the same ids).
+  bool compact_grads = false;
 };
 
 // The update hyper.rule (AdamW, SGD or Lion) on the blocks block_ids[0 .. num_ids) (global ids, device int64) whose tensor has the

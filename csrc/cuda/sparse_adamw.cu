@@ -278,16 +278,18 @@ sparse_update_kernel(AdamwTables tables, BlockMap map, const int64_t* block_ids,
     const int64_t len = min(map.block_size, map.numels[t] - start);
     const int64_t state_t = hyper.compact ? 0 : t;
     const int64_t state_start = hyper.compact ? i * map.block_size : start;
+    const G* grad = hyper.compact_grads ? as_ptr<const G>(tables.grads[0]) + i * map.block_size
+                                        : as_ptr<const G>(tables.grads[t]) + start;
     if constexpr (R == Rule::AdamW) {
       const Scalars<C> s = block_scalars<C>(hyper, step);
-      update_block<N>(as_ptr<P>(tables.params[t]) + start, as_ptr<const G>(tables.grads[t]) + start,
+      update_block<N>(as_ptr<P>(tables.params[t]) + start, grad,
                       as_ptr<S>(tables.exp_avgs[state_t]) + state_start,
                       as_ptr<S>(tables.exp_avg_sqs[state_t]) + state_start, len, s);
     } else {
       const OtherScalars<C> s = other_scalars<C>(hyper, step);
       S* state = kBuffer ? as_ptr<S>(tables.exp_avgs[state_t]) + state_start : nullptr;
       other_block<R, kNesterov, kBuffer, N>(as_ptr<P>(tables.params[t]) + start,
-                                            as_ptr<const G>(tables.grads[t]) + start, state, len, s);
+                                            grad, state, len, s);
     }
   }
 }

@@ -95,10 +95,10 @@ def select_blocks(scores, segment_sizes, segment_ks, cache=None):
 
 
 def sparse_adamw_step(params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper, block_size,
-                      maximize, grad_coef=None, found_inf=None, compact=False, cache=None):
+                      maximize, grad_coef=None, found_inf=None, compact=False, cache=None, compact_grads=False):
     torch.ops.sparse_grad.native_sparse_adamw_step(
         params, grads, exp_avgs, exp_avg_sqs, block_steps, block_ids, hyper, block_size, maximize,
-        grad_coef, found_inf, compact)
+        grad_coef, found_inf, compact, compact_grads)
 
 
 def sparse_sgd_step(params, grads, momentum_buffers, block_steps, block_ids, hyper, block_size, maximize, nesterov,

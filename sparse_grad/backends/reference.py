@@ -88,12 +88,15 @@ def sparse_adamw_step(
     found_inf: torch.Tensor | None = None,
     compact: bool = False,
     cache: dict | None = None,
+    compact_grads: bool = False,
 ) -> None:
     """AdamW on the selected blocks only, in place; every other element is left untouched.
 
     ``compact=True``: the moments are one slab each, ``exp_avgs[0]`` and ``exp_avg_sqs[0]`` of
     ``[len(block_ids), block_size]`` elements, and the counts ``block_steps[0]`` one per id; row
     ``i`` is the state of block ``block_ids[i]`` (a partial block uses the front of its row).
+    ``compact_grads=True``: the grads are one slab ``grads[0]`` of ``[len(block_ids), block_size]``
+    elements, row ``i`` the gradient of block ``block_ids[i]`` (the rows of compact state).
     ``hyper``: the fp64 tensor ``[lr, beta1, beta2, eps, weight_decay]`` on the params' device
     (read on device by the kernels; here, read back). ``cache``: a dict the caller keeps while
     the tensors stay the same (other backends keep derived tables there); unused here.
@@ -114,6 +117,8 @@ def sparse_adamw_step(
     if found_inf is not None and found_inf.item() != 0:  # the oracle reads it; kernels do not sync
         return
     lr, beta1, beta2, eps, weight_decay = hyper.tolist()
+    if compact_grads:
+        grads = _scattered_grads(grads[0], params, block_ids, block_size)
     if compact:
         _compact_step(lambda params, moments, steps: sparse_adamw_step(
             params, grads, moments[0], moments[1], steps, block_ids, hyper, block_size, maximize, grad_coef),
@@ -150,6 +155,15 @@ def sparse_adamw_step(
         p_flat[elems] = param.to(p.dtype)
         m_flat[elems] = exp_avg.to(m.dtype)
         v_flat[elems] = exp_avg_sq.to(v.dtype)
+
+
+def _scattered_grads(slab: torch.Tensor, params, block_ids: torch.Tensor, block_size: int) -> list[torch.Tensor]:
+    """A compact grad's rows put back where their blocks lie: per param a flat grad of its
+    size, zeros outside the selected blocks (which the update never reads)."""
+    counts = [num_blocks_of(p.numel(), block_size) for p in params]
+    flat = torch.zeros(sum(counts) * block_size, dtype=slab.dtype, device=slab.device)
+    flat.view(-1, block_size)[block_ids] = slab.view(-1, block_size)
+    return [part[:p.numel()] for part, p in zip(flat.split([c * block_size for c in counts]), params)]
 
 
 def _compact_step(dense_step, params, slabs, block_step, block_ids, block_size) -> None:

@@ -33,6 +33,7 @@ class Case:
     name: str
     build: Callable[[nn.Module], tuple[nn.Module, torch.optim.Optimizer]]
     sparse_backward: bool = False
+    compact_grads: bool = False  # sparse_backward(..., compact_grads=True)
 
 
 @dataclass
@@ -77,13 +78,18 @@ def _lora(rank: int):
 
 def cases(density: float, block_size: int, backend: str = "auto", lora_rank: int = 16) -> list[Case]:
     """The cases of the issue: AdamW, SparseAdamW × reselect_every {1, 10} × sparse_backward
-    {off, on} × state {dense, compact}, LoRA where peft is installed."""
+    {off, on} × state {dense, compact}, at R=10 also sparse_backward with compact grads, LoRA
+    where peft is installed."""
     out = [Case("AdamW (fused)", _adamw)]
     for reselect_every in (1, 10):
         for layout in ("dense", "compact"):
-            for use in (False, True):
-                name = f"d={density:g} R={reselect_every} {layout}" + (" +sparse_backward" if use else "")
-                out.append(Case(name, _sparse(density, block_size, reselect_every, layout, backend), use))
+            for use, compact_grads in ((False, False), (True, False), (True, True)):
+                if compact_grads and reselect_every == 1:  # every step reselects: full grads, as above
+                    continue
+                name = (f"d={density:g} R={reselect_every} {layout}" + (" +sparse_backward" if use else "")
+                        + (" compact grads" if compact_grads else ""))
+                out.append(Case(name, _sparse(density, block_size, reselect_every, layout, backend), use,
+                                compact_grads))
     try:
         import peft  # noqa: F401
     except ImportError:
@@ -95,14 +101,24 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    params = list(model.parameters())
-    grads = [p.grad for p in params if p.grad is not None]
+def _grad_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """The gradients' bytes: full-size ``.grad`` tensors and compact grad slabs (read before the
+    step, which drops the slabs)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if isinstance(opt, SparseAdamW):
+        grads += [opt.group_state(i).compact_grad.slab for i in range(len(opt.param_groups))
+                  if opt.group_state(i).compact_grad is not None]
+    return _bytes(grads)
+
+
+def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer, grad_bytes: int | None = None) -> int:
+    """params + grads (``grad_bytes`` if given, else what is there now) + optimizer state."""
     state = [v for s in opt.state.values() for v in s.values()]
     if isinstance(opt, SparseAdamW):
         state += [t for i in range(len(opt.param_groups))
                   for t in (opt.group_state(i).compact or {}).values()]
-    return _bytes(params) + _bytes(grads) + _bytes(state)
+    grad_bytes = _grad_bytes(model, opt) if grad_bytes is None else grad_bytes
+    return _bytes(model.parameters()) + grad_bytes + _bytes(state)
 
 
 def run(device: torch.device, size: str = "medium", steps: int = 30, warmup: int = 3, density: float = 0.05,
@@ -129,7 +145,7 @@ def run(device: torch.device, size: str = "medium", steps: int = 30, warmup: int
         model = new_model()
         model.load_state_dict(initial)
         model, opt = case.build(model.to(device))
-        handle = sparse_backward(model, opt) if case.sparse_backward else None
+        handle = sparse_backward(model, opt, case.compact_grads) if case.sparse_backward else None
         runs.append({"case": case, "model": model, "opt": opt, "handle": handle, "times": [], "losses": []})
     cuda = device.type == "cuda"
     peaks = {id(r): 0 for r in runs}
@@ -144,9 +160,10 @@ def run(device: torch.device, size: str = "medium", steps: int = 30, warmup: int
             start = time.perf_counter()
             loss = lm_loss(model, x, y)
             loss.backward()
+            grad_bytes = _grad_bytes(model, opt) if step == steps - 1 else None
             opt.step()
             if step == steps - 1:
-                r["state_bytes"] = _state_bytes(model, opt)
+                r["state_bytes"] = _state_bytes(model, opt, grad_bytes)
             opt.zero_grad()
             if cuda:
                 torch.cuda.synchronize(device)
@@ -175,11 +192,11 @@ def run(device: torch.device, size: str = "medium", steps: int = 30, warmup: int
 def table(results: list[EndToEnd]) -> str:
     """One row per case, with the speed-up and memory against the first case (AdamW)."""
     base = results[0]
-    lines = [f"{'case':<38} {'median ms':>9} {'mean ms':>8} {'vs AdamW':>8} {'p+g+s MiB':>9} {'vs AdamW':>8} "
+    lines = [f"{'case':<52} {'median ms':>9} {'mean ms':>8} {'vs AdamW':>8} {'p+g+s MiB':>9} {'vs AdamW':>8} "
              f"{'peak MiB':>8} {'train loss':>10} {'val loss':>8}"]
     for r in results:
         peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
-        lines.append(f"{r.case:<38} {r.median_seconds * 1e3:>9.1f} {r.mean_seconds * 1e3:>8.1f} "
+        lines.append(f"{r.case:<52} {r.median_seconds * 1e3:>9.1f} {r.mean_seconds * 1e3:>8.1f} "
                      f"{base.median_seconds / r.median_seconds:>7.2f}x {r.state_bytes / 2**20:>9.2f} "
                      f"{r.state_bytes / base.state_bytes:>8.2f} {peak:>8} {r.train_loss:>10.4f} {r.val_loss:>8.4f}")
     return "\n".join(lines)

@@ -15,7 +15,8 @@ density, one line per backend, the ideal curve drawn in) to --out.
 ``--end-to-end`` times whole training steps instead (forward, backward, step) of the demo's
 transformer LM (``--size``, default medium): dense torch AdamW (fused), SparseAdamW at the first
 of --densities with reselect_every 1 and 10, dense and compact state, with and without
-``sparse_grad.nn.sparse_backward``, and LoRA where peft is installed; steps interleaved across
+``sparse_grad.nn.sparse_backward`` (at reselect_every 10 also with ``compact_grads=True``), and
+LoRA where peft is installed; steps interleaved across
 the cases; median and mean step time, params + grads + optimizer state, the step's peak memory
 (CUDA), and the loss after --steps steps; writes end_to_end.json to --out.
 """

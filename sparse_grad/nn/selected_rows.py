@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..optim.compact_grads import gather_blocks
+
 
 def rows_of_blocks(block_ids: torch.Tensor, first_block: int, end_block: int, numel: int, row_len: int,
                    block_size: int, num_rows: int) -> torch.Tensor:
@@ -27,14 +29,30 @@ def rows_of_blocks(block_ids: torch.Tensor, first_block: int, end_block: int, nu
     return (marks.cumsum(0)[:-1] > 0).nonzero().squeeze(1)
 
 
+def block_starts(local_ids: torch.Tensor, rows: torch.Tensor, row_len: int, block_size: int) -> torch.Tensor:
+    """Where each block (local ids, ascending) starts in the flat ``[len(rows), row_len]`` result
+    of the rows GEMM. A block's rows are consecutive and all in ``rows``, so its elements are
+    consecutive there too: its start, less the rows skipped before its first row."""
+    start = local_ids * block_size
+    first_row = start // row_len
+    skipped = first_row - torch.searchsorted(rows, first_row)
+    return start - skipped * row_len
+
+
 class SelectedRowsLinear(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` whose backward gives ``weight`` a gradient on ``rows`` only
-    (zeros elsewhere); the input's and the bias's gradients are complete."""
+    (zeros elsewhere); the input's and the bias's gradients are complete.
+
+    ``compact``: None, or ``(slab_rows, starts, block_size)``: the weight's selected blocks'
+    gradient is added into ``slab_rows`` (its rows of the group's compact gradient), gathered
+    from the rows GEMM at ``starts`` (:func:`block_starts`), and ``weight`` gets no gradient. The
+    slab is kept on ctx, not saved: each backward adds into it in place."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows):
+    def forward(ctx, x, weight, bias, rows, compact=None):
         ctx.save_for_backward(x, weight, rows)
         ctx.has_bias = bias is not None
+        ctx.compact = compact
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -45,16 +63,21 @@ class SelectedRowsLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = flat_grad.mm(weight).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format)
             flat_x = x.reshape(-1, x.shape[-1])
-            grad_w.index_copy_(0, rows, flat_grad.index_select(1, rows).t().mm(flat_x))
+            rows_grad = flat_grad.index_select(1, rows).t().mm(flat_x)
+            if ctx.compact is None:
+                grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+                grad_w.index_copy_(0, rows, rows_grad)
+            else:
+                slab_rows, starts, block_size = ctx.compact
+                slab_rows.add_(gather_blocks(rows_grad, starts, block_size))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat_grad.sum(0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def selected_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         rows: torch.Tensor) -> torch.Tensor:
+                         rows: torch.Tensor, compact: tuple | None = None) -> torch.Tensor:
     """:class:`SelectedRowsLinear` with autocast's casts done first, as autocast does them for
     ``F.linear`` (so the backward sees the dtypes the forward used, and the casts' own backward
     returns the gradient in the params' dtypes, as without it)."""
@@ -63,4 +86,4 @@ def selected_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    return SelectedRowsLinear.apply(x, weight, bias, rows)
+    return SelectedRowsLinear.apply(x, weight, bias, rows, compact)

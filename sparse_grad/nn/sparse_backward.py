@@ -7,7 +7,9 @@ step) what the step reads. A step that reads the whole gradient (a reselection, 
 step, clipping, error feedback, score hooks, density 1) runs the layer's own forward and
 backward; otherwise the backward computes the weight gradient of the rows the selected blocks
 touch, one GEMM over the gathered rows of the output gradient, and zeros elsewhere. The input
-gradient is always complete. Before the step, a step pre-hook checks that the step will read
+gradient is always complete. With ``compact_grads=True`` the selected blocks' gradient goes into
+the group's compact slab instead (:meth:`~sparse_grad.SparseAdamW.compact_grad`) and the
+weight's ``.grad`` stays None. Before the step, a step pre-hook checks that the step will read
 what was computed, and refuses the step (nothing changed yet) if not.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 
 from ..optim import SparseAdamW
 from ..optim.sharding import is_dtensor
-from .selected_rows import rows_of_blocks, selected_rows_linear
+from .selected_rows import block_starts, rows_of_blocks, selected_rows_linear
 
 __all__ = ["SparseBackward", "sparse_backward"]
 
@@ -31,7 +33,9 @@ class SparseBackward:
     """What :func:`sparse_backward` returns: ``remove()`` restores the layers; also a context
     manager (removed on exit)."""
 
-    def __init__(self, model: nn.Module, optimizer: SparseAdamW):
+    def __init__(self, model: nn.Module, optimizer: SparseAdamW, compact_grads: bool = False):
+        if not isinstance(compact_grads, bool):
+            raise TypeError(f"compact_grads must be a bool, got {type(compact_grads).__name__}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, SparseAdamW):
@@ -52,10 +56,13 @@ class SparseBackward:
             raise ValueError("model has no nn.Linear whose weight is in one of optimizer's param groups: "
                              "sparse_backward would change nothing")
         self.optimizer = optimizer
+        self.compact_grads = compact_grads
         self.layers = [m for _, m in layers]
-        # This step's plan: id(weight) → (its first block, end block, the selected ids, block size).
+        # This step's plan: id(weight) → (its first block, end block, the selected ids, block size,
+        # its group's index, whether the group takes a compact gradient).
         self._plan: dict[int, tuple] | None = None
-        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) → (ids, rows)
+        # id(weight) → (ids, rows, its slab rows [lo, hi), its blocks' starts in the rows GEMM)
+        self._rows: dict[int, tuple] = {}
         self._used: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # this step: id(weight) → (weight, ids)
         self._hooks = [optimizer.register_step_pre_hook(self._check_step),
                        optimizer.register_step_post_hook(self._forget_step),
@@ -84,28 +91,39 @@ class SparseBackward:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def rows(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """The rows of ``weight`` whose gradient the next step reads, or None: all of them."""
+    def rows(self, weight: torch.Tensor) -> tuple[torch.Tensor, tuple | None] | None:
+        """The rows of ``weight`` whose gradient the next step reads, and where the backward
+        adds them in the group's compact gradient (``(slab rows, starts, block_size)``, or None:
+        into ``weight.grad``); None: all rows, the layer's own backward."""
         if self._plan is None:  # the step's first forward, or the first after a refused step
             self._plan, self._used = {}, {}
             for plan in self.optimizer.plan_next_step():
                 if plan.reads_all:
                     continue
+                # One slab per group, in the params' dtype: a group of mixed dtypes keeps full-size grads.
+                compact = self.compact_grads and len({p.dtype for p in plan.params}) == 1
                 offset = 0
                 for p in plan.params:
                     blocks = -(-p.numel() // plan.block_size)
-                    self._plan[id(p)] = (offset, offset + blocks, plan.block_ids, plan.block_size)
+                    self._plan[id(p)] = (offset, offset + blocks, plan.block_ids, plan.block_size, plan.index,
+                                         compact)
                     offset += blocks
         entry = self._plan.get(id(weight))
         if entry is None or weight.dim() != 2:
             return None
-        first, end, ids, block_size = entry
+        first, end, ids, block_size, index, compact = entry
         cached = self._rows.get(id(weight))
         if cached is None or cached[0] is not ids:  # rows are worked out once per selection
             rows = rows_of_blocks(ids, first, end, weight.numel(), weight.shape[1], block_size, weight.shape[0])
-            self._rows[id(weight)] = cached = (ids, rows)
+            lo, hi = torch.searchsorted(ids, torch.tensor([first, end], device=ids.device)).tolist()
+            starts = block_starts(ids[lo:hi] - first, rows, weight.shape[1], block_size)
+            self._rows[id(weight)] = cached = (ids, rows, lo, hi, starts)
         self._used[id(weight)] = (weight, ids)
-        return cached[1]
+        _, rows, lo, hi, starts = cached
+        if not compact:
+            return rows, None
+        slab = self.optimizer.compact_grad(index, [weight])
+        return rows, (slab[lo:hi], starts, block_size)
 
     def _check_step(self, optimizer, args, kwargs) -> None:
         """Refuse a step that would read gradient this backward did not compute (nothing has
@@ -149,13 +167,13 @@ def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     handle, forward = getattr(module, _PATCHED_BY)
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return forward(x)
-    rows = handle.rows(weight)
-    if rows is None:
+    planned = handle.rows(weight)
+    if planned is None:
         return forward(x)
-    return selected_rows_linear(x, weight, module.bias, rows)
+    return selected_rows_linear(x, weight, module.bias, *planned)
 
 
-def sparse_backward(model: nn.Module, optimizer: SparseAdamW) -> SparseBackward:
+def sparse_backward(model: nn.Module, optimizer: SparseAdamW, compact_grads: bool = False) -> SparseBackward:
     """Compute only the weight gradients ``optimizer``'s next step reads, for every
     ``nn.Linear`` of ``model`` whose weight the optimizer trains.
 
@@ -164,5 +182,13 @@ def sparse_backward(model: nn.Module, optimizer: SparseAdamW) -> SparseBackward:
     ``.grad`` holds the exact gradient on the rows its selected blocks touch and zeros on the
     rest, so the step gives the same parameters as without it. Returns a handle; ``remove()``
     (or leaving its ``with`` block) restores the layers.
+
+    ``compact_grads=True``: on those steps a weight's gradient is not a full-size ``.grad`` but
+    the rows of its selected blocks in its group's compact slab (``optimizer.compact_grad``),
+    which the update kernel reads directly, so weight gradients take memory ∝ density. **The
+    weights' ``.grad`` is then None between reselections**: ``clip_grad_norm_`` and other code
+    reading ``.grad`` skip them silently (use the optimizer's ``max_grad_norm``, which makes
+    every step compute full gradients), and a step under ``torch.amp.GradScaler`` is refused
+    (a ``RuntimeError``, nothing changed): its inf check and ``unscale_`` skip None grads.
     """
-    return SparseBackward(model, optimizer)
+    return SparseBackward(model, optimizer, compact_grads)

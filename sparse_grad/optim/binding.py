@@ -179,15 +179,24 @@ def bind(index: int, group: dict, state: GroupState, opt_state: dict, blueprint,
     options.check_group(group, where, blueprint is not None, rule)
     positions, params, grads = [], [], []
     device = None
-    reusable = not torch.compiler.is_compiling()
+    # Params whose gradient is in the group's compact slab take part without a .grad (their
+    # entry in grads is None, or a dense grad the step adds to the slab).
+    covered = {} if state.compact_grad is None else state.compact_grad.covered
+    reusable = not torch.compiler.is_compiling() and not covered
     for j, p in enumerate(group["params"]):
-        if p.grad is None:
+        if p.grad is None and id(p) not in covered:
             continue
         name = f"{where}['params'][{j}]"
         if device is None:
             device = p.device
         check_tensor(p, name, device, contiguous=False)  # a strided param steps on a contiguous copy
         reusable = reusable and p.is_contiguous()
+        if p.grad is None:
+            _check_param_state(opt_state.get(p, {}), p, group, where, name)
+            positions.append(j)
+            params.append(p)
+            grads.append(None)
+            continue
         if p.grad.layout != torch.strided:
             raise TypeError(f"{name}.grad is sparse; SparseAdamW needs dense gradients")
         grad = p.grad.contiguous()
@@ -205,6 +214,8 @@ def bind(index: int, group: dict, state: GroupState, opt_state: dict, blueprint,
         return None
     _check_block_size(state, group, opt_state, where)
     sharded = sharding.of_params(params, where, positions, group["block_size"])
+    if sharded is not None and covered:
+        raise ValueError(f"{where} is sharded (DTensor params): it cannot have a compact gradient")
     if sharded is not None:
         device = sharded.device
         view = sharded

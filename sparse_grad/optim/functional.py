@@ -17,6 +17,7 @@ import torch
 from .. import ops
 from ..ops import unchecked
 from . import compact_state
+from .compact_grads import add_dense_grads
 from .dense_state import init_dense_state, init_error
 from .gradients import Scaling, add_error, grad_coef, keep_error
 from .group_state import Selection
@@ -55,10 +56,16 @@ def sparse_step(step, grad_scale: torch.Tensor | None, found_inf: torch.Tensor |
         kernel_params, moments, block_steps, mutated = _dense(step, states)
         cache = step.caches["update"]
     hyper = ops.hyper_table(step.rule.hyper(group), view.device)
+    compact_grad = step.state.compact_grad  # checked by the optimizer: made for these block_ids
     if view.has_work() and (not view.sharded or kernel_ids.numel()):
-        step.rule.apply(kernel_params, view.kernel_tensors(grads), moments, block_steps, kernel_ids, hyper,
+        if compact_grad is None:
+            kernel_grads, layout_flag = view.kernel_tensors(grads), {}
+        else:
+            kernel_grads = [add_dense_grads(compact_grad, step.params, grads, group["block_size"])]
+            layout_flag = {"compact_grads": True}
+        step.rule.apply(kernel_params, kernel_grads, moments, block_steps, kernel_ids, hyper,
                         group["block_size"], group, step.backend, coef, scaling.found_inf, step.compact,
-                        cache if step.reusable else None, mutated)
+                        cache if step.reusable else None, mutated, **layout_flag)
         _write_back(step, kernel_params)
     if view.sharded and not step.compact:
         view.count_remote_steps([s["block_step"] for s in states], block_ids, scaling.skip)

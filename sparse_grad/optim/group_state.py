@@ -45,6 +45,7 @@ class GroupState:
         self.bound = None  # the group's bound step (see .binding), valid while this state is
         self.record: dict | None = None  # what state_dict() handed out, if it was called
         self._numels: tuple | None = None  # (compact["param_numels"], its values on the host)
+        self.compact_grad = None  # the next step's compact gradient (see .compact_grads), if any
 
     def compact_numels(self) -> tuple[int, ...]:
         """The element counts of the params the compact state was made for (a resized param is
@@ -62,6 +63,7 @@ class GroupState:
     def clear(self) -> None:
         """Forget the selection and compact state (the blueprint's scores stay valid)."""
         self.selection, self.compact, self.caches, self.bound = None, None, {}, None
+        self.compact_grad = None
         self.refresh()
 
     def set(self, selection: Selection | None, compact: dict | None) -> None:

@@ -33,12 +33,14 @@ class UpdateRule:
     check_flags: Callable[[dict, str], None]
     later_options: dict
     nonnegative: tuple[str, ...] = ()
+    compact_grads: bool = False  # apply(..., compact_grads=True) reads one grad slab (.compact_grads)
 
 
 def _adamw_apply(params, grads, moments, block_steps, block_ids, hyper, block_size, group, backend, coef,
-                 found_inf, compact, cache, mutated):
+                 found_inf, compact, cache, mutated, compact_grads=False):
     unchecked.sparse_adamw_step(params, grads, moments[0], moments[1], block_steps, block_ids, hyper, block_size,
-                                group["maximize"], backend, coef, found_inf, compact, cache, mutated)
+                                group["maximize"], backend, coef, found_inf, compact, cache, mutated,
+                                compact_grads)
 
 
 ADAMW = UpdateRule(
@@ -50,6 +52,7 @@ ADAMW = UpdateRule(
     check_flags=options.check_adamw_flags,
     later_options=options.LATER_OPTIONS,
     nonnegative=("exp_avg_sq",),
+    compact_grads=True,
 )
 
 

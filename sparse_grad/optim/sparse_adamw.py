@@ -8,6 +8,7 @@ state (selection, compact slabs) lives in one :class:`~.group_state.GroupState` 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,12 +19,14 @@ from torch.utils.hooks import RemovableHandle
 from .. import backends
 from ..layout import check_tensor
 from . import binding, checkpoint, options
+from .compact_grads import CompactGrad
 from .functional import sparse_step
 from .gradients import check_scaling
 from .group_state import GroupState, Selection
 from .overflow import Overflow
 from .rules import ADAMW, UpdateRule
-from .step_plan import GroupPlan, group_plan
+from .selection import reselection_due, selection_key
+from .step_plan import GroupPlan, group_plan, taking_part
 
 __all__ = ["SparseAdamW", "SparseOptimizer"]
 
@@ -189,6 +192,57 @@ class SparseOptimizer(Optimizer):
         return [group_plan(i, group, state, hooked)
                 for i, (group, state) in enumerate(zip(self.param_groups, self._group_states))]
 
+    def compact_grad(self, index: int, params: list[torch.Tensor]) -> torch.Tensor:
+        """The compact gradient of param group ``index`` that its next step reads for ``params``,
+        for code that computes only the selected blocks' gradients
+        (``sparse_grad.nn.sparse_backward(..., compact_grads=True)``; docs/design.md §11).
+
+        Returns one slab ``[len(block_ids), block_size]`` (the ids of :meth:`plan_next_step`), in
+        the params' dtype, zero when first asked after a step or ``zero_grad``: row ``i`` is the
+        gradient of block ``block_ids[i]`` (a partial last block uses the front of its row).
+        Add each param's selected blocks' gradient into its rows and leave its ``.grad`` None:
+        the step takes ``params`` as having a gradient, adds the dense grads of the group's other
+        params into their rows, reads the slab in the update kernel and drops it. The same slab
+        is returned for every call until then (gradient accumulation adds into it).
+
+        Raises ValueError (nothing changes) if the group's next step reads every block's
+        gradient (a reselection, clipping, ...: ``plan_next_step`` says why), a param is not one
+        the selection was made over, or the params do not share one dtype; TypeError for an
+        optimizer whose update has no compact-grad form (only SparseAdamW's has).
+        """
+        if not self._rule.compact_grads:
+            raise TypeError(f"{type(self).__name__}'s update does not read compact grads (SparseAdamW's does)")
+        if not isinstance(index, int) or not 0 <= index < len(self.param_groups):
+            raise ValueError(f"index must be a param group index in [0, {len(self.param_groups)}), got {index!r}")
+        params = list(params)
+        plan = self.plan_next_step()[index]
+        if plan.reads_all:
+            raise ValueError(f"param_groups[{index}]'s next step reads every block's gradient "
+                             f"({plan.reason or 'no selection yet'}): it has no compact gradient")
+        in_plan = {id(p) for p in plan.params}
+        for j, p in enumerate(params):
+            if not isinstance(p, torch.Tensor) or id(p) not in in_plan:
+                raise ValueError(f"params[{j}] is not one of the params param_groups[{index}]'s selection "
+                                 "was made over")
+        dtypes = {p.dtype for p in plan.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"param_groups[{index}]'s params have dtypes {sorted(map(str, dtypes))}: a compact "
+                             "gradient needs one dtype per group")
+        state = self._group_states[index]
+        compact = state.compact_grad
+        if compact is None or compact.block_ids is not plan.block_ids:
+            first = plan.params[0]
+            slab = torch.zeros(plan.block_ids.numel(), plan.block_size, dtype=first.dtype, device=first.device)
+            compact = state.compact_grad = CompactGrad(plan.block_ids, slab)
+        compact.covered.update((id(p), p) for p in params)
+        return compact.slab
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; also drops the groups' compact gradients (:meth:`compact_grad`)."""
+        super().zero_grad(set_to_none)
+        for group_state in self._group_states:
+            group_state.compact_grad = None
+
     @property
     def blueprint(self) -> Any:
         """The blueprint the selection blends in (``blueprint=``), or None."""
@@ -222,6 +276,9 @@ class SparseOptimizer(Optimizer):
         in full). Writes nothing but the group's cache of it."""
         state = self._group_states[index]
         bound = state.bound
+        if state.compact_grad is not None:  # params without a .grad take part: checked in full
+            state.bound = None
+            return binding.bind(index, group, state, self.state, self._blueprint, self._rule)
         if binding.reuse(bound, group, self.state):
             self._rule.check_hyper(group, f"param_groups[{index}]")  # they may change on any step
             return bound
@@ -245,8 +302,11 @@ class SparseOptimizer(Optimizer):
         check_scaling(grad_scale, "grad_scale")
         check_scaling(found_inf, "found_inf")
         self._settle()
-        steps = [self._bind(i, group) for i, group in enumerate(self.param_groups)]
         hooks = list(self._score_hooks.values())
+        for i, group_state in enumerate(self._group_states):
+            if group_state.compact_grad is not None:
+                self._check_compact_grad(i, grad_scale, found_inf)
+        steps = [self._bind(i, group) for i, group in enumerate(self.param_groups)]
         overflow = Overflow.of(found_inf)
         for step in steps:
             if step is not None:
@@ -255,11 +315,45 @@ class SparseOptimizer(Optimizer):
                 # can then reuse their memory, so the grads come back at the same addresses and
                 # the bound step's kernel tables stay valid (else they are rebuilt every step).
                 step.grads = None
+        for group_state in self._group_states:
+            if group_state.compact_grad is not None:  # (no setattr otherwise: a compiled step traces this)
+                group_state.compact_grad = None  # read: the next backward starts a new one
         if overflow is not None:  # (none under torch.compile, whose dynamo 2.11 refuses a setattr here)
             self._overflow = overflow.close()
         for group_state in self._group_states:
             group_state.refresh()  # a state dict handed out before shows this step
         return loss
+
+    def _check_compact_grad(self, index: int, grad_scale, found_inf) -> None:
+        """A group's compact gradient must be what this step reads (nothing is written yet)."""
+        compact = self._group_states[index].compact_grad
+        where = f"param_groups[{index}]"
+        if grad_scale is not None or found_inf is not None:
+            raise RuntimeError(
+                f"{where} has a compact gradient, but the step runs under torch.amp.GradScaler, whose inf/NaN "
+                "check and unscale_ skip params whose .grad is None (the compact gradient would go unchecked and "
+                "unscaled). The step was refused and changed nothing; use compact_grads=False with GradScaler "
+                "(bf16 autocast needs no scaler)")
+        plan = self.plan_next_step()[index]
+        state = self._group_states[index]
+        group = self.param_groups[index]
+        if not plan.reads_all and reselection_due(state.selection, selection_key(group, taking_part(group, state)),
+                                                  group):
+            plan = replace(plan, reads_all=True, reason="the params with a gradient changed: the step reselects")
+        if plan.reads_all or plan.block_ids is not compact.block_ids:
+            why = plan.reason or "its selection changed"
+            raise RuntimeError(
+                f"{where} has a compact gradient of the selected blocks only, but the step would read all of "
+                f"its gradient ({why}): an option, or which params have a grad, changed after the backward. "
+                "The step was refused and changed nothing; call zero_grad() and run the backward again")
+        in_plan = {id(p) for p in plan.params}
+        if not in_plan.issuperset(compact.covered):
+            raise RuntimeError(f"{where}'s compact gradient covers a param the selection was not made over; "
+                               "the step was refused and changed nothing")
+        if compact.slab.shape != (plan.block_ids.numel(), plan.block_size):
+            raise RuntimeError(f"{where}'s compact gradient has shape {tuple(compact.slab.shape)}, the step reads "
+                               f"{(plan.block_ids.numel(), plan.block_size)}: replaced by hand? The step was "
+                               "refused and changed nothing")
 
     def _settle(self) -> None:
         """Undo the host-side changes of the last step if it overflowed (see .overflow): read

@@ -36,16 +36,25 @@ class GroupPlan:
     block_size: int
 
 
+def taking_part(group: dict, state: GroupState) -> list[int]:
+    """The positions of the group's params that take part in the step: those with a .grad or
+    whose gradient is in the group's compact slab."""
+    covered = {} if state.compact_grad is None else state.compact_grad.covered
+    return [j for j, p in enumerate(group["params"]) if p.grad is not None or id(p) in covered]
+
+
 def group_plan(index: int, group: dict, state: GroupState, hooked: bool) -> GroupPlan:
     """The plan of one group, from its options and current selection, without writing anything.
 
-    The params that will take part are the ones with a grad now; before any has one (the
+    The params that will take part are the ones with a grad now (or a compact one); before any has a .grad (the
     backward has not run yet, or ``zero_grad`` set them to None) those of the current selection.
     """
     selection = state.selection
     with_grad = [j for j, p in enumerate(group["params"]) if p.grad is not None]
-    if not with_grad and selection is not None:
+    if not with_grad and selection is not None:  # (a compact gradient's params count once a .grad exists)
         with_grad = list(selection.key[0])
+    else:
+        with_grad = taking_part(group, state)
     key = selection_key(group, with_grad)
     reselects = reselection_due(selection, key, group)
     reason = ("the step reselects" if reselects else
