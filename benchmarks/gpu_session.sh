@@ -2,8 +2,8 @@
 # One lent-GPU session: build with CUDA, correctness on CUDA first, then the per-op timings.
 # Every stage has its own time limit and log under $OUT, so a slow stage costs only itself.
 # Usage (on the GPU machine, repository root): OUT=/some/dir bash benchmarks/gpu_session.sh [STAGES]
-# STAGES: a comma-separated subset of build,cuda_tests,cuda_all,gpu_ops,bench,sgd_lion_bench,end_to_end
-# (default: all but cuda_tests and bench).
+# STAGES: a comma-separated subset of build,cuda_tests,cuda_all,gpu_ops,bench,sgd_lion_bench,end_to_end,
+# end_to_end_gpt2 (default: all but cuda_tests, bench and end_to_end_gpt2).
 set -u
 OUT=${OUT:-gpu_out}
 STAGES=,${1:-build,cuda_all,gpu_ops,sgd_lion_bench,end_to_end},
@@ -38,5 +38,8 @@ stage bench 110 python3 -m sparse_grad bench --device cuda --shapes llm-400m --b
 stage sgd_lion_bench 60 python3 -m pytest -q -p no:cacheprovider benchmarks/test_sgd_lion_step.py --benchmark-only \
     --device cuda --shapes llm-400m --scale 1.0 -k "not reference"
 stage end_to_end 60 python3 -m sparse_grad bench --end-to-end --device cuda --size large --steps 20 --out "$OUT/e2e"
+# The end-to-end targets' GPU size (docs/design.md §7): every case of GPT-2 medium's shape, 303.9M params.
+stage end_to_end_gpt2 150 python3 -m sparse_grad bench --end-to-end --device cuda --size gpt2-medium --steps 12 \
+    --warmup 2 --out "$OUT/e2e_gpt2"
 cat "$OUT/summary.txt"
 [ -f "$OUT/gpu_ops.md" ] && cat "$OUT/gpu_ops.md"

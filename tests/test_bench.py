@@ -421,3 +421,21 @@ def test_end_to_end_cli_runs_every_case_and_sparse_backward_changes_no_loss(tmp_
     for layout in ("dense", "compact"):
         full = results[f"d=0.05 R=10 {layout} +sparse_backward"]["state_bytes"]
         assert results[f"d=0.05 R=10 {layout} +sparse_backward compact grads"]["state_bytes"] < full
+
+
+def test_end_to_end_gpt2_medium_preset_has_gpt2_mediums_shape():
+    """The GPU preset the end-to-end targets name: GPT-2 medium's width, depth, heads and context
+    (byte vocabulary: 303.9M parameters, counted on the meta device without allocating)."""
+    from sparse_grad.bench.end_to_end import model_config
+    from sparse_grad.demo.model import TinyLM
+
+    cfg = model_config("gpt2-medium")
+    assert (cfg.width, cfg.layers, cfg.heads, cfg.context) == (1024, 24, 16, 1024)
+    with torch.device("meta"):
+        model = TinyLM(cfg.context, cfg.width, cfg.layers, cfg.heads)
+    # 24 x (12 w^2 + 13 w) + 1024 positions x w + 256 bytes x w (in and out) + 256 + 2 w
+    w = 1024
+    assert sum(p.numel() for p in model.parameters()) == 24 * (12 * w * w + 13 * w) + 1024 * w + 2 * 256 * w + 256 + 2 * w
+    assert model_config("medium").width == 256
+    with pytest.raises(ValueError, match="size must be one of"):
+        model_config("gpt2-xl")

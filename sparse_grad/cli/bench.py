@@ -59,8 +59,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--no-plot", action="store_true", help="write no PNG (no matplotlib needed)")
     parser.add_argument("--end-to-end", action="store_true",
                         help="time whole training steps of a transformer LM (see below) instead of the step")
-    parser.add_argument("--size", default="medium", choices=["quick", "small", "medium", "large"],
-                        help="--end-to-end: the demo's model preset (default medium)")
+    parser.add_argument("--size", default="medium", choices=end_to_end.SIZES,
+                        help="--end-to-end: the demo's model preset (default medium), or gpt2-medium "
+                             "(GPT-2 medium's shape, 302M params: for a GPU)")
     parser.add_argument("--steps", type=int, default=30, help="--end-to-end: training steps per case (default 30)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.set_defaults(run=run, check=check)
