@@ -20,7 +20,7 @@ import time
 import torch
 
 import sparse_grad
-from sparsify_overhead import breakdown
+from sparsify_overhead import print_breakdown
 from sparse_grad import SparseAdamW, backends
 from sparse_grad.bench import make_params, python_calls
 from sparse_grad.bench.shapes import shapes as shape_set
@@ -79,11 +79,7 @@ def main() -> None:
         print(f"| {name} | {calls:,.0f} | {1e3 * median:.2f} | {ratio} |")
     for name, (opt, _) in built.items():
         if args.breakdown_steps and name.startswith("sparsify"):
-            parts = breakdown(opt, args.breakdown_steps)
-            total = sum(parts.values())
-            print(f"{name}, cProfile own time per step: {1e3 * total:.2f} ms = "
-                  + ", ".join(f"{part} {1e3 * value:.2f} ms ({100 * value / total:.0f}%)"
-                              for part, value in sorted(parts.items(), key=lambda kv: -kv[1])))
+            print_breakdown(name, opt, args.breakdown_steps)
 
 
 if __name__ == "__main__":

@@ -116,11 +116,16 @@ def main() -> None:
               f"{'' if dense is None else f'{dense / mins[name]:.2f}x'} | "
               f"{'' if fused is None or name.startswith('SparseAdamW') else f'{mins[name] / fused:.1f}x slower'} |")
     for case in [f"sparsify(AdamW) d={density:g}" for density in densities] + ["sparsify(AdamW) d=0.05 random"]:
-        parts = breakdown(optimizers[case], args.profile_steps)
-        total = sum(parts.values())
-        print(f"{case}, cProfile own time per step: {1e3 * total:.2f} ms = "
-              + ", ".join(f"{part} {1e3 * value:.2f} ms ({100 * value / total:.0f}%)"
-                          for part, value in sorted(parts.items(), key=lambda kv: -kv[1])))
+        print_breakdown(case, optimizers[case], args.profile_steps)
+
+
+def print_breakdown(name: str, opt, steps: int) -> None:
+    """One line: where ``steps`` steps of ``opt`` spend their time (:func:`breakdown`)."""
+    parts = breakdown(opt, steps)
+    total = sum(parts.values())
+    print(f"{name}, cProfile own time per step: {1e3 * total:.2f} ms = "
+          + ", ".join(f"{part} {1e3 * value:.2f} ms ({100 * value / total:.0f}%)"
+                      for part, value in sorted(parts.items(), key=lambda kv: -kv[1])))
 
 
 if __name__ == "__main__":

@@ -81,3 +81,18 @@ def assert_script_prints_ok(script: str, cwd=None) -> None:
     test session, and check that it printed ``ok``."""
     run = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+def assert_step_frees_grads(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, steps: int = 3) -> None:
+    """The step holds no grad past its end: after ``zero_grad(set_to_none=True)`` every grad of
+    ``model`` is freed (weak references die), so its memory goes back to the allocator."""
+    import gc
+    import weakref
+
+    for _ in range(steps):
+        model(x).square().mean().backward()
+        opt.step()
+        grads = [weakref.ref(p.grad) for p in model.parameters()]
+        opt.zero_grad()
+        gc.collect()
+        assert all(g() is None for g in grads), "a grad outlived zero_grad(set_to_none=True)"

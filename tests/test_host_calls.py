@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from sparse_grad import SparseAdamW, backends
-from _utils import backend_cases
+from _utils import assert_step_frees_grads, backend_cases
 
 COUNTS = (48, 192, 768)
 OPTIONS = [
@@ -292,16 +292,8 @@ def test_the_step_holds_no_grad_past_its_end(case):
     """After zero_grad(set_to_none=True) nothing of the optimizer keeps the old grads alive, so
     the next backward may reuse their memory (and a bound step's tables, built from addresses,
     stay valid where the allocator gives the same addresses back)."""
-    import weakref
     device, backend = case
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 7)).to(device)
     opt = SparseAdamW(model.parameters(), lr=1e-3, density=0.3, block_size=16, backend=backend, reselect_every=2)
-    x = torch.randn(9, 24, device=device)
-    for _ in range(3):
-        model(x).square().mean().backward()
-        opt.step()
-        grads = [weakref.ref(p.grad) for p in model.parameters()]
-        opt.zero_grad()
-        gc.collect()
-        assert all(g() is None for g in grads), "a grad outlived zero_grad(set_to_none=True)"
+    assert_step_frees_grads(model, opt, torch.randn(9, 24, device=device))

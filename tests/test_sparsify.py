@@ -15,7 +15,7 @@ import torch
 
 import sparse_grad
 from sparse_grad import ops
-from _utils import assert_same, heavy_tailed, snapshot
+from _utils import assert_same, assert_step_frees_grads, heavy_tailed, snapshot
 
 SHAPES = [(37,), (5, 7), (3,), (1,)]  # a partial last block, a 2-D param, params below one block
 BLOCK = 8
@@ -193,17 +193,15 @@ def test_unselected_blocks_and_params_without_grad_keep_everything():
                     assert int(value[b]) == int(old[b]) + 1
 
 
-@pytest.mark.parametrize("cls,kw", [CASES[2], CASES[4], CASES[8], CASES[11]], ids=[IDS[2], IDS[4], IDS[8], IDS[11]])
-def test_resume_mid_interval_is_bit_exact(cls, kw):
-    params = _params()
-    grads = _grads(params, 6)
-    options = {"density": 0.4, "block_size": BLOCK, "reselect_every": 3, "selection": "random", "seed": 5}
+def _assert_resume_is_bit_exact(cls, kw, params, grads, options, split, check):
+    """A run saved after ``split`` steps (torch.save / torch.load(weights_only=True)), loaded into
+    a new wrapped optimizer and continued ends bit-equal to the run straight through;
+    ``check(opt, again, resumed_params)`` looks at the loaded state first."""
     straight = snapshot(params)
     _run(sparse_grad.sparsify(cls(straight, **kw), **options), straight, grads)
-
     first = snapshot(params)
     opt = sparse_grad.sparsify(cls(first, **kw), **options)
-    _run(opt, first, grads[:2])
+    _run(opt, first, grads[:split])
     buffer = io.BytesIO()
     torch.save({"params": first, "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
@@ -211,9 +209,21 @@ def test_resume_mid_interval_is_bit_exact(cls, kw):
     resumed = saved["params"]
     again = sparse_grad.sparsify(cls(resumed, **kw), **options)
     again.load_state_dict(saved["opt"])
-    assert again.state[resumed[0]]["block_step"].dtype == torch.int32
-    _run(again, resumed, grads[2:])
+    check(opt, again, resumed)
+    _run(again, resumed, grads[split:])
     assert_same(resumed, straight)
+
+
+@pytest.mark.parametrize("cls,kw", [CASES[2], CASES[4], CASES[8], CASES[11]], ids=[IDS[2], IDS[4], IDS[8], IDS[11]])
+def test_resume_mid_interval_is_bit_exact(cls, kw):
+    params = _params()
+    grads = _grads(params, 6)
+    options = {"density": 0.4, "block_size": BLOCK, "reselect_every": 3, "selection": "random", "seed": 5}
+
+    def int32_counts(opt, again, resumed):
+        assert again.state[resumed[0]]["block_step"].dtype == torch.int32
+
+    _assert_resume_is_bit_exact(cls, kw, params, grads, options, 2, int32_counts)
 
 
 def test_param_groups_and_scheduler_are_the_wrappers():
@@ -525,21 +535,12 @@ def test_compact_resume_mid_interval_is_bit_exact(cls, kw):
     params = _params(shapes=[(37,), (5, 7), (3,), (1,), (19, 3)])
     grads = _grads(params, 7)
     options = {"density": 0.4, "block_size": BLOCK, "reselect_every": 3, "state_layout": "compact"}
-    straight = snapshot(params)
-    _run(sparse_grad.sparsify(cls(straight, **kw), **options), straight, grads)
-    first = snapshot(params)
-    opt = sparse_grad.sparsify(cls(first, **kw), **options)
-    _run(opt, first, grads[:4])
-    buffer = io.BytesIO()
-    torch.save({"params": first, "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = saved["params"]
-    again = sparse_grad.sparsify(cls(resumed, **kw), **options)
-    again.load_state_dict(saved["opt"])
-    assert_same(again.state_dict()["param_groups"][0]["sparse_grad"], opt.state_dict()["param_groups"][0]["sparse_grad"])
-    _run(again, resumed, grads[4:])
-    assert_same(resumed, straight)
+
+    def same_selection(opt, again, resumed):
+        assert_same(again.state_dict()["param_groups"][0]["sparse_grad"],
+                    opt.state_dict()["param_groups"][0]["sparse_grad"])
+
+    _assert_resume_is_bit_exact(cls, kw, params, grads, options, 4, same_selection)
 
 
 def test_compact_bad_state_dict_is_refused_and_changes_nothing():
@@ -709,16 +710,7 @@ def test_a_bound_step_sees_changes_made_by_hand(layout):
 @pytest.mark.parametrize("layout", ["dense", "compact"])
 def test_the_step_holds_no_grad_past_its_end(layout):
     """The bound step keeps no grad: after zero_grad(set_to_none=True) the grads are freed."""
-    import gc
-    import weakref
     model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 7))
     opt = sparse_grad.sparsify(torch.optim.Adam(model.parameters(), lr=1e-3), density=0.3, block_size=16,
                                reselect_every=2, state_layout=layout)
-    x = heavy_tailed((9, 24))
-    for _ in range(3):
-        model(x).square().mean().backward()
-        opt.step()
-        grads = [weakref.ref(p.grad) for p in model.parameters()]
-        opt.zero_grad()
-        gc.collect()
-        assert all(g() is None for g in grads), "a grad outlived zero_grad(set_to_none=True)"
+    assert_step_frees_grads(model, opt, heavy_tailed((9, 24)))
