@@ -1,8 +1,8 @@
 """``python -m sparse_grad`` run in a clone's root imports the clone's sources, not the installed
 package (Python puts the current directory first on ``sys.path``). The sources lack what the
-install builds — the native extension ``sparse_grad._C`` and ``sparse_grad.triton_kernels`` — so
-the ``cpp``, ``triton`` and ``cuda`` backends would be missing and ``backend="auto"`` would fall
-back to ``reference``. :func:`installed_instead` finds the installed package in that case;
+install builds, the native extension ``sparse_grad._C``, so the ``cpp`` and ``cuda`` backends
+would be missing and ``backend="auto"`` would fall back to ``reference`` on a CPU.
+:func:`installed_instead` finds the installed package in that case;
 ``python -m sparse_grad`` then runs the command again with ``python -P`` (no current directory on
 ``sys.path``), on the installed package.
 """
