@@ -280,8 +280,6 @@ def run_demo(cfg: DemoConfig, out_dir: Path, *, progress: bool = True, retune: b
     _checks.flag(retune, "retune")
     if retune and tuning is not None:
         raise ValueError("retune=True searches every grid: it takes no tuning recording")
-    check_config(cfg)  # before anything else reads cfg or out_dir
-    out_dir = Path(out_dir)
     setup = prepare(cfg, out_dir, progress=progress)
     variants = standard_variants(cfg.densities, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay,
                                  block_size=cfg.block_size, blueprint=setup.blueprint, backend=cfg.backend,

@@ -120,9 +120,9 @@ def tune(variants: Sequence[Variant], run: Callable[[Variant], VariantResult], *
     by_name: dict[str, Choice] = {}
     for i in order:
         variant = variants[i]
-        twin = by_name.get(variant.twin_of) if variant.twin_of is not None else None
         if variant.twin_of is not None and variant.twin_of not in names:
             raise ValueError(f"variant {variant.name!r} is the twin of {variant.twin_of!r}, which is not run")
+        twin = by_name.get(variant.twin_of)
         if twin is not None:
             grid = [variant.with_hyper(**twin.chosen.hyper)]
         else:
