@@ -6,6 +6,10 @@ import pytest
 import torch
 
 from _utils import backend_cases
+from _interpreter import skip_repatching_inside_launches
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    skip_repatching_inside_launches()
 
 # Fresh random data on every run; rerun one with SPARSE_GRAD_TEST_SEED=<seed shown in the header>.
 SESSION_SEED = int(os.environ.get("SPARSE_GRAD_TEST_SEED", random.randrange(2**31)))
