@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
     select = importlib.import_module(package + ".select_blocks")
     TABLES = {"block_tensor_ptr": "*i32", "out_ptr": "*fp32", "hparams_ptr": "*fp64",
               "grad_coef_ptr": "*fp32", "found_inf_ptr": "*fp32", "scores_ptr": "*fp32", "hist_ptr": "*i32",
-              "counts_ptr": "*i32", "ties_before_ptr": "*i32"}
+              "above_ptr": "*i32", "suffix_ptr": "*i32", "ties_before_ptr": "*i32"}
     SCALARS = {"block_size", "group", "num_blocks", "num_tiles", "num_segments"}
     # Shipped with Triton, next to the ptxas that built the cubins.
     CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -127,8 +127,7 @@ SCRIPT = textwrap.dedent("""
                     assert bool(re.search(r"st\\." + wide, ptx)) == (vec != (1, 1, 1)), what
         for tile, warps in ((16, 4), (4096, 8), (select.MAX_TILE, 8)):  # smallest, GPU default, largest
             kernels = [(select._histogram_kernel, dict(P=p, BLOCK=tile, BINS=select.BINS)) for p in range(3)]
-            kernels += [(select._count_kernel, dict(BLOCK=tile, BINS=select.BINS, NUM_PASSES=3)),
-                        (select._compact_kernel, dict(BLOCK=tile))]
+            kernels += [(select._compact_kernel, dict(BLOCK=tile))]
             for kernel, constexprs in kernels:
                 compiled = compile_for(kernel, capability, constexprs, warps)
                 regs, local = resources(compiled)
