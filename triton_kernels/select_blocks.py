@@ -39,16 +39,22 @@ NUM_PASSES = 3
 
 
 @triton.jit
-def _rank_keys(scores_ptr, offsets, valid):
-    """uint32 keys, larger = ranked first; lanes that are not ``valid`` get 0."""
-    x = tl.load(scores_ptr + offsets, mask=valid, other=0.0)
+def _key_of(x):
+    """uint32 rank keys of fp32 values ``x``, larger = ranked first."""
     bits = x.to(tl.uint32, bitcast=True)
     bits = tl.where(bits == 0x80000000, bits ^ bits, bits)  # -0.0 -> +0.0: zeros tie
     negative = (bits >> 31) == 1
     # IEEE bits -> unsigned integers in the order of the floats: flip negatives, set the sign bit
     # of positives.
     keys = tl.where(negative, bits ^ 0xFFFFFFFF, bits | 0x80000000)  # not `~`: the interpreter fails on it
-    keys = tl.where(x != x, 0xFFFFFFFF, keys)  # NaN ranks highest
+    return tl.where(x != x, 0xFFFFFFFF, keys)  # NaN ranks highest
+
+
+@triton.jit
+def _rank_keys(scores_ptr, offsets, valid):
+    """uint32 keys, larger = ranked first; lanes that are not ``valid`` get 0."""
+    x = tl.load(scores_ptr + offsets, mask=valid, other=0.0)
+    keys = _key_of(x)
     return tl.where(valid, keys, keys ^ keys)
 
 
@@ -272,21 +278,46 @@ def plan(sizes: Sequence[int], ks: Sequence[int], device: torch.device, tile: in
                 num_warps=4 if tile <= 1024 else 8)
 
 
-def launch_select_blocks(scores: torch.Tensor, out: torch.Tensor, plan: Plan) -> None:
+def new_histogram(num_segments: int, device: torch.device) -> torch.Tensor:
+    """The selection's zeroed int32 histograms ``[NUM_PASSES, num_segments, BINS]`` (one memset),
+    allocated per selection: no state carries over from one call to the next."""
+    return torch.zeros(NUM_PASSES * num_segments * BINS, dtype=torch.int32, device=device)
+
+
+@dataclass(frozen=True)
+class FirstPass:
+    """A selection's histograms whose first pass the norm pass fills (``block_sqnorms(...,
+    first_pass=)``: each block adds its key's first digit to its segment's histogram, segment 0
+    or, ``per_tensor``, its tensor's index), then handed to :func:`select_blocks`, which starts
+    at the second pass. Only where the selection ranks the norm pass's output unchanged."""
+
+    hist: torch.Tensor
+    per_tensor: bool
+
+    @classmethod
+    def new(cls, num_segments: int, per_tensor: bool, device: torch.device) -> "FirstPass":
+        return cls(new_histogram(num_segments, device), per_tensor)
+
+
+def launch_select_blocks(scores: torch.Tensor, out: torch.Tensor, plan: Plan, hist: torch.Tensor | None = None) -> None:
     """The selection's fixed launch sequence for a :func:`plan`: a zeroed histogram, three
     histogram passes (the last also counts, per tile, the keys above T's prefix and the suffix
-    sums of its last digit), the scan, the compaction. Scratch is allocated per call, so no state
-    carries over from one call to the next and concurrent calls share nothing."""
+    sums of its last digit), the scan, the compaction. ``hist``: histograms from
+    :func:`new_histogram` whose first pass is already done (by the norm pass, see
+    :class:`FirstPass`); the sequence then starts at the second pass. Scratch is allocated per
+    call, so no state carries over from one call to the next and concurrent calls share nothing."""
     num_segments = len(plan.sizes)
     device = scores.device
-    hist = torch.zeros(NUM_PASSES * num_segments * BINS, dtype=torch.int32, device=device)
+    first = 0 if hist is None else 1
+    if hist is None:
+        hist = new_histogram(num_segments, device)
     # Every entry is written by the last histogram pass or the scan before it is read: no memset.
     counts = torch.empty(2 * plan.num_tiles, dtype=torch.int32, device=device)  # above the prefix, ties before
     suffix = torch.empty(plan.num_tiles * (BINS // 2), dtype=torch.int32, device=device)
     bases = torch.empty(plan.num_tiles + 2 * num_segments, dtype=torch.int64, device=device)
     above, ties_before = counts[:plan.num_tiles], counts[plan.num_tiles:]
     grid = (plan.num_tiles,)
-    for p in range(NUM_PASSES):
+    for p in range(first, NUM_PASSES):
         _histogram_kernel[grid](scores, plan.tiles, plan.segments, hist, above, suffix, plan.num_tiles,
                                 num_segments, P=p, BLOCK=plan.tile, BINS=BINS, num_warps=plan.num_warps)
     _scan_kernel[(num_segments,)](plan.segments, hist, above, suffix, bases, ties_before, plan.num_tiles,
@@ -297,16 +328,21 @@ def launch_select_blocks(scores: torch.Tensor, out: torch.Tensor, plan: Plan) ->
 
 
 def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks: Sequence[int],
-                  cache: dict | None = None, tile: int | None = None) -> torch.Tensor:
+                  cache: dict | None = None, tile: int | None = None,
+                  first_pass: FirstPass | None = None) -> torch.Tensor:
     """Same contract as :func:`sparse_grad.backends.reference.select_blocks`, on many programs.
 
     The tables are cached on the device per (sizes, ks), so a step with the same layout and
     density copies nothing to the device; ``cache``, a dict the caller keeps while sizes and ks
     stay the same, saves building their key. ``tile``: scores per program (a power of two, at
-    most ``MAX_TILE``; by default :func:`tile_size`).
+    most ``MAX_TILE``; by default :func:`tile_size`). ``first_pass``: the :class:`FirstPass` the
+    norm pass that computed ``scores`` filled (one segment per entry of ``segment_sizes``).
     """
     if scores.numel() > MAX_BLOCKS:
         raise ValueError(f"scores has {scores.numel()} blocks; at most {MAX_BLOCKS} are supported")
+    if first_pass is not None and first_pass.hist.numel() != NUM_PASSES * len(segment_sizes) * BINS:
+        raise ValueError(f"first_pass holds {first_pass.hist.numel() // (NUM_PASSES * BINS)} segments' histograms, "
+                         f"segment_sizes has {len(segment_sizes)}")
     total = sum(segment_ks)
     out = torch.empty(total, dtype=torch.int64, device=scores.device)
     if total == 0:
@@ -316,5 +352,5 @@ def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks
         prepared = plan(segment_sizes, segment_ks, scores.device, tile)
         if cache is not None and tile is None:
             cache["select_blocks"] = prepared
-    launch_select_blocks(scores, out, prepared)
+    launch_select_blocks(scores, out, prepared, None if first_pass is None else first_pass.hist)
     return out
