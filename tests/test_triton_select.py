@@ -4,7 +4,8 @@ reference backend and a brute-force oracle.
 Runs wherever the Triton backend does (CPU tensors under TRITON_INTERPRET=1). Small ``tile``
 values spread one segment over many programs, so what crosses programs (the histograms'
 atomics, the scan of per-tile counts, ties split between tiles) is exercised at sizes the
-interpreter runs quickly.
+interpreter runs quickly. The end of the file tests the first histogram pass filled by the
+norm pass (``FirstPass``), on its own and inside SparseAdamW.
 """
 import importlib
 import math
