@@ -26,17 +26,32 @@ __all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step", "sparse_lion_s
 
 
 def block_sqnorms(tensors: list[torch.Tensor], block_size: int, backend: str,
-                  cache: dict | None = None) -> torch.Tensor:
+                  cache: dict | None = None, first_pass=None) -> torch.Tensor:
+    """``first_pass``: see :func:`first_pass` (eager Triton only)."""
+    if first_pass is not None:
+        return backends.get(backend).block_sqnorms(tensors, block_size, cache, first_pass)
     if torch.compiler.is_compiling():
         return library.block_sqnorms(tensors, block_size, backend)
     return backends.get(backend).block_sqnorms(tensors, block_size, cache)
 
 
 def select_blocks(scores: torch.Tensor, segment_sizes: list[int], segment_ks: list[int], backend: str,
-                  cache: dict | None = None) -> torch.Tensor:
+                  cache: dict | None = None, first_pass=None) -> torch.Tensor:
+    if first_pass is not None:
+        return backends.get(backend).select_blocks(scores, segment_sizes, segment_ks, cache, first_pass=first_pass)
     if torch.compiler.is_compiling():
         return library.select_blocks(scores, segment_sizes, segment_ks, backend)
     return backends.get(backend).select_blocks(scores, segment_sizes, segment_ks, cache)
+
+
+def first_pass(backend: str, num_segments: int, per_tensor: bool, device: torch.device):
+    """Zeroed selection histograms for the Triton backend's norm pass to fill with the first
+    digit of each block's rank key, so that the selection of exactly those sums skips its first
+    pass (``triton_kernels.FirstPass``); ``None`` where that does not apply: another backend,
+    or under ``torch.compile`` (the library ops take no histogram)."""
+    if backend != "triton" or torch.compiler.is_compiling():
+        return None
+    return backends.get(backend).FirstPass.new(num_segments, per_tensor, device)
 
 
 def sparse_adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],

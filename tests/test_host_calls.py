@@ -118,8 +118,8 @@ def make_params(num_tensors: int, device: str) -> list[torch.nn.Parameter]:
     return params
 
 
-def select_like_the_reference(scores, out, plan):
-    """Stands in for the Triton selection kernels under the interpreter, which run six
+def select_like_the_reference(scores, out, plan, hist=None):
+    """Stands in for the Triton selection kernels under the interpreter, which run five
     launches over one program per tile far too slowly for 768 segments; the same ids
     (tests/test_triton_select.py tests the kernels themselves against the reference)."""
     out.copy_(backends.get("reference").select_blocks(scores, plan.sizes, plan.ks))

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
     select = importlib.import_module(package + ".select_blocks")
     TABLES = {"block_tensor_ptr": "*i32", "out_ptr": "*fp32", "hparams_ptr": "*fp64",
               "grad_coef_ptr": "*fp32", "found_inf_ptr": "*fp32", "scores_ptr": "*fp32", "hist_ptr": "*i32",
-              "counts_ptr": "*i32", "ties_before_ptr": "*i32"}
+              "above_ptr": "*i32", "suffix_ptr": "*i32", "ties_before_ptr": "*i32"}
     SCALARS = {"block_size", "group", "num_blocks", "num_tiles", "num_segments"}
     # Shipped with Triton, next to the ptxas that built the cubins.
     CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -62,14 +62,19 @@ SCRIPT = textwrap.dedent("""
     for capability in (80, 90):
         for dtype in (f32, bf16, f16, f64):
             for vec in (1, 128 // dtype.primitive_bitwidth):  # scalar, or 16 bytes
-                compiled = compile_for(norms, capability, dict(
-                    DTYPE=dtype, ACC_DTYPE=f64 if dtype == f64 else f32, CHUNK=2048, NUM_CHUNKS=2, VEC=vec),
-                    typed=[("base_ptr", "DTYPE")])
-                ptx = compiled.asm["ptx"]
-                assert resources(compiled)[1] == 0, "the norm pass spills"
-                # Aligned tensors: the full-block loop loads 16 bytes per instruction; with an
-                # unaligned view in the group (vec 1) it must not claim to.
-                assert bool(re.search(r"ld\\.global\\.(v4\\.b32|v2\\.b64)", ptx)) == (vec > 1), (dtype, vec)
+                # Without the selection's first pass, and with it over one segment or per tensor.
+                for first_pass in ((0, 1, 2) if vec > 1 else (0,)):
+                    compiled = compile_for(norms, capability, dict(
+                        DTYPE=dtype, ACC_DTYPE=f64 if dtype == f64 else f32, CHUNK=2048, NUM_CHUNKS=2, VEC=vec,
+                        FIRST_PASS=first_pass, BINS=select.BINS), typed=[("base_ptr", "DTYPE")])
+                    ptx = compiled.asm["ptx"]
+                    assert resources(compiled)[1] == 0, "the norm pass spills"
+                    # One relaxed reduction per block into the histogram, never a returning atomic.
+                    assert bool(re.search(r"red\\.global\\.gpu\\.relaxed\\.add", ptx)) == (first_pass > 0)
+                    assert not re.search(r"atom\\.[a-z.]*global", ptx), "a returning global atomic"
+                    # Aligned tensors: the full-block loop loads 16 bytes per instruction; with an
+                    # unaligned view in the group (vec 1) it must not claim to.
+                    assert bool(re.search(r"ld\\.global\\.(v4\\.b32|v2\\.b64)", ptx)) == (vec > 1), (dtype, vec)
         for param, grad, state in [(f32, f32, f32), (f32, bf16, f32), (bf16, bf16, bf16),
                                    (bf16, bf16, f32), (f16, f16, f16), (f64, f64, f64)]:
             vecs = tuple(128 // d.primitive_bitwidth for d in (param, grad, state))
@@ -127,8 +132,7 @@ SCRIPT = textwrap.dedent("""
                     assert bool(re.search(r"st\\." + wide, ptx)) == (vec != (1, 1, 1)), what
         for tile, warps in ((16, 4), (4096, 8), (select.MAX_TILE, 8)):  # smallest, GPU default, largest
             kernels = [(select._histogram_kernel, dict(P=p, BLOCK=tile, BINS=select.BINS)) for p in range(3)]
-            kernels += [(select._count_kernel, dict(BLOCK=tile, BINS=select.BINS, NUM_PASSES=3)),
-                        (select._compact_kernel, dict(BLOCK=tile))]
+            kernels += [(select._compact_kernel, dict(BLOCK=tile))]
             for kernel, constexprs in kernels:
                 compiled = compile_for(kernel, capability, constexprs, warps)
                 regs, local = resources(compiled)

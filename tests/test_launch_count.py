@@ -2,8 +2,10 @@
 
 A step is at most one launcher call per op (norm pass, selection, update) for a group of one
 dtype, whatever the number of tensors (the selection's launcher runs a fixed sequence of kernels,
-tests/test_triton_select.py records it); everything else it does on the host is allocation and
-views.
+tests/test_triton_select.py records it), and one memset, the selection's zeroed histograms
+(made before the norm pass where that pass fills the selection's first histogram, docs/design.md
+§3.3, else inside the selection's launcher); everything else it does on the host is allocation
+and views.
 Counted with the Triton launchers wrapped (count_launches) and torch.profiler for every torch op
 outside them (on CUDA each of those would be a kernel too).
 """
@@ -20,8 +22,11 @@ from sparse_grad.backends import triton_kernels
 
 from _utils import assert_same, snapshot
 
-LAUNCHERS = {"block_sqnorms": "launch_block_sqnorms", "select_blocks": "launch_select_blocks",
-             "sparse_adamw": "launch_sparse_adamw"}
+# op: (module, launcher). "histogram" is the selection's memset.
+LAUNCHERS = {"block_sqnorms": ("block_sqnorms", "launch_block_sqnorms"),
+             "histogram": ("select_blocks", "new_histogram"),
+             "select_blocks": ("select_blocks", "launch_select_blocks"),
+             "sparse_adamw": ("sparse_adamw", "launch_sparse_adamw")}
 # Host-side torch ops that launch nothing on a device: allocation and views.
 NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::view"}
 
@@ -34,10 +39,10 @@ def kernels_module(name):
 def launches(monkeypatch):
     """Counter of Triton launches by op; each runs inside a profiler range named "launch"."""
     counts = Counter()
-    for module, launcher in LAUNCHERS.items():
+    for op, (module, launcher) in LAUNCHERS.items():
         real = getattr(kernels_module(module), launcher)
 
-        def counting(*args, _real=real, _op=module, **kwargs):
+        def counting(*args, _real=real, _op=op, **kwargs):
             counts[_op] += 1
             with record_function("launch"):
                 return _real(*args, **kwargs)
@@ -77,8 +82,22 @@ def test_a_step_is_three_launches_whatever_the_tensor_count(triton_case, launche
     opt.step()  # creates the state (zeros_like per tensor, once)
     launches.clear()
     ops = torch_ops_outside_launches(opt.step)
-    assert launches == {"block_sqnorms": 1, "select_blocks": 1, "sparse_adamw": 1}
+    # The memset before the norm pass, which fills the selection's first histogram (scores "l2").
+    assert launches == {"block_sqnorms": 1, "histogram": 1, "select_blocks": 1, "sparse_adamw": 1}
     assert set(ops) <= NO_KERNEL, ops
+
+
+@pytest.mark.parametrize("options", [{"score": "rms"}, {"score_ema": 0.5}, {"min_blocks_per_tensor": 1}])
+def test_a_selection_of_other_scores_makes_its_own_histograms(triton_case, launches, options):
+    """Scores the norm pass does not store (rms, an EMA) or two selections (global minima): the
+    memset runs inside the selection's launcher, still one per step."""
+    device, _ = triton_case
+    opt = SparseAdamW(model(device, 5), density=0.2, block_size=16, backend="triton", **options)
+    opt.step()
+    launches.clear()
+    opt.step()
+    selections = 2 if "min_blocks_per_tensor" in options else 1
+    assert launches == {"block_sqnorms": 1, "histogram": selections, "select_blocks": selections, "sparse_adamw": 1}
 
 
 def test_each_further_dtype_adds_one_launch_per_op(triton_case, launches):
@@ -88,7 +107,7 @@ def test_each_further_dtype_adds_one_launch_per_op(triton_case, launches):
     opt.step()
     launches.clear()
     opt.step()
-    assert launches == {"block_sqnorms": 2, "select_blocks": 1, "sparse_adamw": 2}
+    assert launches == {"block_sqnorms": 2, "histogram": 1, "select_blocks": 1, "sparse_adamw": 2}
 
 
 def test_between_reselections_and_at_density_one_a_step_is_one_launch(triton_case, launches):

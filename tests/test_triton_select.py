@@ -4,7 +4,8 @@ reference backend and a brute-force oracle.
 Runs wherever the Triton backend does (CPU tensors under TRITON_INTERPRET=1). Small ``tile``
 values spread one segment over many programs, so what crosses programs (the histograms'
 atomics, the scan of per-tile counts, ties split between tiles) is exercised at sizes the
-interpreter runs quickly.
+interpreter runs quickly. The end of the file tests the first histogram pass filled by the
+norm pass (``FirstPass``), on its own and inside SparseAdamW.
 """
 import importlib
 import math
@@ -12,6 +13,7 @@ import math
 import pytest
 import torch
 
+from sparse_grad import SparseAdamW
 from sparse_grad.backends import get, topk_select, triton_kernels
 
 from test_select_blocks import brute_force, tied_scores
@@ -182,7 +184,7 @@ class Recorder:
 def launches(monkeypatch):
     module = select_module()
     recorded = []
-    for name in ("_histogram_kernel", "_count_kernel", "_scan_kernel", "_compact_kernel"):
+    for name in ("_histogram_kernel", "_scan_kernel", "_compact_kernel"):
         monkeypatch.setattr(module, name, Recorder(name, getattr(module, name), recorded))
     return recorded
 
@@ -196,7 +198,7 @@ def test_no_program_scans_more_than_8192_scores(triton_case, launches, n, tile):
     k = n // 3
     ids = run(scores, [n], [k], tile)
     assert torch.equal(ids.cpu(), expected(scores, [n], [k]).cpu())
-    assert [name for name, _, _ in launches] == ["_histogram_kernel"] * 3 + ["_count_kernel", "_scan_kernel",
+    assert [name for name, _, _ in launches] == ["_histogram_kernel"] * 3 + ["_scan_kernel",
                                                                             "_compact_kernel"]
     max_tile = select_module().MAX_TILE
     assert max_tile == 8192
@@ -258,3 +260,160 @@ def test_more_blocks_than_int32_counts_is_refused():
     scores = torch.empty(2**31, device="meta")  # no memory: refused before anything runs
     with pytest.raises(ValueError, match="at most 2147483647"):
         triton_kernels().select_blocks(scores, [2**31], [1])
+
+
+# The first histogram pass filled by the norm pass (FirstPass): grads whose block sums of squares
+# are exact in fp32 (multiples of 0.5 below 8, a few dozen per block: every square and partial
+# sum is a multiple of 0.25 below 2**24 / 4), so the Triton and reference norm passes agree bit
+# for bit whatever their order of summation, and the reference selection of the same grads is
+# the expected one. Many blocks tie, NaN and inf grads give NaN and inf scores, -0.0 gives +0.0.
+GRAD_SHAPES = [(37, torch.float32), (5, torch.bfloat16), (130, torch.float16), (1, torch.float32),
+               (64, torch.bfloat16), (0, torch.float16), (23, torch.float16)]
+
+
+def exact_grads(device, shapes=GRAD_SHAPES):
+    grads = [(torch.randint(-6, 7, (n,)) * 0.5).to(dtype).to(device) for n, dtype in shapes]
+    if shapes is not GRAD_SHAPES:
+        return grads
+    grads[0][3] = float("nan")
+    grads[2][40] = float("inf")
+    grads[2][41] = -float("inf")
+    grads[4][7] = -0.0
+    grads[6][:4] = 0.0
+    return grads
+
+
+def fused(grads, block_size, per_tensor, ks, tile=None):
+    """Norm pass filling the first histogram pass, then the selection from the second pass on."""
+    kernels = triton_kernels()
+    sizes = [math.ceil(g.numel() / block_size) for g in grads]
+    segments = sizes if per_tensor else [sum(sizes)]
+    first = kernels.FirstPass.new(len(segments), per_tensor, grads[0].device)
+    scores = kernels.block_sqnorms(grads, block_size, first_pass=first)
+    hist = first.hist.clone()
+    return scores, hist, segments, kernels.select_blocks(scores, segments, ks(segments), tile=tile, first_pass=first)
+
+
+def first_digit_histogram(scores, segments):
+    """What the selection's first pass counts: per segment, the top 11 bits of each rank key."""
+    keys = topk_select.rank_keys(scores) >> 31  # the 32-bit order key above the id bits
+    hist = torch.zeros(3, len(segments), 2048, dtype=torch.int32)
+    for s, part in enumerate(torch.split(keys.cpu() >> 21, segments)):
+        hist[0, s] = torch.bincount(part, minlength=2048).to(torch.int32)
+    return hist.flatten()
+
+
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["global", "tensor"])
+@pytest.mark.parametrize("block_size, tile", [(1, 16), (3, 8), (16, None)])
+def test_norm_pass_fills_the_first_pass_and_the_selection_matches_the_reference(triton_case, per_tensor,
+                                                                                block_size, tile):
+    """Several dtypes (one norm launch each: each must add only its own blocks), odd sizes, a
+    tensor smaller than a block, an empty one, NaN and inf grads, extreme and middle ks."""
+    device, _ = triton_case
+    reference = get("reference")
+    for k_of in (lambda n: min(n, 1), lambda n: n // 3, lambda n: max(n - 1, 0), lambda n: n):
+        grads = exact_grads(device)
+        ks = lambda segments: [k_of(n) for n in segments]  # noqa: E731
+        scores, hist, segments, ids = fused(grads, block_size, per_tensor, ks, tile)
+        expected_scores = reference.block_sqnorms(grads, block_size)
+        assert torch.equal(scores.view(torch.int32), expected_scores.view(torch.int32))  # NaN bits included
+        assert torch.equal(hist.cpu(), first_digit_histogram(scores, segments))
+        assert torch.equal(ids.cpu(), expected(expected_scores, segments, ks(segments)).cpu())
+
+
+def test_consecutive_fused_selections_share_no_state(triton_case):
+    """Each selection gets its own histograms: a second step over other grads (same layout, same
+    cached plans and tables) is not skewed by the first."""
+    device, _ = triton_case
+    cache = {}  # the norm pass's tables: the same grad tensors every step, as in training
+    kernels = triton_kernels()
+    grads = exact_grads(device)
+    for step in range(3):
+        for g, new in zip(grads, exact_grads(device)):
+            g.copy_(new * (step + 1))
+        sizes = [math.ceil(g.numel() / 4) for g in grads]
+        ks = [math.ceil(0.3 * n) for n in sizes]
+        first = kernels.FirstPass.new(len(sizes), True, device)
+        scores = kernels.block_sqnorms(grads, 4, cache, first_pass=first)
+        ids = kernels.select_blocks(scores, sizes, ks, cache, first_pass=first)
+        assert torch.equal(ids.cpu(), expected(get("reference").block_sqnorms(grads, 4), sizes, ks).cpu())
+
+
+def test_a_first_pass_of_another_layout_is_refused(triton_case):
+    device, _ = triton_case
+    first = triton_kernels().FirstPass.new(2, True, device)
+    with pytest.raises(ValueError, match="first_pass holds 2 segments' histograms, segment_sizes has 3"):
+        triton_kernels().select_blocks(torch.rand(9, device=device), [3, 3, 3], [1, 1, 1], first_pass=first)
+
+
+OPTIMIZER_SHAPES = [(37, torch.float32), (130, torch.bfloat16), (5, torch.float32), (64, torch.bfloat16),
+                    (23, torch.float32)]
+
+
+def optimizer_params(device):
+    return [torch.nn.Parameter(torch.randn(n, device=device).to(dtype)) for n, dtype in OPTIMIZER_SHAPES]
+
+
+def blueprint_of(params, block_size):
+    from sparse_grad.blueprint import Blueprint
+
+    names = [f"p{i}" for i in range(len(params))]
+    return Blueprint({n: torch.rand(math.ceil(p.numel() / block_size)) + 0.1 for n, p in zip(names, params)},
+                     block_size=block_size, shapes={n: tuple(p.shape) for n, p in zip(names, params)},
+                     dtypes={n: str(p.dtype) for n, p in zip(names, params)})
+
+
+# (options, the histogram passes each reselecting step's selection launches)
+FUSED, OWN_FIRST_PASS = [1, 2], [0, 1, 2]
+OPTIMIZER_CASES = [
+    ({}, FUSED),
+    ({"scope": "tensor"}, FUSED),
+    ({"scope": "tensor", "min_blocks_per_tensor": 2}, FUSED),  # minima are the ks: one selection
+    ({"blueprint_weight": 0.0}, FUSED),  # the blueprint is not blended in
+    ({"max_grad_norm": 1.0}, FUSED),
+    ({"score": "rms"}, OWN_FIRST_PASS),
+    ({"score_ema": 0.5}, OWN_FIRST_PASS),
+    ({"blueprint_weight": 0.5}, OWN_FIRST_PASS),
+    ({"min_blocks_per_tensor": 2}, OWN_FIRST_PASS * 2),  # two selections, of other scores
+    ({"amp": True}, OWN_FIRST_PASS),  # the selection ranks the sums times 1/scale²
+]
+
+
+@pytest.mark.parametrize("options, passes", OPTIMIZER_CASES, ids=lambda c: ",".join(c) if isinstance(c, dict) else None)
+def test_optimizer_selects_like_the_reference_fused_or_not(triton_case, launches, options, passes):
+    """Two reselecting steps of SparseAdamW (fp32 and bf16 params) on the Triton backend select
+    exactly the reference backend's blocks; the selection skips its first histogram pass where
+    the norm pass filled it, and runs it where the selection ranks other scores."""
+    device, _ = triton_case
+    options = dict(options)
+    amp = options.pop("amp", False)
+    block_size = 4
+    params = {name: optimizer_params(device) for name in ("triton", "reference")}
+    for p, q in zip(params["triton"], params["reference"]):
+        q.data.copy_(p.data)
+    opts = {}
+    blueprint = blueprint_of(params["triton"], block_size)  # one for both: the same scores
+    for name, ps in params.items():
+        kwargs = dict(density=0.3, block_size=block_size, backend=name, **options)
+        if "blueprint_weight" in options:
+            kwargs["blueprint"] = blueprint
+            opts[name] = SparseAdamW([(f"p{i}", p) for i, p in enumerate(ps)], **kwargs)
+        else:
+            opts[name] = SparseAdamW(ps, **kwargs)
+    scale = 2.0 ** 4  # a power of two: the unscaled sums are exact
+    for step in range(2):
+        grads = exact_grads(device, OPTIMIZER_SHAPES)  # finite: the params stay comparable
+        launches.clear()
+        for name, ps in params.items():
+            for p, g in zip(ps, grads):
+                p.grad = g * scale if amp else g.clone()
+            if amp:
+                opts[name].grad_scale = torch.full((1,), scale, device=device)
+                opts[name].found_inf = torch.zeros(1, device=device)
+            opts[name].step()
+            if amp:
+                del opts[name].grad_scale, opts[name].found_inf
+        assert [kwargs["P"] for name, _, kwargs in launches if name == "_histogram_kernel"] == passes
+        (_, _, ids, _), = opts["triton"].selected_blocks()
+        (_, _, expected_ids, _), = opts["reference"].selected_blocks()
+        assert torch.equal(ids.cpu(), expected_ids.cpu()), step

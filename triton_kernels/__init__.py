@@ -5,12 +5,13 @@ pointer table and the owning tensor of each block from an int32 block->tensor ma
 they run under ``TRITON_INTERPRET=1`` (set it before this package is imported).
 """
 from .block_sqnorms import block_sqnorms, launch_block_sqnorms
-from .select_blocks import launch_select_blocks, select_blocks
+from .select_blocks import FirstPass, launch_select_blocks, select_blocks
 from .sparse_adamw import launch_sparse_adamw, sparse_adamw_step, sparse_lion_step, sparse_sgd_step
 from .tables import BlockMap, block_map, clear_cache
 
 __all__ = [
     "BlockMap",
+    "FirstPass",
     "block_map",
     "block_sqnorms",
     "clear_cache",

@@ -6,9 +6,10 @@ significant first (11, 11 and 10 bits): every tile of at most ``MAX_TILE`` score
 digit of its keys that share the digits found so far, into its segment's histogram in global
 memory (integer atomics: the sums, hence T, are deterministic). Nothing is read back between
 passes: each program of the next kernel re-derives the digits found so far from the finished
-histograms (a cumulative sum over 2,048 bins, cheaper than a launch of its own). Then every tile
-counts its keys > T and == T, one program per segment scans those counts (exclusive, in tile
-order), and every tile writes its chosen ids to their final slots: all keys > T and the ties
+histograms (a cumulative sum over 2,048 bins, cheaper than a launch of its own). The last pass
+also stores, per tile, its keys above T's 22-bit prefix and the suffix sums of its last-digit
+histogram, from which one program per segment, knowing T, reads each tile's keys > T and == T
+(two entries per tile) and scans them (exclusive, in tile order); then every tile writes its chosen ids to their final slots: all keys > T and the ties
 == T of lowest id until exactly k are taken. The ids come out ascending without a sort, the
 output size is known on the host (the sum of the ks), and no program reads more than
 ``MAX_TILE`` scores: no host sync, a fixed launch sequence (CUDA-graph capturable), and work
@@ -38,16 +39,22 @@ NUM_PASSES = 3
 
 
 @triton.jit
-def _rank_keys(scores_ptr, offsets, valid):
-    """uint32 keys, larger = ranked first; lanes that are not ``valid`` get 0."""
-    x = tl.load(scores_ptr + offsets, mask=valid, other=0.0)
+def _key_of(x):
+    """uint32 rank keys of fp32 values ``x``, larger = ranked first."""
     bits = x.to(tl.uint32, bitcast=True)
     bits = tl.where(bits == 0x80000000, bits ^ bits, bits)  # -0.0 -> +0.0: zeros tie
     negative = (bits >> 31) == 1
     # IEEE bits -> unsigned integers in the order of the floats: flip negatives, set the sign bit
     # of positives.
     keys = tl.where(negative, bits ^ 0xFFFFFFFF, bits | 0x80000000)  # not `~`: the interpreter fails on it
-    keys = tl.where(x != x, 0xFFFFFFFF, keys)  # NaN ranks highest
+    return tl.where(x != x, 0xFFFFFFFF, keys)  # NaN ranks highest
+
+
+@triton.jit
+def _rank_keys(scores_ptr, offsets, valid):
+    """uint32 keys, larger = ranked first; lanes that are not ``valid`` get 0."""
+    x = tl.load(scores_ptr + offsets, mask=valid, other=0.0)
+    keys = _key_of(x)
     return tl.where(valid, keys, keys ^ keys)
 
 
@@ -118,6 +125,8 @@ def _histogram_kernel(
     tiles_ptr,  # int64 [3, num_tiles]: segment, first id, end id of each tile
     segments_ptr,  # int64 [6, S]: first block, blocks, k, first output slot, first tile, tiles
     hist_ptr,  # int32 [NUM_PASSES, S, BINS], zero before the first pass
+    above_ptr,  # int32 [num_tiles]: keys above the prefix of T (written by the last pass)
+    suffix_ptr,  # int32 [num_tiles, BINS // 2]: keys with T's prefix and a last digit >= d (last pass)
     num_tiles,
     num_segments,
     P: tl.constexpr,
@@ -128,30 +137,25 @@ def _histogram_kernel(
     keys = _rank_keys(scores_ptr, index, valid)
     if P > 0:  # only the keys that share the digits found so far
         prefix, need = _threshold(hist_ptr, segment, num_segments, k, P, BINS)
+        if P == 2:  # the last pass
+            # Every key above T's prefix is above T, whatever T's last digit turns out to be.
+            tl.store(above_ptr + tile, tl.sum((valid & (_prefix(keys, P) > prefix)).to(tl.int32), axis=0))
         valid = valid & (_prefix(keys, P) == prefix)
     local = tl.histogram(_digit(keys, P), BINS, mask=valid)
     bins = tl.arange(0, BINS)
     # One atomic per non-empty bin of the tile, not per key.
     tl.atomic_add(hist_ptr + (P * num_segments + segment) * BINS + bins, local, mask=local > 0, sem="relaxed")
-
-
-@triton.jit
-def _count_kernel(
-    scores_ptr, tiles_ptr, segments_ptr, hist_ptr,
-    counts_ptr,  # int32 [2, num_tiles]: keys > T, keys == T of each tile
-    num_tiles, num_segments,
-    BLOCK: tl.constexpr, BINS: tl.constexpr, NUM_PASSES: tl.constexpr,
-):
-    tile, segment, k, index, valid = _tile(tiles_ptr, segments_ptr, num_tiles, num_segments, BLOCK)
-    threshold, need = _threshold(hist_ptr, segment, num_segments, k, NUM_PASSES, BINS)
-    keys = _rank_keys(scores_ptr, index, valid)
-    tl.store(counts_ptr + tile, tl.sum((valid & (keys > threshold)).to(tl.int32), axis=0))
-    tl.store(counts_ptr + num_tiles + tile, tl.sum((valid & (keys == threshold)).to(tl.int32), axis=0))
+    if P == 2:
+        # The scan, which knows T's last digit t once this pass is complete everywhere, reads the
+        # tile's keys > T (above + suffix[t + 1]) and == T (suffix[t] - suffix[t + 1]) from here:
+        # no kernel of its own re-reads the scores to count them.
+        at_least = tl.sum(local, axis=0) - tl.cumsum(local, axis=0) + local
+        tl.store(suffix_ptr + tile * (BINS // 2) + bins, at_least, mask=bins < BINS // 2)
 
 
 @triton.jit
 def _scan_kernel(
-    segments_ptr, hist_ptr, counts_ptr,
+    segments_ptr, hist_ptr, above_ptr, suffix_ptr,
     bases_ptr,  # int64 [num_tiles + 2 S]: first output slot of each tile, then T and need per segment
     ties_before_ptr,  # int32 [num_tiles]: keys == T in the segment's earlier tiles
     num_tiles, num_segments,
@@ -163,6 +167,9 @@ def _scan_kernel(
     first_tile = tl.load(segments_ptr + 4 * num_segments + segment)
     tiles = tl.load(segments_ptr + 5 * num_segments + segment)
     threshold, need = _threshold(hist_ptr, segment, num_segments, k, NUM_PASSES, BINS)
+    # T's last digit: the tile's keys > T are those above its prefix and those with the prefix and
+    # a larger digit. t == BINS // 2 - 1 (the largest, as with k == 0) has no larger digit.
+    digit = _digit(threshold, NUM_PASSES - 1).to(tl.int64)
     lanes = tl.arange(0, CHUNK)
     above_carry = need * 0
     ties_carry = need * 0
@@ -170,8 +177,10 @@ def _scan_kernel(
     while offset < tiles:
         index = first_tile + offset + lanes
         valid = offset + lanes < tiles
-        above = tl.load(counts_ptr + index, mask=valid, other=0)
-        ties = tl.load(counts_ptr + num_tiles + index, mask=valid, other=0)
+        row = suffix_ptr + index * (BINS // 2)
+        larger = tl.load(row + digit + 1, mask=valid & (digit + 1 + lanes * 0 < BINS // 2), other=0)
+        above = tl.load(above_ptr + index, mask=valid, other=0) + larger
+        ties = tl.load(row + digit, mask=valid, other=0) - larger
         above_before = above_carry + tl.cumsum(above, axis=0) - above
         ties_before = ties_carry + tl.cumsum(ties, axis=0) - ties
         # Every key > T of an earlier tile is taken, and the earlier ties up to `need`.
@@ -269,39 +278,71 @@ def plan(sizes: Sequence[int], ks: Sequence[int], device: torch.device, tile: in
                 num_warps=4 if tile <= 1024 else 8)
 
 
-def launch_select_blocks(scores: torch.Tensor, out: torch.Tensor, plan: Plan) -> None:
-    """The selection's fixed launch sequence for a :func:`plan`: histogram passes, count, scan,
-    compaction. Scratch is allocated per call (a zeroed histogram), so no state carries over
-    from one call to the next and concurrent calls share nothing."""
+def new_histogram(num_segments: int, device: torch.device) -> torch.Tensor:
+    """The selection's zeroed int32 histograms ``[NUM_PASSES, num_segments, BINS]`` (one memset),
+    allocated per selection: no state carries over from one call to the next."""
+    return torch.zeros(NUM_PASSES * num_segments * BINS, dtype=torch.int32, device=device)
+
+
+@dataclass(frozen=True)
+class FirstPass:
+    """A selection's histograms whose first pass the norm pass fills (``block_sqnorms(...,
+    first_pass=)``: each block adds its key's first digit to its segment's histogram, segment 0
+    or, ``per_tensor``, its tensor's index), then handed to :func:`select_blocks`, which starts
+    at the second pass. Only where the selection ranks the norm pass's output unchanged."""
+
+    hist: torch.Tensor
+    per_tensor: bool
+
+    @classmethod
+    def new(cls, num_segments: int, per_tensor: bool, device: torch.device) -> "FirstPass":
+        return cls(new_histogram(num_segments, device), per_tensor)
+
+
+def launch_select_blocks(scores: torch.Tensor, out: torch.Tensor, plan: Plan, hist: torch.Tensor | None = None) -> None:
+    """The selection's fixed launch sequence for a :func:`plan`: a zeroed histogram, three
+    histogram passes (the last also counts, per tile, the keys above T's prefix and the suffix
+    sums of its last digit), the scan, the compaction. ``hist``: histograms from
+    :func:`new_histogram` whose first pass is already done (by the norm pass, see
+    :class:`FirstPass`); the sequence then starts at the second pass. Scratch is allocated per
+    call, so no state carries over from one call to the next and concurrent calls share nothing."""
     num_segments = len(plan.sizes)
     device = scores.device
-    hist = torch.zeros(NUM_PASSES * num_segments * BINS, dtype=torch.int32, device=device)
-    counts = torch.empty(3 * plan.num_tiles, dtype=torch.int32, device=device)  # above, ties, ties before
+    first = 0 if hist is None else 1
+    if hist is None:
+        hist = new_histogram(num_segments, device)
+    # Every entry is written by the last histogram pass or the scan before it is read: no memset.
+    counts = torch.empty(2 * plan.num_tiles, dtype=torch.int32, device=device)  # above the prefix, ties before
+    suffix = torch.empty(plan.num_tiles * (BINS // 2), dtype=torch.int32, device=device)
     bases = torch.empty(plan.num_tiles + 2 * num_segments, dtype=torch.int64, device=device)
-    ties_before = counts[2 * plan.num_tiles:]
+    above, ties_before = counts[:plan.num_tiles], counts[plan.num_tiles:]
     grid = (plan.num_tiles,)
-    for p in range(NUM_PASSES):
-        _histogram_kernel[grid](scores, plan.tiles, plan.segments, hist, plan.num_tiles, num_segments,
-                                P=p, BLOCK=plan.tile, BINS=BINS, num_warps=plan.num_warps)
-    _count_kernel[grid](scores, plan.tiles, plan.segments, hist, counts, plan.num_tiles, num_segments,
-                        BLOCK=plan.tile, BINS=BINS, NUM_PASSES=NUM_PASSES, num_warps=plan.num_warps)
-    _scan_kernel[(num_segments,)](plan.segments, hist, counts, bases, ties_before, plan.num_tiles, num_segments,
-                                  CHUNK=plan.scan_chunk, BINS=BINS, NUM_PASSES=NUM_PASSES, num_warps=4)
+    for p in range(first, NUM_PASSES):
+        _histogram_kernel[grid](scores, plan.tiles, plan.segments, hist, above, suffix, plan.num_tiles,
+                                num_segments, P=p, BLOCK=plan.tile, BINS=BINS, num_warps=plan.num_warps)
+    _scan_kernel[(num_segments,)](plan.segments, hist, above, suffix, bases, ties_before, plan.num_tiles,
+                                  num_segments, CHUNK=plan.scan_chunk, BINS=BINS, NUM_PASSES=NUM_PASSES,
+                                  num_warps=4)
     _compact_kernel[grid](scores, plan.tiles, plan.segments, bases, ties_before, out, plan.num_tiles,
                           num_segments, BLOCK=plan.tile, num_warps=plan.num_warps)
 
 
 def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks: Sequence[int],
-                  cache: dict | None = None, tile: int | None = None) -> torch.Tensor:
+                  cache: dict | None = None, tile: int | None = None,
+                  first_pass: FirstPass | None = None) -> torch.Tensor:
     """Same contract as :func:`sparse_grad.backends.reference.select_blocks`, on many programs.
 
     The tables are cached on the device per (sizes, ks), so a step with the same layout and
     density copies nothing to the device; ``cache``, a dict the caller keeps while sizes and ks
     stay the same, saves building their key. ``tile``: scores per program (a power of two, at
-    most ``MAX_TILE``; by default :func:`tile_size`).
+    most ``MAX_TILE``; by default :func:`tile_size`). ``first_pass``: the :class:`FirstPass` the
+    norm pass that computed ``scores`` filled (one segment per entry of ``segment_sizes``).
     """
     if scores.numel() > MAX_BLOCKS:
         raise ValueError(f"scores has {scores.numel()} blocks; at most {MAX_BLOCKS} are supported")
+    if first_pass is not None and first_pass.hist.numel() != NUM_PASSES * len(segment_sizes) * BINS:
+        raise ValueError(f"first_pass holds {first_pass.hist.numel() // (NUM_PASSES * BINS)} segments' histograms, "
+                         f"segment_sizes has {len(segment_sizes)}")
     total = sum(segment_ks)
     out = torch.empty(total, dtype=torch.int64, device=scores.device)
     if total == 0:
@@ -311,5 +352,5 @@ def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks
         prepared = plan(segment_sizes, segment_ks, scores.device, tile)
         if cache is not None and tile is None:
             cache["select_blocks"] = prepared
-    launch_select_blocks(scores, out, prepared)
+    launch_select_blocks(scores, out, prepared, None if first_pass is None else first_pass.hist)
     return out

@@ -5,7 +5,7 @@ the op schemas ``sparse_grad::native_block_sqnorms`` and ``native_sparse_{adamw,
 (sparse_grad/library.py), implemented in C++ for the CPU and CUDA dispatch keys: the dispatcher
 picks the kernel by the tensors' device. Selection on CPU is ``sparse_grad::native_select_blocks``
 (a partial selection of unique rank keys, O(n)). On CUDA it is the Triton backend's multi-program
-radix select (triton_kernels/select_blocks.py: 7 launches, no program reads more than 8,192
+radix select (triton_kernels/select_blocks.py: 6 launches, no program reads more than 8,192
 scores), which every CUDA build of torch can run; only where Triton is missing does it fall back to
 ``torch.topk`` on the same keys (sparse_grad/backends/topk_select.py, one program per top-k and
 three sorts). Both give the reference selection exactly.

@@ -8,8 +8,9 @@ from . import triton_kernels
 _kernels = triton_kernels()
 block_sqnorms = _kernels.block_sqnorms
 select_blocks = _kernels.select_blocks
+FirstPass = _kernels.FirstPass
 sparse_adamw_step = _kernels.sparse_adamw_step
 sparse_sgd_step = _kernels.sparse_sgd_step
 sparse_lion_step = _kernels.sparse_lion_step
 
-__all__ = ["block_sqnorms", "select_blocks", "sparse_adamw_step", "sparse_lion_step", "sparse_sgd_step"]
+__all__ = ["FirstPass", "block_sqnorms", "select_blocks", "sparse_adamw_step", "sparse_lion_step", "sparse_sgd_step"]

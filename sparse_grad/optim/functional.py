@@ -151,8 +151,10 @@ def _select(step, grads: list[torch.Tensor], inv_scale: torch.Tensor | None, ski
     ranks_current = (due and group["density"] < 1.0 and group["blueprint_weight"] < 1.0
                      and group["selection"] == "norm")
     scores = None
+    first_pass = _first_pass(step, inv_scale) if ranks_current else None
     if ranks_current or hooked or group["max_grad_norm"] is not None:
-        scores = step.view.block_sqnorms(grads, step.backend, step.caches["norms"] if step.reusable else None)
+        scores = step.view.block_sqnorms(grads, step.backend, step.caches["norms"] if step.reusable else None,
+                                         first_pass)
         if inv_scale is not None:
             scores = scores * inv_scale.square()
     if due:
@@ -162,13 +164,26 @@ def _select(step, grads: list[torch.Tensor], inv_scale: torch.Tensor | None, ski
         elif group["selection"] == "random":
             ids = select(random_scores(layout, group["seed"], step.index, draw), step.counts, step.backend, cache)
         else:
-            ids = select(_selection_scores(step, scores, skip), step.counts, step.backend, cache)
+            ids = select(_selection_scores(step, scores, skip), step.counts, step.backend, cache, first_pass)
         if skip is not None and selection is not None and selection.key == key:
             ids = torch.where(skip, selection.block_ids, ids)  # an overflowed step keeps it
         draw += group["selection"] == "random"
         selection = state.selection = Selection(key, ids, 0, draw)
     selection.age += 1
     return selection.block_ids, scores, due
+
+
+def _first_pass(step, inv_scale: torch.Tensor | None):
+    """The selection histograms the norm pass fills (docs/design.md §3.3), where the selection
+    ranks its sums unchanged in one call: scores "l2", no EMA, no blueprint blend, no unscaling,
+    no global minima (their two selections rank other scores), a plain group (a sharded one sums
+    the scores over the ranks after the pass). ``None`` otherwise, or where the backend has none."""
+    group, counts = step.group, step.counts
+    if (group["score"] != "l2" or group["score_ema"] > 0.0 or inv_scale is not None or counts.minima is not None
+            or (step.blueprint_scores is not None and group["blueprint_weight"] > 0.0) or step.view.sharded):
+        return None
+    return unchecked.first_pass(step.backend, len(counts.sizes) if counts.per_tensor else 1, counts.per_tensor,
+                                step.view.layout.device)
 
 
 def _selection_scores(step, sqnorms: torch.Tensor | None, skip: torch.Tensor | None) -> torch.Tensor:

@@ -37,9 +37,11 @@ class PlainGroup:
     def has_work(self) -> bool:
         return True
 
-    def block_sqnorms(self, grads: list[torch.Tensor], backend: str, cache: dict | None) -> torch.Tensor:
-        """The group's block sums of squares (the norm pass)."""
-        return unchecked.block_sqnorms(grads, self.layout.block_size, backend, cache)
+    def block_sqnorms(self, grads: list[torch.Tensor], backend: str, cache: dict | None,
+                      first_pass=None) -> torch.Tensor:
+        """The group's block sums of squares (the norm pass); ``first_pass``: see
+        :func:`sparse_grad.ops.unchecked.first_pass`."""
+        return unchecked.block_sqnorms(grads, self.layout.block_size, backend, cache, first_pass)
 
     def kernel_ids(self, block_ids: torch.Tensor, cache: dict) -> torch.Tensor:
         """The selected blocks as ids over the kernel tensors."""

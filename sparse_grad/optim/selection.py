@@ -113,20 +113,24 @@ class Counts:
         return cls(False, sizes, [max(k - sum(minima), 0)], layout.num_blocks, minima)
 
 
-def select(scores: torch.Tensor, counts: Counts, backend: str, cache: dict | None = None) -> torch.Tensor:
+def select(scores: torch.Tensor, counts: Counts, backend: str, cache: dict | None = None,
+           first_pass=None) -> torch.Tensor:
     """The ids to update: ``ceil(density·n)`` of the group (``scope="global"``) or of every tensor
     (``"tensor"``), and at least ``min(min_blocks_per_tensor, its blocks)`` of every tensor.
 
     Global scope with a minimum: every tensor's own top blocks are taken first, then the
     ``max(ceil(density·n), Σ minima) − Σ minima`` best of the other blocks over the group.
+
+    ``first_pass``: the histograms the norm pass that made ``scores`` filled (never with global
+    minima, whose selections rank other scores; see ``functional._first_pass``).
     """
     def part(name):
         return None if cache is None else cache.setdefault(name, {})
 
     if counts.per_tensor:
-        return unchecked.select_blocks(scores, counts.sizes, counts.ks, backend, part("per_tensor"))
+        return unchecked.select_blocks(scores, counts.sizes, counts.ks, backend, part("per_tensor"), first_pass)
     if counts.minima is None:
-        return unchecked.select_blocks(scores, [counts.num_blocks], counts.ks, backend, part("global"))
+        return unchecked.select_blocks(scores, [counts.num_blocks], counts.ks, backend, part("global"), first_pass)
     guaranteed = unchecked.select_blocks(scores, counts.sizes, counts.minima, backend, part("minima"))
     if counts.ks[0] == 0:
         return guaranteed

@@ -142,9 +142,13 @@ class ShardedGroup:
         return [per_block[q.tensor][q.first_block:q.first_block + num_blocks_of(q.length, self.kernel_layout.block_size)]
                 for q in self.pieces_of]
 
-    def block_sqnorms(self, grads: list[torch.Tensor], backend: str, cache: dict | None = None) -> torch.Tensor:
+    def block_sqnorms(self, grads: list[torch.Tensor], backend: str, cache: dict | None = None,
+                      first_pass=None) -> torch.Tensor:
         """The group's global block sums of squares, equal on every rank: local partial sums,
         scattered into the global vector and summed over the ranks (one all_reduce)."""
+        if first_pass is not None:
+            raise ValueError("first_pass: a sharded group's scores are summed over the ranks after the norm "
+                             "pass, so its selection runs its own first pass")
         scores = torch.zeros(self.global_layout.num_blocks, dtype=torch.float32, device=self.piece_global.device)
         if self.pieces_of:
             partial = unchecked.block_sqnorms(self.pieces(grads), self.kernel_layout.block_size, backend)
