@@ -12,6 +12,15 @@ from sparse_grad import SparseAdamW
 from sparse_grad.nn import sparse_backward
 
 STEPS = 12  # reselect_every=10 reselects once after the first step
+# The trajectories are compared in float64. sparse_backward computes a weight's selected rows
+# with a smaller GEMM than the full one, so a gradient element may differ in its last bits (its
+# sum over the batch added in another order); where that sum cancels, the relative difference
+# is far larger, and Adam, which normalizes the gradient, carries it into the update whole: in
+# float32 one element in a few thousand drifts past 1e-6 after 12 steps. In float64 the same
+# amplification stays some orders of magnitude inside TOLERANCES[float64]. (The gradients
+# themselves are compared in float32 in test_grads_exact_on_selected_rows_and_input_grad_complete,
+# and bfloat16 runs in test_same_params_other_dtypes.)
+DTYPE = torch.float64
 
 
 def mlp(dtype=torch.float32) -> nn.Module:
@@ -61,16 +70,26 @@ def assert_close_params(got, expected, dtype):
 USES = [pytest.param(True, id="full-grads"), pytest.param("compact", id="compact-grads")]
 
 
+def only_some_under_the_interpreter(case, keep: bool) -> None:
+    """Under the interpreter (about 10 s a case) the Triton backend runs the cases that reach its
+    own code: compact grads (the update reads the slab) with both state layouts, reselections
+    between steps, 16-bit params. The others are the same Python on every backend (full grads
+    are plain tensors), run on the reference and cpp backends here, and on CUDA in full."""
+    if case == ("cpu", "triton") and not keep:
+        pytest.skip("under the interpreter the Triton backend runs a subset (see only_some_under_the_interpreter)")
+
+
 @pytest.mark.parametrize("use", USES)
 @pytest.mark.parametrize("layout", ["dense", "compact"])
 @pytest.mark.parametrize("reselect_every", [1, 3, 10])
 def test_same_params_as_without(case, reselect_every, layout, use):
+    only_some_under_the_interpreter(case, reselect_every == 3)
     device, backend = case
-    data = batches(torch.float32, device=device)
+    data = batches(DTYPE, device=device)
     options = {"density": 0.2, "reselect_every": reselect_every, "state_layout": layout, "backend": backend}
-    expected, _ = train(options, False, data=data)
-    got, zero_rows = train(options, use, data=data)
-    assert_close_params(got, expected, torch.float32)
+    expected, _ = train(options, False, DTYPE, data=data)
+    got, zero_rows = train(options, use, DTYPE, data=data)
+    assert_close_params(got, expected, DTYPE)
     if reselect_every == 1:
         assert zero_rows == 0  # every step reselects: full gradients
     else:
@@ -83,20 +102,23 @@ def test_same_params_as_without(case, reselect_every, layout, use):
     {"density": 1.0}], ids=lambda o: "-".join(map(str, o.items())))
 @pytest.mark.parametrize("use", USES)
 def test_same_params_with_options(case, options, use):
+    only_some_under_the_interpreter(case, use == "compact" and options.get("density") != 1.0
+                                    and "selection" not in options)
     device, backend = case
-    data = batches(torch.float32, device=device)
+    data = batches(DTYPE, device=device)
     options = {"density": 0.2, "reselect_every": 3, "backend": backend, **options}
-    expected, _ = train(options, False, data=data)
-    got, zero_rows = train(options, use, data=data)
-    assert_close_params(got, expected, torch.float32)
+    expected, _ = train(options, False, DTYPE, data=data)
+    got, zero_rows = train(options, use, DTYPE, data=data)
+    assert_close_params(got, expected, DTYPE)
     needs_all = options["density"] == 1.0 or options.get("error_feedback") or options.get("max_grad_norm")
     assert (zero_rows == 0) if needs_all else (zero_rows > 0.2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 @pytest.mark.parametrize("layout", ["dense", "compact"])
 @pytest.mark.parametrize("use", USES)
 def test_same_params_other_dtypes(case, dtype, use, layout):
+    only_some_under_the_interpreter(case, use == "compact")
     device, backend = case
     data = batches(dtype, device=device)
     options = {"density": 0.2, "reselect_every": 4, "backend": backend, "state_layout": layout}
@@ -108,6 +130,7 @@ def test_same_params_other_dtypes(case, dtype, use, layout):
 
 @pytest.mark.parametrize("use", USES)
 def test_same_params_under_bf16_autocast_and_accumulation(case, use):
+    only_some_under_the_interpreter(case, use == "compact")
     device, backend = case
     data = batches(torch.float32, batch=(6, 3), device=device)
     options = {"density": 0.2, "reselect_every": 3, "backend": backend, "state_dtype": torch.float32}
@@ -249,11 +272,11 @@ def test_eval_and_frozen_weights_use_the_layers_own_forward():
 
 
 def test_under_torch_compile():
-    data = batches(torch.float32, steps=6)
+    data = batches(DTYPE, steps=6)
     options = {"density": 0.2, "reselect_every": 3}
-    expected, _ = train(options, False, data=data)
+    expected, _ = train(options, False, DTYPE, data=data)
     torch.manual_seed(0)
-    model = mlp()
+    model = mlp(DTYPE)
     opt = SparseAdamW(model.parameters(), lr=1e-2, block_size=16, **options)
     compiled = torch.compile(model)
     with sparse_backward(model, opt):
@@ -262,7 +285,7 @@ def test_under_torch_compile():
             opt.step()
             opt.zero_grad()
     torch._dynamo.reset()
-    assert_close_params([p.detach() for p in model.parameters()], expected, torch.float32)
+    assert_close_params([p.detach() for p in model.parameters()], expected, DTYPE)
     with sparse_backward(model, opt), pytest.raises(Exception, match="sparse_backward runs the patched Linear"):
         torch.compile(model, fullgraph=True)(data[0])
     torch._dynamo.reset()
@@ -275,7 +298,7 @@ def test_hf_model_linear_layers_are_patched():
 
     def run(use):
         torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(config)
+        model = transformers.LlamaForCausalLM(config).to(DTYPE)
         groups = sparse_grad.param_groups(model, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
                                           density=0.1, min_sparse_size=64)
         opt = SparseAdamW(groups, lr=1e-3, block_size=64, reselect_every=3)
@@ -291,7 +314,7 @@ def test_hf_model_linear_layers_are_patched():
             handle.remove()
         return [p.detach().clone() for p in model.parameters()]
 
-    assert_close_params(run(True), run(False), torch.float32)
+    assert_close_params(run(True), run(False), DTYPE)
 
 
 def _fsdp2_refused(rank, world):
@@ -330,11 +353,11 @@ def test_rows_of_blocks_are_the_rows_the_blocks_touch(shape, block_size):
 
 def test_same_params_under_grad_scaler(case):
     device, backend = case
-    data = batches(torch.float32, device=device)
+    data = batches(DTYPE, device=device)
 
     def run(use):
         torch.manual_seed(0)
-        model = mlp().to(device)
+        model = mlp(DTYPE).to(device)
         opt = SparseAdamW(model.parameters(), lr=1e-2, block_size=16, density=0.2, reselect_every=3,
                           state_layout="compact", backend=backend)
         scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 12)
@@ -350,7 +373,7 @@ def test_same_params_under_grad_scaler(case):
 
     (expected, scale), (got, got_scale) = run(False), run(True)
     assert got_scale == scale
-    assert_close_params(got, expected, torch.float32)
+    assert_close_params(got, expected, DTYPE)
 
 
 def _compact_step_ready(options=None, dtype=torch.float32):
