@@ -28,7 +28,7 @@ def skip_repatching_inside_launches() -> bool:
         empty_scope = interpreter._LangPatchScope
     except (ImportError, AttributeError):
         return False
-    if getattr(real_patch, "_skips_repeats", False):
+    if hasattr(real_patch, "real"):  # installed already
         return True
     active = threading.local()  # .langs: ids of the modules patched so far in this launch
     seen: dict[object, frozenset[int]] = {}
@@ -57,7 +57,6 @@ def skip_repatching_inside_launches() -> bool:
         finally:
             active.langs = outer
 
-    patch_lang._skips_repeats = True
     patch_lang.real, launch.real = real_patch, real_launch
     interpreter._patch_lang = patch_lang
     interpreter.GridExecutor.__call__ = launch
