@@ -11,7 +11,12 @@ copy put first on PYTHONPATH. Per backend and density it prints:
   attributes ``block_sqnorms``, ``select_blocks``, ``sparse_adamw_step``), median;
 - ``step ms``: the synchronized step, for scale.
 
+``--stub-kernels`` replaces the kernel entry points by stand-ins that take no time (the norms and
+the selection of the first call, kept; no update), so on a CPU, where the kernels run
+synchronously, ``host us`` is the host path alone. ``--reselect-every`` sets the option.
+
     python benchmarks/host_time.py --device cuda --backends triton,cuda --densities 1,0.05,0.01
+    python benchmarks/host_time.py --device cpu --backends cpp --scale 0.002 --stub-kernels --reselect-every 10
 """
 from __future__ import annotations
 
@@ -34,6 +39,24 @@ KERNELS = ("block_sqnorms", "select_blocks", "sparse_adamw_step")
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def stub_kernels(backend: str) -> dict:
+    """Stand-ins for the backend's kernels: the first call's norms and selection, kept (in the
+    dict returned: clear it for a new optimizer); no update."""
+    module = backends.get(backend)
+    real, kept = {name: getattr(module, name) for name in KERNELS}, {}
+
+    def keep(name):
+        def first(*args, **kwargs):
+            if name not in kept:
+                kept[name] = real[name](*args, **kwargs)
+            return kept[name]
+        return first
+
+    module.block_sqnorms, module.select_blocks = keep("block_sqnorms"), keep("select_blocks")
+    module.sparse_adamw_step = lambda *args, **kwargs: None
+    return kept
 
 
 def measure(opt, device: torch.device, backend: str, rounds: int) -> dict:
@@ -86,6 +109,8 @@ def main() -> None:
     parser.add_argument("--backends", default="triton,cuda")
     parser.add_argument("--densities", default="1,0.05,0.01")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--reselect-every", type=int, default=1)
+    parser.add_argument("--stub-kernels", action="store_true", help="time the host path alone (see above)")
     parser.add_argument("--label", default=sparse_grad.__file__)
     parser.add_argument("--json", help="append one JSON line per case to this file")
     args = parser.parse_args()
@@ -100,14 +125,18 @@ def main() -> None:
         if backends.unavailable_reason(backend, device) is not None:
             print(f"{backend:<9} unavailable: {backends.unavailable_reason(backend, device)}")
             continue
+        kept = stub_kernels(backend) if args.stub_kernels else {}
         for density in map(float, args.densities.split(",")):
-            opt = SparseAdamW(params, lr=1e-6, density=density, backend=backend)
+            kept.clear()
+            opt = SparseAdamW(params, lr=1e-6, density=density, backend=backend, reselect_every=args.reselect_every)
             row = measure(opt, device, backend, args.rounds)
             print(f"{backend:<9}{density:>8g}{row['python_calls']:>10}{row['host_us']:>10.1f}"
                   f"{row['pre_launch_us']:>15.1f}{row['step_ms']:>9.3f}")
             if args.json:
                 with open(args.json, "a") as f:
-                    f.write(json.dumps({"label": args.label, "backend": backend, "density": density, **row}) + "\n")
+                    f.write(json.dumps({"label": args.label, "backend": backend, "density": density,
+                                        "reselect_every": args.reselect_every, "stub_kernels": args.stub_kernels,
+                                        **row}) + "\n")
             del opt
 
 

@@ -1,6 +1,7 @@
 // The Python module sparse_grad._C. Importing it registers the native kernels with the
 // dispatcher (TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda); it also tells which CPU
-// instruction set the CPU loops run with, and fingerprints a param group for the bound step.
+// instruction set the CPU loops run with, fingerprints a param group for the bound step, and
+// tells autograd of a step's in-place writes.
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -89,6 +90,31 @@ PyObject* group_fingerprint(PyObject*, PyObject* params) {
   return result;
 }
 
+// bump_versions(tensors: list) -> None.
+// What torch._C._increment_version does for a list, without converting the list to a
+// std::vector<at::Tensor> first (about 90 ns a tensor on a 2-core VM, a third of a steady-state
+// step's host time at 192 params): every version counter goes up by one; inference tensors,
+// which have none, are skipped. Every element is checked before any counter moves.
+PyObject* bump_versions(PyObject*, PyObject* tensors) {
+  if (!PyList_Check(tensors)) {
+    PyErr_SetString(PyExc_TypeError, "bump_versions takes a list of tensors");
+    return nullptr;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(tensors);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!THPVariable_Check(PyList_GET_ITEM(tensors, i))) {
+      PyErr_Format(PyExc_TypeError, "bump_versions: element %zd is a %s, not a tensor", i,
+                   Py_TYPE(PyList_GET_ITEM(tensors, i))->tp_name);
+      return nullptr;
+    }
+  }
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    c10::TensorImpl* impl = THPVariable_Unpack(PyList_GET_ITEM(tensors, i)).unsafeGetTensorImpl();
+    if (!impl->is_inference()) impl->bump_version();
+  }
+  Py_RETURN_NONE;
+}
+
 PyObject* cpu_isa(PyObject*, PyObject*) {
   try {
     return PyUnicode_FromString(sparse_grad::cpu::loops().isa);
@@ -102,6 +128,8 @@ PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set of the CPU loops (default, avx2, avx512)."},
     {"group_fingerprint", group_fingerprint, METH_O,
      "(bytes, grads) describing a param list for the bound step, or None (see binding.reuse)."},
+    {"bump_versions", bump_versions, METH_O,
+     "Bumps the autograd version counter of each tensor in a list (torch._C._increment_version)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -396,6 +396,31 @@ def test_gpu_ops_script_runs_on_cpu_and_checks_every_selection(tmp_path):
     assert table.count("\n") == len(rows) + 2 and "| torch AdamW fused |" in table
 
 
+def test_host_time_script_stubs_the_kernels_and_measures_the_host_path(monkeypatch):
+    """benchmarks/host_time.py --stub-kernels: the step runs its host path with no update (the
+    params stay as they were) and the first norms and selection kept; then it is measured."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "host_time.py"
+    spec = importlib.util.spec_from_file_location("host_time_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    module = backends.get("reference")
+    for name in script.KERNELS:  # put back after the test
+        monkeypatch.setattr(module, name, getattr(module, name))
+    kept = script.stub_kernels("reference")
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (13, 4, 9)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    opt = SparseAdamW(params, lr=0.1, density=0.5, block_size=4, backend="reference")
+    row = script.measure(opt, torch.device("cpu"), "reference", rounds=3)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert set(kept) == {"block_sqnorms", "select_blocks"} and kept["select_blocks"].numel() == 4
+    assert row["python_calls"] > 50 and 0 < row["pre_launch_us"] <= row["host_us"]
+
+
 def test_end_to_end_cli_runs_every_case_and_sparse_backward_changes_no_loss(tmp_path, capsys):
     import json
 

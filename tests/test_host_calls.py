@@ -219,7 +219,7 @@ def fingerprint(request, monkeypatch):
     native = binding._native_fingerprint()
     if request.param == "native" and native is None:
         pytest.skip("sparse_grad._C is not built")
-    monkeypatch.setattr(binding, "_FINGERPRINT", [native if request.param == "native" else None])
+    monkeypatch.setattr(binding, "_native_fingerprint", lambda: native if request.param == "native" else None)
     return request.param
 
 
@@ -317,3 +317,66 @@ def test_the_step_holds_no_grad_past_its_end(case):
     model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 7)).to(device)
     opt = SparseAdamW(model.parameters(), lr=1e-3, density=0.3, block_size=16, backend=backend, reselect_every=2)
     assert_step_frees_grads(model, opt, torch.randn(9, 24, device=device))
+
+
+HYPER_CASES = [  # (optimizer, a good new value, bad values set by hand with the error they get)
+    (SparseAdamW, {"lr": 3e-2, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.2},
+     [({"lr": -1.0}, ValueError, r"\['lr'\] must be >= 0"), ({"lr": True}, TypeError, r"\['lr'\] must be a real"),
+      ({"betas": (0.9, 1.5)}, ValueError, r"\['betas'\]\[1\] must be in \[0, 1\)"),
+      ({"betas": (0.9, 0.999, 0.5)}, TypeError, r"\['betas'\] must be a pair"),
+      ({"eps": float("nan")}, ValueError, r"\['eps'\] must be finite"),
+      ({"weight_decay": -0.1}, ValueError, r"\['weight_decay'\] must be >= 0")]),
+    ("SparseSGD", {"lr": 3e-2, "dampening": 0.5, "weight_decay": 0.2},
+     [({"dampening": -1.0}, ValueError, r"\['dampening'\] must be >= 0"),
+      ({"lr": float("inf")}, ValueError, r"\['lr'\] must be finite")]),
+    ("SparseLion", {"lr": 3e-3, "betas": (0.8, 0.95)},
+     [({"betas": (-0.1, 0.99)}, ValueError, r"\['betas'\]\[0\] must be in \[0, 1\)")]),
+]
+
+
+@pytest.mark.parametrize("optimizer, good, bad", HYPER_CASES, ids=["adamw", "sgd", "lion"])
+def test_a_bound_step_checks_hyper_parameters_only_when_they_change(case, optimizer, good, bad):
+    """A reused step skips the checks while the group holds the objects that passed (immutable
+    numbers), and reuses their table; any value set by hand is checked and refused, leaving
+    params and state as they were, and a good new value takes effect as in a fresh optimizer."""
+    import sparse_grad
+    from _utils import assert_same, snapshot
+    device, backend = case
+    optimizer = getattr(sparse_grad, optimizer) if isinstance(optimizer, str) else optimizer
+    extra = {"momentum": 0.9} if optimizer.__name__ == "SparseSGD" else {}
+    params, twin_params = _twins(device)
+    opt, twin = (optimizer(ps, block_size=BLOCK, backend=backend, lr=1e-2, density=0.25, **extra)
+                 for ps in (params, twin_params))
+    for _ in range(3):
+        opt.step()
+        twin.step()
+    bound = opt._group_states[0].bound
+    assert bound.checked_hyper is not None and bound.hyper_table is not None
+    table = bound.hyper_table
+    opt.step()
+    twin.step()
+    assert opt._group_states[0].bound is bound and bound.hyper_table is table  # nothing re-made
+    for change, error, message in bad:
+        kept = {key: opt.param_groups[0][key] for key in change}
+        opt.param_groups[0].update(change)
+        before = snapshot(([p.detach() for p in params], opt.state_dict()["state"]))
+        with pytest.raises(error, match=r"param_groups\[0\]" + message):
+            opt.step()
+        assert_same(([p.detach() for p in params], opt.state_dict()["state"]), before)
+        opt.param_groups[0].update(kept)
+    lr = torch.tensor(opt.param_groups[0]["lr"], dtype=torch.float64)  # may change in place: checked each step
+    opt.param_groups[0]["lr"] = lr
+    twin.param_groups[0]["lr"] = lr.clone()
+    opt.step()
+    twin.step()
+    lr.fill_(-1.0)
+    with pytest.raises(ValueError, match=r"\['lr'\] must be >= 0"):
+        opt.step()
+    for o in (opt, twin):
+        o.param_groups[0].update(good)
+    opt.step()
+    fresh = optimizer(twin_params, block_size=BLOCK, backend=backend, lr=1e-2, density=0.25, **extra)
+    fresh.load_state_dict(twin.state_dict())
+    fresh.param_groups[0].update({k: v for k, v in twin.param_groups[0].items() if k != "params"})
+    fresh.step()
+    assert_same([p.detach() for p in params], [p.detach() for p in twin_params])

@@ -81,7 +81,21 @@ def test_kernels_import_as_subpackage():
     assert callable(kernels.block_sqnorms) and callable(kernels.sparse_adamw_step)
 
 
-def test_eager_step_bumps_the_versions_of_what_it_mutates(case):
+@pytest.fixture(params=["extension", "torch"])
+def version_bump(request, monkeypatch):
+    """How an eager step bumps versions: the extension's ``bump_versions`` or torch's own call."""
+    from sparse_grad.backends import native
+    bump = native.extension_function("bump_versions")
+    if request.param == "extension" and bump is None:
+        pytest.skip("sparse_grad._C is not built")
+    real = native.extension_function
+    monkeypatch.setattr(native, "extension_function",
+                        lambda name: (bump if request.param == "extension" else None) if name == "bump_versions"
+                        else real(name))
+    return request.param
+
+
+def test_eager_step_bumps_the_versions_of_what_it_mutates(case, version_bump):
     """Eager calls skip the custom-op wrapper but, like it, tell autograd of the in-place change."""
     device, backend = case
     args = step_args(device, backend)
@@ -90,3 +104,34 @@ def test_eager_step_bumps_the_versions_of_what_it_mutates(case):
     ops.unchecked.sparse_adamw_step(*args)
     assert all(t._version > v for t, v in zip(mutated, versions))
     assert all(g._version == 0 for g in args[1])
+
+
+def test_bump_versions_does_what_torch_does(version_bump):
+    """One bump per listed tensor (a view shares its base's counter, so both count), inference
+    tensors skipped; so autograd refuses a backward through a value the step overwrote."""
+    from sparse_grad._unchecked import bump_versions
+    with torch.inference_mode():
+        frozen = torch.randn(3)
+    base = torch.randn(6)
+    view, other = base[2:], torch.randn(2, 3)
+    before = (base._version, other._version)
+    bump_versions([base, frozen, view, other])
+    assert (base._version, other._version) == (before[0] + 2, before[1] + 1) and view._version == base._version
+    weight = torch.nn.Parameter(torch.randn(4))
+    loss = (weight * weight).sum()  # saves weight for backward
+    bump_versions([weight])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_the_extension_checks_every_element_before_bumping_any():
+    from sparse_grad.backends import native
+    bump = native.extension_function("bump_versions")
+    if bump is None:
+        pytest.skip("sparse_grad._C is not built")
+    tensor = torch.randn(3)
+    with pytest.raises(TypeError, match="element 1 is a int, not a tensor"):
+        bump([tensor, 3])
+    assert tensor._version == 0
+    with pytest.raises(TypeError, match="list of tensors"):
+        bump((tensor,))

@@ -42,6 +42,15 @@ def _load_error() -> str | None:
     return None
 
 
+@functools.cache
+def extension_function(name: str):
+    """The host helper ``sparse_grad._C.<name>`` where the extension loads (and has it), else
+    None: the caller then does the same work in Python."""
+    if _load_error() is not None:
+        return None
+    return getattr(importlib.import_module("sparse_grad._C"), name, None)
+
+
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why the native backend ``backend`` ("cpp" or "cuda") cannot run on ``device``, or None."""
     device_type, dispatch_key = DEVICES[backend]

@@ -28,7 +28,6 @@ replace state.
 """
 from __future__ import annotations
 
-import importlib
 from operator import attrgetter, is_
 
 import torch
@@ -68,6 +67,10 @@ class BoundStep:
         self.caches = {"norms": {}, "select": {}, "update": {}}  # kernel tables (see ops.unchecked)
         self.param_states: list[dict] | None = None  # filled on the first apply (it writes state)
         self.dense: tuple | None = None  # kernel lists of dense moments and counts, and all of them
+        # The hyper-parameter objects last checked (rule.hyper_keys), kept only when all are
+        # immutable numbers, and the table made from them (see check_hyper).
+        self.checked_hyper: tuple | None = None
+        self.hyper_table: torch.Tensor | None = None
         self.errors: list[torch.Tensor] | None = None  # error-feedback buffers (local)
         track(self, group, params, grads, opt_state, reusable)
 
@@ -106,14 +109,8 @@ def track(bound, group: dict, params: list[torch.Tensor], grads: list[torch.Tens
 def _native_fingerprint():
     """``sparse_grad._C.group_fingerprint`` where the extension loads, else None (then the
     maps of :func:`reuse` do the same work in Python)."""
-    if not _FINGERPRINT:
-        from ..backends import native
-        _FINGERPRINT.append(None if native._load_error() is not None
-                            else getattr(importlib.import_module("sparse_grad._C"), "group_fingerprint", None))
-    return _FINGERPRINT[0]
-
-
-_FINGERPRINT: list = []  # filled once by _native_fingerprint
+    from ..backends import native
+    return native.extension_function("group_fingerprint")
 
 
 def _fingerprint(params: list) -> tuple[bytes, list] | None:
@@ -162,6 +159,26 @@ def reuse(bound: BoundStep | None, group: dict, opt_state: dict) -> bool:
     bound.grads = grads
     bound.fingerprint = None if fingerprint is None else fingerprint[0]
     return True
+
+
+def check_hyper(bound: BoundStep, group: dict, where: str) -> None:
+    """``bound.rule.check_hyper`` on a reused step, skipped when the group holds the very objects
+    that passed last time and each is an immutable number or a tuple of them (a scheduler's new
+    float ``lr`` is a new object: checked; a tensor ``lr`` may change in place: always checked)."""
+    values = tuple(map(group.get, bound.rule.hyper_keys))
+    if bound.checked_hyper is not None and all(map(is_, values, bound.checked_hyper)):
+        return
+    bound.checked_hyper = bound.hyper_table = None
+    bound.rule.check_hyper(group, where)
+    if all(map(_immutable_number, values)):
+        bound.checked_hyper = values
+
+
+def _immutable_number(value) -> bool:
+    return type(value) in _NUMBERS or (type(value) is tuple and all(type(v) in _NUMBERS for v in value))
+
+
+_NUMBERS = (float, int)  # exactly: a bool is refused by the checks, a subclass may be mutable
 
 
 def _grads_fit(grads: list[torch.Tensor], bound: BoundStep) -> bool:

@@ -7,7 +7,8 @@ per-block update, described here once per rule:
     moments(group)   the per-param state tensors shaped like the param (dense) or slabs
                      (compact), e.g. AdamW ("exp_avg", "exp_avg_sq"); every rule also keeps
                      "block_step", one int32 count per block
-    check_hyper      the hyper-parameters' checks (cheap: run on every step)
+    check_hyper      the hyper-parameters' checks (cheap: run on every step they changed)
+    hyper_keys       the group keys check_hyper and hyper read
     hyper(group)     their values for the op's fp64 table, in the op's order
     apply(...)       the call of the unchecked op
     later_options    options a state dict saved before they existed is filled with
@@ -28,6 +29,7 @@ class UpdateRule:
     name: str
     moments: Callable[[dict], tuple[str, ...]]
     check_hyper: Callable[[dict, str], None]
+    hyper_keys: tuple[str, ...]
     hyper: Callable[[dict], list]
     apply: Callable[..., None]
     check_flags: Callable[[dict, str], None]
@@ -47,6 +49,7 @@ ADAMW = UpdateRule(
     name="SparseAdamW",
     moments=lambda group: ("exp_avg", "exp_avg_sq"),
     check_hyper=options.check_hyper,
+    hyper_keys=("lr", "betas", "eps", "weight_decay"),
     hyper=lambda group: [group["lr"], group["betas"][0], group["betas"][1], group["eps"], group["weight_decay"]],
     apply=_adamw_apply,
     check_flags=options.check_adamw_flags,
@@ -85,6 +88,7 @@ SGD = UpdateRule(
     name="SparseSGD",
     moments=lambda group: ("momentum_buffer",) if group["momentum"] != 0 else (),
     check_hyper=_check_sgd_hyper,
+    hyper_keys=("lr", "momentum", "dampening", "weight_decay"),
     hyper=lambda group: [group["lr"], group["momentum"], group["dampening"], group["weight_decay"]],
     apply=_sgd_apply,
     check_flags=_check_sgd_flags,
@@ -110,6 +114,7 @@ LION = UpdateRule(
     name="SparseLion",
     moments=lambda group: ("exp_avg",),
     check_hyper=_check_lion_hyper,
+    hyper_keys=("lr", "betas", "weight_decay"),
     hyper=lambda group: [group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"]],
     apply=_lion_apply,
     check_flags=lambda group, where="": None,

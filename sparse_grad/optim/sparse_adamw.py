@@ -280,7 +280,7 @@ class SparseOptimizer(Optimizer):
             state.bound = None
             return binding.bind(index, group, state, self.state, self._blueprint, self._rule)
         if binding.reuse(bound, group, self.state):
-            self._rule.check_hyper(group, f"param_groups[{index}]")  # they may change on any step
+            binding.check_hyper(bound, group, f"param_groups[{index}]")  # they may change on any step
             return bound
         bound = binding.bind(index, group, state, self.state, self._blueprint, self._rule)
         state.bound = bound if bound is not None and bound.reusable else None
