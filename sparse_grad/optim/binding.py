@@ -67,9 +67,9 @@ class BoundStep:
         self.caches = {"norms": {}, "select": {}, "update": {}}  # kernel tables (see ops.unchecked)
         self.param_states: list[dict] | None = None  # filled on the first apply (it writes state)
         self.dense: tuple | None = None  # kernel lists of dense moments and counts, and all of them
-        # The hyper-parameter objects last checked (rule.hyper_keys), kept only when all are
-        # immutable numbers, and the table made from them (see check_hyper).
-        self.checked_hyper: tuple | None = None
+        # The hyper-parameter objects last checked (rule.hyper_keys; bind checked them), kept
+        # only when all are immutable numbers, and the table made from them (see check_hyper).
+        self.checked_hyper = _immutable_values(group, rule)
         self.hyper_table: torch.Tensor | None = None
         self.errors: list[torch.Tensor] | None = None  # error-feedback buffers (local)
         track(self, group, params, grads, opt_state, reusable)
@@ -165,13 +165,19 @@ def check_hyper(bound: BoundStep, group: dict, where: str) -> None:
     """``bound.rule.check_hyper`` on a reused step, skipped when the group holds the very objects
     that passed last time and each is an immutable number or a tuple of them (a scheduler's new
     float ``lr`` is a new object: checked; a tensor ``lr`` may change in place: always checked)."""
-    values = tuple(map(group.get, bound.rule.hyper_keys))
-    if bound.checked_hyper is not None and all(map(is_, values, bound.checked_hyper)):
+    if bound.checked_hyper is not None and all(map(is_, map(group.get, bound.rule.hyper_keys),
+                                                   bound.checked_hyper)):
         return
     bound.checked_hyper = bound.hyper_table = None
     bound.rule.check_hyper(group, where)
-    if all(map(_immutable_number, values)):
-        bound.checked_hyper = values
+    bound.checked_hyper = _immutable_values(group, bound.rule)
+
+
+def _immutable_values(group: dict, rule) -> tuple | None:
+    """The group's values of ``rule.hyper_keys`` if every one is an immutable number (or a
+    tuple of them), else None."""
+    values = tuple(map(group.get, rule.hyper_keys))
+    return values if all(map(_immutable_number, values)) else None
 
 
 def _immutable_number(value) -> bool:

@@ -58,7 +58,7 @@ def sparse_step(step, grad_scale: torch.Tensor | None, found_inf: torch.Tensor |
     hyper = step.hyper_table
     if hyper is None:
         hyper = ops.hyper_table(step.rule.hyper(group), view.device)
-        if step.checked_hyper is not None:  # unchanged until check_hyper sees new values
+        if step.reusable and step.checked_hyper is not None:  # kept until check_hyper sees new values
             step.hyper_table = hyper
     compact_grad = step.state.compact_grad  # checked by the optimizer: made for these block_ids
     if view.has_work() and (not view.sharded or kernel_ids.numel()):
