@@ -12,7 +12,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     skip_repatching_inside_launches()
 
 # Fresh random data on every run; rerun one with SPARSE_GRAD_TEST_SEED=<seed shown in the header>.
-SESSION_SEED = int(os.environ.get("SPARSE_GRAD_TEST_SEED", random.randrange(2**31)))
+# Put in the environment so that pytest-xdist's workers, started after this import, draw the
+# same seed as the process that prints the header.
+SESSION_SEED = int(os.environ.setdefault("SPARSE_GRAD_TEST_SEED", str(random.randrange(2**31))))
 
 
 def pytest_report_header(config):
