@@ -372,16 +372,22 @@ def test_table_marks_unmeasured_values_and_shows_pre_launch_only_when_measured()
     assert with_launch[1].split()[-3:] == ["-", "-", "-"]
 
 
+def benchmark_script(name: str):
+    """benchmarks/<name>.py imported as a module (the folder is not a package)."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_gpu_ops_script_runs_on_cpu_and_checks_every_selection(tmp_path):
     """benchmarks/gpu_ops.py (the per-op GPU timings) at a tiny size on CPU: its cases, its
     selection check against the reference, and its table cannot rot between GPU sessions."""
-    import importlib.util
     import json
-    import pathlib
-    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "gpu_ops.py"
-    spec = importlib.util.spec_from_file_location("gpu_ops", path)
-    gpu_ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_ops)
+    gpu_ops = benchmark_script("gpu_ops")
     assert gpu_ops.phase_of("_block_sqnorms_kernel") == "norm"
     assert gpu_ops.phase_of("_histogram_kernel") == "select"
     assert gpu_ops.phase_of("void sparse_adamw_kernel<float>") == "update"
@@ -399,12 +405,7 @@ def test_gpu_ops_script_runs_on_cpu_and_checks_every_selection(tmp_path):
 def test_host_time_script_stubs_the_kernels_and_measures_the_host_path(monkeypatch):
     """benchmarks/host_time.py --stub-kernels: the step runs its host path with no update (the
     params stay as they were) and the first norms and selection kept; then it is measured."""
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "host_time.py"
-    spec = importlib.util.spec_from_file_location("host_time_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("host_time")
     module = backends.get("reference")
     for name in script.KERNELS:  # put back after the test
         monkeypatch.setattr(module, name, getattr(module, name))

@@ -33,6 +33,7 @@ from operator import attrgetter, is_
 import torch
 
 from .. import backends
+from ..backends import native
 from ..layout import cached_layout, check_tensor, num_blocks_of
 from . import options, sharding
 from .compact_state import check_compact
@@ -109,7 +110,6 @@ def track(bound, group: dict, params: list[torch.Tensor], grads: list[torch.Tens
 def _native_fingerprint():
     """``sparse_grad._C.group_fingerprint`` where the extension loads, else None (then the
     maps of :func:`reuse` do the same work in Python)."""
-    from ..backends import native
     return native.extension_function("group_fingerprint")
 
 
