@@ -4,8 +4,8 @@ The CPU tests run the kernels in Triton's interpreter, which accepts some progra
 rejects; this builds the cubins the GPU would run and checks the PTX for correctly rounded
 division and square root (Triton's default fp32 `/` and `sqrt` are approximate), and the
 selection kernels' cubins for what a GPU would launch (the update for AdamW, SGD and Lion): no register spills, at most 128 registers
-per thread at the GPU's tile size, and histogram atomics that go to shared memory per key and to
-global memory once per bin.
+per thread at the GPU's tile size, and histogram atomics that go to global memory as relaxed
+reductions, never as returning atomics.
 """
 import textwrap
 
@@ -28,8 +28,8 @@ SCRIPT = textwrap.dedent("""
     select = importlib.import_module(package + ".select_blocks")
     TABLES = {"block_tensor_ptr": "*i32", "out_ptr": "*fp32", "hparams_ptr": "*fp64",
               "grad_coef_ptr": "*fp32", "found_inf_ptr": "*fp32", "scores_ptr": "*fp32", "hist_ptr": "*i32",
-              "above_ptr": "*i32", "suffix_ptr": "*i32", "ties_before_ptr": "*i32"}
-    SCALARS = {"block_size", "group", "num_blocks", "num_tiles", "num_segments"}
+              "scratch_ptr": "*i32"}
+    SCALARS = {"block_size", "group", "num_blocks", "num_tiles", "num_segments", "sparse_keys"}
     # Shipped with Triton, next to the ptxas that built the cubins.
     CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -130,22 +130,26 @@ SCRIPT = textwrap.dedent("""
                     wide = r"global\\.(v4\\.b32|v2\\.b64)"
                     assert bool(re.search(r"ld\\." + wide, ptx)) == (vec != (1, 1, 1)), what
                     assert bool(re.search(r"st\\." + wide, ptx)) == (vec != (1, 1, 1)), what
+        common = dict(BINS=select.BINS, ROW_CAP=select.ROW_CAP)
         for tile, warps in ((16, 4), (4096, 8), (select.MAX_TILE, 8)):  # smallest, GPU default, largest
-            kernels = [(select._histogram_kernel, dict(P=p, BLOCK=tile, BINS=select.BINS)) for p in range(3)]
-            kernels += [(select._compact_kernel, dict(BLOCK=tile))]
+            kernels = [(select._histogram_kernel, dict(P=p, BLOCK=tile, **common)) for p in range(3)]
+            kernels += [(select._compact_kernel, dict(BLOCK=tile, FOLDED=folded, CHUNK=chunk, NUM_PASSES=3, **common))
+                        for folded, chunk in ((True, select.FOLD_CHUNK), (False, 1024))]
             for kernel, constexprs in kernels:
                 compiled = compile_for(kernel, capability, constexprs, warps)
                 regs, local = resources(compiled)
-                assert local == 0, f"{kernel.fn.__name__} spills at tile {tile}"
+                what = (kernel.fn.__name__, tile, constexprs.get("P"), constexprs.get("FOLDED"))
+                assert local == 0, f"spills: {what}"
                 if tile <= 4096:  # what a GPU launches: 8 warps of at most 128 registers each
-                    assert regs <= 128, f"{kernel.fn.__name__}: {regs} registers at tile {tile}"
+                    assert regs <= 128, f"{regs} registers: {what}"
+                ptx = compiled.asm["ptx"]
+                # Histogram atomics go to global memory as relaxed reductions (one per bin of a
+                # tile's shared-memory histogram, or one per candidate key where a tile has few),
+                # never as returning atomics.
+                assert not re.search(r"atom\\.[a-z.]*global", ptx), f"a returning global atomic: {what}"
                 if kernel is select._histogram_kernel:
-                    ptx = compiled.asm["ptx"]
-                    # Keys are counted in shared memory; global memory sees one relaxed
-                    # reduction per bin of the tile, never a returning atomic.
-                    assert re.search(r"red\\.global\\.gpu\\.relaxed\\.add", ptx), "no relaxed global reduction"
-                    assert not re.search(r"atom\\.[a-z.]*global", ptx), "a returning global atomic"
-        compiled = compile_for(select._scan_kernel, capability, dict(CHUNK=1024, BINS=select.BINS, NUM_PASSES=3), 4)
+                    assert re.search(r"red\\.global\\.gpu\\.relaxed\\.add", ptx), f"no relaxed global reduction: {what}"
+        compiled = compile_for(select._scan_kernel, capability, dict(CHUNK=1024, NUM_PASSES=3, **common), 4)
         assert resources(compiled)[1] == 0, "the scan spills"
     print("ok")
 """)

@@ -4,8 +4,10 @@ reference backend and a brute-force oracle.
 Runs wherever the Triton backend does (CPU tensors under TRITON_INTERPRET=1). Small ``tile``
 values spread one segment over many programs, so what crosses programs (the histograms'
 atomics, the scan of per-tile counts, ties split between tiles) is exercised at sizes the
-interpreter runs quickly. The end of the file tests the first histogram pass filled by the
-norm pass (``FirstPass``), on its own and inside SparseAdamW.
+interpreter runs quickly. The correctness tests run each launch sequence a plan can choose
+(``VARIANTS``): tile counts summed by the compaction or by a scan launch, later passes adding
+one atomic per key or a histogram per tile. The end of the file tests the first histogram pass
+filled by the norm pass (``FirstPass``), on its own and inside SparseAdamW.
 """
 import importlib
 import math
@@ -19,8 +21,25 @@ from sparse_grad.backends import get, topk_select, triton_kernels
 from test_select_blocks import brute_force, tied_scores
 
 
-def run(scores, sizes, ks, tile=None):
-    ids = triton_kernels().select_blocks(scores, sizes, ks, tile=tile)
+# What plan() may choose, forced: (folded, sparse_keys). "default" is select_blocks's own choice
+# (folded, and per-key atomics for tiles of few candidates, at the sizes tested here).
+VARIANTS = {"default": None,
+            "scan,histograms": dict(folded=False, sparse_keys=0),
+            "folded,per-key": dict(folded=True, sparse_keys=2**31 - 1)}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request):
+    return request.param
+
+
+def run(scores, sizes, ks, tile=None, variant="default"):
+    if VARIANTS[variant] is None:
+        ids = triton_kernels().select_blocks(scores, sizes, ks, tile=tile)
+    else:
+        module = select_module()
+        ids = torch.empty(sum(ks), dtype=torch.int64, device=scores.device)
+        module.launch_select_blocks(scores, ids, module.plan(sizes, ks, scores.device, tile, **VARIANTS[variant]))
     assert ids.dtype == torch.int64 and ids.shape == (sum(ks),) and ids.device == scores.device
     return ids
 
@@ -32,8 +51,8 @@ def expected(scores, sizes, ks):
     return ids
 
 
-def check(scores, sizes, ks, tile):
-    assert torch.equal(run(scores, sizes, ks, tile).cpu(), expected(scores, sizes, ks).cpu())
+def check(scores, sizes, ks, tile, variant="default"):
+    assert torch.equal(run(scores, sizes, ks, tile, variant).cpu(), expected(scores, sizes, ks).cpu())
 
 
 def select_module():
@@ -49,33 +68,33 @@ def near_ties(n, device, spread=300):
 
 @pytest.mark.parametrize("n, k, tile", [(1, 1, 16), (2, 1, 16), (50, 7, 16), (97, 96, 32), (301, 31, 32),
                                         (300, 300, 64), (300, 0, 16), (1000, 1, 128), (4099, 613, None)])
-def test_global_matches_the_reference(triton_case, n, k, tile):
+def test_global_matches_the_reference(triton_case, variant, n, k, tile):
     device, _ = triton_case
     makers = (lambda: torch.rand(n, device=device), lambda: tied_scores(n, device),
               lambda: near_ties(n, device), lambda: -torch.rand(n, device=device))
     for make in makers:
-        check(make(), [n], [k], tile)
+        check(make(), [n], [k], tile, variant)
 
 
 @pytest.mark.parametrize("value", [0.0, -0.0, 1.5, float("inf"), float("-inf"), float("nan")])
-def test_all_equal_takes_the_lowest_ids(triton_case, value):
+def test_all_equal_takes_the_lowest_ids(triton_case, variant, value):
     """Every key is in the threshold bin of every pass and every key ties at T."""
     device, _ = triton_case
     n = 77
     scores = torch.full((n,), value, device=device)
     for k in (0, 1, 20, n - 1, n):
-        assert run(scores, [n], [k], tile=16).tolist() == list(range(k))
+        assert run(scores, [n], [k], 16, variant).tolist() == list(range(k))
 
 
-def test_signed_zeros_tie_and_nan_ranks_first(triton_case):
+def test_signed_zeros_tie_and_nan_ranks_first(triton_case, variant):
     device, _ = triton_case
     scores = torch.tensor([-0.0, 0.0, -0.0, float("nan"), -1.0, float("-inf"), 0.0, float("nan")], device=device)
-    assert run(scores, [8], [2], tile=4).tolist() == [3, 7]  # both NaN, above everything
-    assert run(scores, [8], [4], tile=4).tolist() == [0, 1, 3, 7]  # then the zeros, by id
-    assert run(scores, [8], [7], tile=4).tolist() == [0, 1, 2, 3, 4, 6, 7]  # -inf last
+    assert run(scores, [8], [2], 4, variant).tolist() == [3, 7]  # both NaN, above everything
+    assert run(scores, [8], [4], 4, variant).tolist() == [0, 1, 3, 7]  # then the zeros, by id
+    assert run(scores, [8], [7], 4, variant).tolist() == [0, 1, 2, 3, 4, 6, 7]  # -inf last
 
 
-def test_nan_of_either_sign_and_inf_rank_above_every_number(triton_case):
+def test_nan_of_either_sign_and_inf_rank_above_every_number(triton_case, variant):
     device, _ = triton_case
     n = 101
     scores = torch.rand(n, device=device) * 1e30
@@ -84,13 +103,13 @@ def test_nan_of_either_sign_and_inf_rank_above_every_number(triton_case):
     scores[33] = -float("nan")  # sign bit set: still NaN, still first
     scores[[3, 4, 70]] = -0.0
     for k in (1, 3, 4, 5, 6, n - 1, n):
-        check(scores, [n], [k], tile=16)
-    assert run(scores, [n], [3], tile=16).tolist() == [17, 33, 90]
-    assert run(scores, [n], [5], tile=16).tolist() == [5, 17, 33, 60, 90]
+        check(scores, [n], [k], 16, variant)
+    assert run(scores, [n], [3], 16, variant).tolist() == [17, 33, 90]
+    assert run(scores, [n], [5], 16, variant).tolist() == [5, 17, 33, 60, 90]
 
 
 @pytest.mark.parametrize("tile", [8, 32])
-def test_ties_straddling_the_threshold_go_to_the_lowest_ids(triton_case, tile):
+def test_ties_straddling_the_threshold_go_to_the_lowest_ids(triton_case, variant, tile):
     """A run of equal scores spread over several tiles, with k ending inside it: the ties taken
     are the first ones in id order, whichever tile they are in."""
     device, _ = triton_case
@@ -102,14 +121,14 @@ def test_ties_straddling_the_threshold_go_to_the_lowest_ids(triton_case, tile):
     above = int((scores == 3.0).sum())
     ties = int((scores == 2.0).sum())
     for k in (above, above + 1, above + ties // 2, above + ties - 1, above + ties, above + ties + 1):
-        check(scores, [n], [k], tile)
+        check(scores, [n], [k], tile, variant)
     k = above + ties // 2
-    taken = set(run(scores, [n], [k], tile).tolist())
+    taken = set(run(scores, [n], [k], tile, variant).tolist())
     tie_ids = sorted(torch.nonzero(scores == 2.0).flatten().tolist())
     assert [i for i in tie_ids if i in taken] == tie_ids[:ties // 2]
 
 
-def test_more_threshold_bin_candidates_than_one_tile(triton_case):
+def test_more_threshold_bin_candidates_than_one_tile(triton_case, variant):
     """Keys that share their top 21+ bits: after each of the first two passes the threshold bin
     holds far more candidates than a tile has lanes, and they are spread over every tile."""
     device, _ = triton_case
@@ -117,39 +136,56 @@ def test_more_threshold_bin_candidates_than_one_tile(triton_case):
     for spread in (3, 300, 2000):
         scores = near_ties(n, device, spread)
         for k in (1, 37, 130, n - 1):
-            check(scores, [n], [k], tile=16)
+            check(scores, [n], [k], 16, variant)
 
 
 @pytest.mark.parametrize("tile", [8, 64, None])
-def test_per_segment_with_empty_and_full_segments(triton_case, tile):
+def test_per_segment_with_empty_and_full_segments(triton_case, variant, tile):
     device, _ = triton_case
     sizes = [10, 0, 25, 1, 15, 3, 40, 33]
     ks = [3, 0, 25, 1, 0, 3, 9, 32]
     for scores in (tied_scores(sum(sizes), device), near_ties(sum(sizes), device)):
-        check(scores, sizes, ks, tile)
+        check(scores, sizes, ks, tile, variant)
 
 
 @pytest.mark.parametrize("k_of", [lambda n: 0, lambda n: 1, lambda n: max(n - 1, 0), lambda n: n],
                          ids=["0", "1", "n-1", "n"])
-def test_per_segment_extreme_ks(triton_case, k_of):
+def test_per_segment_extreme_ks(triton_case, variant, k_of):
     """Scope "tensor": segments of odd sizes (partial last tiles), each with the same extreme k."""
     device, _ = triton_case
     sizes = [1, 7, 33, 2, 65, 19]
     ks = [k_of(n) for n in sizes]
     if sum(ks) == 0:
-        assert run(tied_scores(sum(sizes), device), sizes, ks, tile=16).numel() == 0
+        assert run(tied_scores(sum(sizes), device), sizes, ks, 16, variant).numel() == 0
         return
     for scores in (tied_scores(sum(sizes), device), torch.randn(sum(sizes), device=device)):
-        check(scores, sizes, ks, tile=16)
+        check(scores, sizes, ks, 16, variant)
 
 
-def test_many_random_segments(triton_case):
+def test_many_random_segments(triton_case, variant):
     device, _ = triton_case
     sizes = torch.randint(0, 40, (30,)).tolist()
     ks = [int(torch.randint(0, n + 1, ()).item()) for n in sizes]
     scores = torch.randn(sum(sizes), device=device).square()
     scores[torch.rand(scores.shape, device=device) < 0.3] = 0.5  # ties across segments too
-    check(scores, sizes, ks, tile=16)
+    check(scores, sizes, ks, 16, variant)
+
+
+def test_tiles_listing_their_candidates_and_tiles_summing_them_in_one_segment(triton_case, variant):
+    """The last pass keeps a tile's candidates (keys with T's 22-bit prefix) as a list of digits
+    where it has at most ROW_CAP of them, else as suffix sums: here tiles of both kinds, and
+    tiles with none, meet in one segment, with ties at T on either side of the cut."""
+    device, _ = triton_case
+    module = select_module()
+    n, tile = 400, 16
+    scores = torch.rand(n, device=device)  # below 1.0: no candidate
+    crowded = near_ties(96, device, spread=40)  # six whole tiles of candidates (> ROW_CAP each)
+    scores[160:256] = crowded
+    few = torch.tensor([3, 17, 40, 300, 301, 399])  # one or two candidates in other tiles
+    scores[few] = crowded[torch.randint(0, 96, (len(few),))]
+    assert 16 > module.ROW_CAP >= 2
+    for k in (1, 5, 40, 70, 101, 102):
+        check(scores, [n], [k], tile, variant)
 
 
 def test_consecutive_calls_share_no_state_and_repeat_exactly(triton_case):
@@ -189,18 +225,24 @@ def launches(monkeypatch):
     return recorded
 
 
-@pytest.mark.parametrize("n, tile", [(100_003, None), (5_000, 256)])
-def test_no_program_scans_more_than_8192_scores(triton_case, launches, n, tile):
+@pytest.mark.parametrize("n, tile, folded", [(100_003, None, None), (5_000, 256, None), (5_000, 16, False)])
+def test_no_program_scans_more_than_8192_scores(triton_case, launches, n, tile, folded):
     """A large vector is spread over ceil(n / tile) programs of at most 8,192 scores each, in a
-    fixed launch sequence; the per-segment scan reads tile counts, not scores."""
+    fixed launch sequence; the tile counts are summed by the compaction programs (folded, up to
+    FOLD_TILES tiles per segment) or by one scan program per segment, which reads tile counts,
+    not scores."""
     device, _ = triton_case
+    module = select_module()
     scores = torch.rand(n, device=device)
     k = n // 3
-    ids = run(scores, [n], [k], tile)
+    plan = module.plan([n], [k], torch.device(device), tile, folded=folded)
+    assert plan.folded == (folded is None)  # at most FOLD_TILES tiles: folded by default
+    ids = torch.empty(k, dtype=torch.int64, device=device)
+    module.launch_select_blocks(scores, ids, plan)
     assert torch.equal(ids.cpu(), expected(scores, [n], [k]).cpu())
-    assert [name for name, _, _ in launches] == ["_histogram_kernel"] * 3 + ["_scan_kernel",
-                                                                            "_compact_kernel"]
-    max_tile = select_module().MAX_TILE
+    scan = [] if plan.folded else ["_scan_kernel"]
+    assert [name for name, _, _ in launches] == ["_histogram_kernel"] * 3 + scan + ["_compact_kernel"]
+    max_tile = module.MAX_TILE
     assert max_tile == 8192
     for name, grid, kwargs in launches:
         if name == "_scan_kernel":
@@ -210,6 +252,19 @@ def test_no_program_scans_more_than_8192_scores(triton_case, launches, n, tile):
         assert block <= max_tile and (tile is None or block == tile)
         assert grid == (math.ceil(n / block),)  # every score in exactly one program
     assert len({kwargs["BLOCK"] for name, _, kwargs in launches if name != "_scan_kernel"}) == 1
+
+
+def test_the_scan_launch_only_for_segments_of_more_than_fold_tiles_tiles(triton_case):
+    """Folded, each compaction program reads the counts of every earlier tile of its segment:
+    bounded by FOLD_TILES tiles; a longer segment gets the scan program."""
+    device = torch.device(triton_case[0])
+    module = select_module()
+    limit = module.FOLD_TILES
+    assert module.plan([16 * limit], [3], device, 16).folded
+    assert module.plan([5, 16 * limit, 7], [1, 3, 2], device, 16).folded
+    assert not module.plan([5, 16 * limit + 1, 7], [1, 3, 2], device, 16).folded
+    assert not module.plan([16 * limit + 1], [3], device, 16).folded
+    assert module.plan([16 * limit + 1], [3], device, 32).folded
 
 
 def test_tiles_on_a_gpu_and_explicit_tiles_stay_within_8192(triton_case):

@@ -2,16 +2,20 @@
 
 Every score becomes an unsigned 32-bit rank key, ordered like the scores (NaN above everything,
 -0.0 equal to +0.0). Each segment's k-th largest key T is found one digit at a time, most
-significant first (11, 11 and 10 bits): every tile of at most ``MAX_TILE`` scores histograms the
-digit of its keys that share the digits found so far, into its segment's histogram in global
-memory (integer atomics: the sums, hence T, are deterministic). Nothing is read back between
+significant first (11, 11 and 10 bits): every tile of at most ``MAX_TILE`` scores counts the
+digit of its keys that share the digits found so far (its candidates) into its segment's
+histogram in global memory, with integer atomics (the sums, hence T, are deterministic): one per
+non-empty bin of a shared-memory histogram of the tile, or one per candidate where the tile has
+few (past the first pass, on heavy-tailed scores, tens per tile). Nothing is read back between
 passes: each program of the next kernel re-derives the digits found so far from the finished
 histograms (a cumulative sum over 2,048 bins, cheaper than a launch of its own). The last pass
-also stores, per tile, its keys above T's 22-bit prefix and the suffix sums of its last-digit
-histogram, from which one program per segment, knowing T, reads each tile's keys > T and == T
-(two entries per tile) and scans them (exclusive, in tile order); then every tile writes its chosen ids to their final slots: all keys > T and the ties
-== T of lowest id until exactly k are taken. The ids come out ascending without a sort, the
-output size is known on the host (the sum of the ks), and no program reads more than
+also stores, per tile, its keys above T's 22-bit prefix, its candidates' count, and their last
+digits (at most ``ROW_CAP``) or the suffix sums of their histogram; from these, knowing T, each
+tile's keys > T and == T follow. Every compaction program sums them over the tiles before it in
+its segment (a separate scan program per segment only where a segment has more than
+``FOLD_TILES`` tiles), then writes its chosen ids to their final slots: all keys > T and the
+ties == T of lowest id until exactly k are taken. The ids come out ascending without a sort,
+the output size is known on the host (the sum of the ks), and no program reads more than
 ``MAX_TILE`` scores: no host sync, a fixed launch sequence (CUDA-graph capturable), and work
 spread over ``ceil(n / tile)`` programs instead of one program per segment.
 
@@ -36,6 +40,15 @@ MAX_TILE = 8192
 # Histogram bins per pass: digits of 11, 11 and 10 bits cover the 32-bit key in three passes.
 BINS = 2048
 NUM_PASSES = 3
+# What the last pass keeps per tile for the counts of its keys > T and == T: the last digits of
+# its candidates (keys with T's 22-bit prefix) where it has at most ROW_CAP of them, else the
+# suffix sums of their histogram (a row of BINS // 2 int32).
+ROW_CAP = 8
+ROW = BINS // 2
+# Segments of at most this many tiles need no scan launch: each compaction program adds up the
+# counts of the tiles before it in its segment (at most FOLD_TILES * (2 + ROW_CAP) int32 reads).
+FOLD_TILES = 1024
+FOLD_CHUNK = 256  # tiles per iteration of that sum
 
 
 @triton.jit
@@ -120,56 +133,103 @@ def _tile(tiles_ptr, segments_ptr, num_tiles, num_segments, BLOCK: tl.constexpr)
 
 
 @triton.jit
+def _add_histogram(hist_row_ptr, digits, mask, NBINS: tl.constexpr):
+    """Counts the masked ``digits`` in shared memory, then adds the tile's non-empty bins to the
+    segment's histogram: one relaxed atomic per bin, not per key. Returns the tile's counts."""
+    local = tl.histogram(digits, NBINS, mask=mask)
+    tl.atomic_add(hist_row_ptr + tl.arange(0, NBINS), local, mask=local > 0, sem="relaxed")
+    return local
+
+
+@triton.jit
+def _tile_counts(scratch_ptr, index, valid, num_tiles, digit, limit,
+                 ROW_CAP: tl.constexpr, ROW: tl.constexpr):
+    """Per tile of ``index``: (its keys > T, its keys == T), T's last digit being ``digit``, from
+    what the last histogram pass stored: the keys above T's prefix, the candidates (keys with the
+    prefix), and their digits (at most ``limit`` candidates) or their suffix sums (more)."""
+    above = tl.load(scratch_ptr + index, mask=valid, other=0)
+    candidates = tl.load(scratch_ptr + num_tiles + index, mask=valid, other=0)
+    row = scratch_ptr + 3 * num_tiles + index * ROW
+    listed = candidates <= limit
+    slots = tl.arange(0, ROW_CAP)
+    digits = tl.load(row[:, None] + slots[None, :],
+                     mask=(valid & listed)[:, None] & (slots[None, :] < candidates[:, None]), other=-1)
+    listed_above = tl.sum((digits > digit).to(tl.int32), axis=1)
+    listed_ties = tl.sum((digits == digit).to(tl.int32), axis=1)
+    # Suffix sums: entry d holds the candidates with a last digit >= d; none is above the largest.
+    summed = valid & (candidates > limit)
+    larger = tl.load(row + digit + 1, mask=summed & (digit + 1 + index * 0 < ROW), other=0)
+    at_digit = tl.load(row + digit, mask=summed, other=0)
+    return above + tl.where(listed, listed_above, larger), tl.where(listed, listed_ties, at_digit - larger)
+
+
+@triton.jit
 def _histogram_kernel(
     scores_ptr,  # fp32 [num_blocks]
     tiles_ptr,  # int64 [3, num_tiles]: segment, first id, end id of each tile
     segments_ptr,  # int64 [6, S]: first block, blocks, k, first output slot, first tile, tiles
     hist_ptr,  # int32 [NUM_PASSES, S, BINS], zero before the first pass
-    above_ptr,  # int32 [num_tiles]: keys above the prefix of T (written by the last pass)
-    suffix_ptr,  # int32 [num_tiles, BINS // 2]: keys with T's prefix and a last digit >= d (last pass)
+    # int32 [(3 + ROW) * num_tiles], written by the last pass: per tile, its keys above T's 22-bit
+    # prefix, its candidates (keys with that prefix), [a slot for the scan], then its row
+    scratch_ptr,
     num_tiles,
     num_segments,
+    sparse_keys,  # at most this many candidates: one atomic per key, not a histogram
     P: tl.constexpr,
     BLOCK: tl.constexpr,
     BINS: tl.constexpr,
+    ROW_CAP: tl.constexpr,
 ):
     tile, segment, k, index, valid = _tile(tiles_ptr, segments_ptr, num_tiles, num_segments, BLOCK)
     keys = _rank_keys(scores_ptr, index, valid)
-    if P > 0:  # only the keys that share the digits found so far
+    digits = _digit(keys, P)
+    hist_row = hist_ptr + (P * num_segments + segment) * BINS
+    if P == 0:
+        _add_histogram(hist_row, digits, valid, BINS)
+    else:  # only the keys that share the digits found so far
         prefix, need = _threshold(hist_ptr, segment, num_segments, k, P, BINS)
-        if P == 2:  # the last pass
+        candidates = valid & (_prefix(keys, P) == prefix)
+        count = tl.sum(candidates.to(tl.int32), axis=0)
+        if P == 1:
+            # Past the first pass few keys share T's prefix (on heavy-tailed scores, tens per
+            # tile): an atomic each costs less than a 2,048-bin histogram of the whole tile.
+            if count <= sparse_keys:
+                tl.atomic_add(hist_row + digits, 1, mask=candidates, sem="relaxed")
+            else:
+                _add_histogram(hist_row, digits, candidates, BINS)
+        else:
             # Every key above T's prefix is above T, whatever T's last digit turns out to be.
-            tl.store(above_ptr + tile, tl.sum((valid & (_prefix(keys, P) > prefix)).to(tl.int32), axis=0))
-        valid = valid & (_prefix(keys, P) == prefix)
-    local = tl.histogram(_digit(keys, P), BINS, mask=valid)
-    bins = tl.arange(0, BINS)
-    # One atomic per non-empty bin of the tile, not per key.
-    tl.atomic_add(hist_ptr + (P * num_segments + segment) * BINS + bins, local, mask=local > 0, sem="relaxed")
-    if P == 2:
-        # The scan, which knows T's last digit t once this pass is complete everywhere, reads the
-        # tile's keys > T (above + suffix[t + 1]) and == T (suffix[t] - suffix[t + 1]) from here:
-        # no kernel of its own re-reads the scores to count them.
-        at_least = tl.sum(local, axis=0) - tl.cumsum(local, axis=0) + local
-        tl.store(suffix_ptr + tile * (BINS // 2) + bins, at_least, mask=bins < BINS // 2)
+            tl.store(scratch_ptr + tile, tl.sum((valid & (_prefix(keys, P) > prefix)).to(tl.int32), axis=0))
+            tl.store(scratch_ptr + num_tiles + tile, count)
+            row = scratch_ptr + 3 * num_tiles + tile * (BINS // 2)
+            # What the counts of keys > T and == T need once T's last digit is known: no kernel
+            # of its own re-reads the scores for them.
+            if count <= tl.minimum(sparse_keys, ROW_CAP):
+                tl.atomic_add(hist_row + digits, 1, mask=candidates, sem="relaxed")
+                slot = tl.cumsum(candidates.to(tl.int32), axis=0) - 1
+                tl.store(row + slot, digits, mask=candidates)
+            else:
+                local = _add_histogram(hist_row, digits, candidates, BINS // 2)
+                tl.store(row + tl.arange(0, BINS // 2), tl.sum(local, axis=0) - tl.cumsum(local, axis=0) + local)
 
 
 @triton.jit
 def _scan_kernel(
-    segments_ptr, hist_ptr, above_ptr, suffix_ptr,
+    segments_ptr, hist_ptr, scratch_ptr,
     bases_ptr,  # int64 [num_tiles + 2 S]: first output slot of each tile, then T and need per segment
-    ties_before_ptr,  # int32 [num_tiles]: keys == T in the segment's earlier tiles
-    num_tiles, num_segments,
-    CHUNK: tl.constexpr, BINS: tl.constexpr, NUM_PASSES: tl.constexpr,
+    num_tiles, num_segments, sparse_keys,
+    CHUNK: tl.constexpr, BINS: tl.constexpr, NUM_PASSES: tl.constexpr, ROW_CAP: tl.constexpr,
 ):
+    """One program per segment of more than FOLD_TILES tiles: each tile's first output slot and
+    the segment's ties before it (in the scratch slot between the counts and the rows)."""
     segment = tl.program_id(0).to(tl.int64)
     k = tl.load(segments_ptr + 2 * num_segments + segment)
     out_start = tl.load(segments_ptr + 3 * num_segments + segment)
     first_tile = tl.load(segments_ptr + 4 * num_segments + segment)
     tiles = tl.load(segments_ptr + 5 * num_segments + segment)
     threshold, need = _threshold(hist_ptr, segment, num_segments, k, NUM_PASSES, BINS)
-    # T's last digit: the tile's keys > T are those above its prefix and those with the prefix and
-    # a larger digit. t == BINS // 2 - 1 (the largest, as with k == 0) has no larger digit.
     digit = _digit(threshold, NUM_PASSES - 1).to(tl.int64)
+    limit = tl.minimum(sparse_keys, ROW_CAP)
     lanes = tl.arange(0, CHUNK)
     above_carry = need * 0
     ties_carry = need * 0
@@ -177,16 +237,13 @@ def _scan_kernel(
     while offset < tiles:
         index = first_tile + offset + lanes
         valid = offset + lanes < tiles
-        row = suffix_ptr + index * (BINS // 2)
-        larger = tl.load(row + digit + 1, mask=valid & (digit + 1 + lanes * 0 < BINS // 2), other=0)
-        above = tl.load(above_ptr + index, mask=valid, other=0) + larger
-        ties = tl.load(row + digit, mask=valid, other=0) - larger
+        above, ties = _tile_counts(scratch_ptr, index, valid, num_tiles, digit, limit, ROW_CAP, BINS // 2)
         above_before = above_carry + tl.cumsum(above, axis=0) - above
         ties_before = ties_carry + tl.cumsum(ties, axis=0) - ties
         # Every key > T of an earlier tile is taken, and the earlier ties up to `need`.
         base = out_start + above_before.to(tl.int64) + tl.minimum(ties_before, need).to(tl.int64)
         tl.store(bases_ptr + index, base, mask=valid)
-        tl.store(ties_before_ptr + index, ties_before, mask=valid)
+        tl.store(scratch_ptr + 2 * num_tiles + index, ties_before, mask=valid)
         above_carry += tl.sum(above, axis=0)
         ties_carry += tl.sum(ties, axis=0)
         offset += CHUNK
@@ -196,17 +253,37 @@ def _scan_kernel(
 
 @triton.jit
 def _compact_kernel(
-    scores_ptr, tiles_ptr, segments_ptr, bases_ptr, ties_before_ptr,
+    scores_ptr, tiles_ptr, segments_ptr, hist_ptr, scratch_ptr,
+    bases_ptr,  # what the scan wrote (not FOLDED)
     out_ptr,  # int64 [sum of ks]
-    num_tiles, num_segments,
-    BLOCK: tl.constexpr,
+    num_tiles, num_segments, sparse_keys,
+    BLOCK: tl.constexpr, FOLDED: tl.constexpr, CHUNK: tl.constexpr, BINS: tl.constexpr,
+    NUM_PASSES: tl.constexpr, ROW_CAP: tl.constexpr,
 ):
     tile, segment, k, index, valid = _tile(tiles_ptr, segments_ptr, num_tiles, num_segments, BLOCK)
-    threshold = tl.load(bases_ptr + num_tiles + segment).to(tl.uint32)
-    need = tl.load(bases_ptr + num_tiles + num_segments + segment).to(tl.int32)
-    base = tl.load(bases_ptr + tile)
-    ties_before = tl.load(ties_before_ptr + tile)
-    keys = _rank_keys(scores_ptr, index, valid)
+    keys = _rank_keys(scores_ptr, index, valid)  # first: its latency overlaps what follows
+    if FOLDED:  # this program sums the counts of the tiles before it: no scan launch
+        threshold, need = _threshold(hist_ptr, segment, num_segments, k, NUM_PASSES, BINS)
+        digit = _digit(threshold, NUM_PASSES - 1).to(tl.int64)
+        limit = tl.minimum(sparse_keys, ROW_CAP)
+        out_start = tl.load(segments_ptr + 3 * num_segments + segment)
+        earlier = tl.load(segments_ptr + 4 * num_segments + segment)
+        lanes = tl.arange(0, CHUNK)
+        above_before = need * 0
+        ties_before = need * 0
+        while earlier < tile:
+            index_before = earlier + lanes
+            above, ties = _tile_counts(scratch_ptr, index_before, index_before < tile, num_tiles, digit, limit,
+                                       ROW_CAP, BINS // 2)
+            above_before += tl.sum(above, axis=0)
+            ties_before += tl.sum(ties, axis=0)
+            earlier += CHUNK
+        base = out_start + above_before.to(tl.int64) + tl.minimum(ties_before, need).to(tl.int64)
+    else:
+        threshold = tl.load(bases_ptr + num_tiles + segment).to(tl.uint32)
+        need = tl.load(bases_ptr + num_tiles + num_segments + segment).to(tl.int32)
+        base = tl.load(bases_ptr + tile)
+        ties_before = tl.load(scratch_ptr + 2 * num_tiles + tile)
     above = valid & (keys > threshold)
     tie = (valid & (keys == threshold)).to(tl.int32)
     tie_rank = ties_before + tl.cumsum(tie, axis=0) - tie
@@ -225,7 +302,9 @@ class Plan:
     segments: torch.Tensor  # int64 [6, S]
     num_tiles: int
     tile: int  # scores per program (BLOCK)
-    scan_chunk: int  # tiles per iteration of the scan
+    folded: bool  # no scan launch: every segment has at most FOLD_TILES tiles
+    chunk: int  # tiles per iteration of the sum of tile counts (the scan's or the compaction's)
+    sparse_keys: int  # candidates of a tile up to which it adds one atomic per key
     num_warps: int
 
 
@@ -249,8 +328,12 @@ def tile_size(sizes: Sequence[int], device: torch.device) -> int:
     return min(max(16, widest), GPU_MAX_TILE, max(GPU_MIN_TILE, spread))
 
 
-def plan(sizes: Sequence[int], ks: Sequence[int], device: torch.device, tile: int | None = None) -> Plan:
-    """Cut each segment into tiles of ``tile`` scores and upload the tables (cached per layout)."""
+def plan(sizes: Sequence[int], ks: Sequence[int], device: torch.device, tile: int | None = None,
+         folded: bool | None = None, sparse_keys: int | None = None) -> Plan:
+    """Cut each segment into tiles of ``tile`` scores and upload the tables (cached per layout).
+    ``folded``: sum the tile counts in the compaction (no scan launch); by default where every
+    segment has at most ``FOLD_TILES`` tiles. ``sparse_keys``: by default ``max(ROW_CAP, tile //
+    32)``; 0 makes every tile build a histogram. (Both are there for the tests.)"""
     if tile is None:
         tile = tile_size(sizes, device)
     if not 1 <= tile <= MAX_TILE or tile & (tile - 1):
@@ -273,8 +356,13 @@ def plan(sizes: Sequence[int], ks: Sequence[int], device: torch.device, tile: in
     tiles, segments = cached_tables(
         (tuple(tile_segment + tile_start + tile_end),
          tuple(starts) + tuple(sizes) + tuple(ks) + tuple(out_starts) + tuple(first_tiles) + tuple(counts)), device)
-    scan_chunk = min(1024, max(16, triton.next_power_of_2(max(counts, default=1))))
-    return Plan(tuple(sizes), tuple(ks), tiles, segments, num_tiles, tile, scan_chunk,
+    longest = max(counts, default=1)
+    if folded is None:
+        folded = longest <= FOLD_TILES
+    chunk = min(FOLD_CHUNK if folded else 1024, max(16, triton.next_power_of_2(longest)))
+    if sparse_keys is None:
+        sparse_keys = max(ROW_CAP, tile // 32)
+    return Plan(tuple(sizes), tuple(ks), tiles, segments, num_tiles, tile, folded, chunk, sparse_keys,
                 num_warps=4 if tile <= 1024 else 8)
 
 
@@ -301,30 +389,34 @@ class FirstPass:
 
 def launch_select_blocks(scores: torch.Tensor, out: torch.Tensor, plan: Plan, hist: torch.Tensor | None = None) -> None:
     """The selection's fixed launch sequence for a :func:`plan`: a zeroed histogram, three
-    histogram passes (the last also counts, per tile, the keys above T's prefix and the suffix
-    sums of its last digit), the scan, the compaction. ``hist``: histograms from
-    :func:`new_histogram` whose first pass is already done (by the norm pass, see
-    :class:`FirstPass`); the sequence then starts at the second pass. Scratch is allocated per
-    call, so no state carries over from one call to the next and concurrent calls share nothing."""
+    histogram passes (the last also counts, per tile, the keys above T's prefix and keeps what
+    the counts of its keys > T and == T need), the scan where a segment has more than
+    ``FOLD_TILES`` tiles, the compaction. ``hist``: histograms from :func:`new_histogram` whose
+    first pass is already done (by the norm pass, see :class:`FirstPass`); the sequence then
+    starts at the second pass. Scratch is allocated per call, so no state carries over from one
+    call to the next and concurrent calls share nothing."""
     num_segments = len(plan.sizes)
     device = scores.device
     first = 0 if hist is None else 1
     if hist is None:
         hist = new_histogram(num_segments, device)
     # Every entry is written by the last histogram pass or the scan before it is read: no memset.
-    counts = torch.empty(2 * plan.num_tiles, dtype=torch.int32, device=device)  # above the prefix, ties before
-    suffix = torch.empty(plan.num_tiles * (BINS // 2), dtype=torch.int32, device=device)
-    bases = torch.empty(plan.num_tiles + 2 * num_segments, dtype=torch.int64, device=device)
-    above, ties_before = counts[:plan.num_tiles], counts[plan.num_tiles:]
+    scratch = torch.empty((3 + ROW) * plan.num_tiles, dtype=torch.int32, device=device)
     grid = (plan.num_tiles,)
     for p in range(first, NUM_PASSES):
-        _histogram_kernel[grid](scores, plan.tiles, plan.segments, hist, above, suffix, plan.num_tiles,
-                                num_segments, P=p, BLOCK=plan.tile, BINS=BINS, num_warps=plan.num_warps)
-    _scan_kernel[(num_segments,)](plan.segments, hist, above, suffix, bases, ties_before, plan.num_tiles,
-                                  num_segments, CHUNK=plan.scan_chunk, BINS=BINS, NUM_PASSES=NUM_PASSES,
-                                  num_warps=4)
-    _compact_kernel[grid](scores, plan.tiles, plan.segments, bases, ties_before, out, plan.num_tiles,
-                          num_segments, BLOCK=plan.tile, num_warps=plan.num_warps)
+        _histogram_kernel[grid](scores, plan.tiles, plan.segments, hist, scratch, plan.num_tiles, num_segments,
+                                plan.sparse_keys, P=p, BLOCK=plan.tile, BINS=BINS, ROW_CAP=ROW_CAP,
+                                num_warps=plan.num_warps)
+    if plan.folded:
+        bases = scratch  # not read
+    else:
+        bases = torch.empty(plan.num_tiles + 2 * num_segments, dtype=torch.int64, device=device)
+        _scan_kernel[(num_segments,)](plan.segments, hist, scratch, bases, plan.num_tiles, num_segments,
+                                      plan.sparse_keys, CHUNK=plan.chunk, BINS=BINS, NUM_PASSES=NUM_PASSES,
+                                      ROW_CAP=ROW_CAP, num_warps=4)
+    _compact_kernel[grid](scores, plan.tiles, plan.segments, hist, scratch, bases, out, plan.num_tiles,
+                          num_segments, plan.sparse_keys, BLOCK=plan.tile, FOLDED=plan.folded, CHUNK=plan.chunk,
+                          BINS=BINS, NUM_PASSES=NUM_PASSES, ROW_CAP=ROW_CAP, num_warps=plan.num_warps)
 
 
 def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks: Sequence[int],
