@@ -26,6 +26,7 @@ from .group_state import GroupState, Selection
 from .overflow import Overflow
 from .rules import ADAMW, UpdateRule
 from .selection import reselection_due, selection_key
+from .step_hooks import hook_step
 from .step_plan import GroupPlan, group_plan, taking_part
 
 __all__ = ["SparseAdamW", "SparseOptimizer"]
@@ -286,6 +287,7 @@ class SparseOptimizer(Optimizer):
         state.bound = bound if bound is not None and bound.reusable else None
         return bound
 
+    @hook_step  # torch's hooks and profiler range, the range only under a profiler
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """One optimizer step over every param group; returns ``closure()``'s loss if given.

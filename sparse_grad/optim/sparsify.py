@@ -24,6 +24,7 @@ from .functional import _select
 from .group_state import GroupState, Selection
 from .group_view import PlainGroup
 from .selection import Counts
+from .step_hooks import hook_step
 from .sparse_adamw import GROUP_STATE_KEY, _check_unique, _new_group_params, _saved_parts
 
 __all__ = ["SparsifiedOptimizer", "sparsify"]
@@ -212,6 +213,7 @@ class SparsifiedOptimizer(Optimizer):
         bound = state.bound = _Bound(index, group, *parts, state, self.state, self._rule)
         return bound
 
+    @hook_step  # torch's hooks and profiler range, the range only under a profiler
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """One step over every param group; returns ``closure()``'s loss if given. Every group
