@@ -280,6 +280,16 @@ def test_tiles_on_a_gpu_and_explicit_tiles_stay_within_8192(triton_case):
             run(torch.rand(100, device=device), [100], [5], tile=bad)
 
 
+def test_the_host_side_power_of_two_is_tritons():
+    """The tile and chunk sizes use a plain-Python next_power_of_2 (Triton's is a constexpr
+    function whose host call costs several µs from Triton 3.9): the same numbers."""
+    import triton
+
+    tables = importlib_tables()
+    for n in list(range(1, 5000)) + [2**20 - 1, 2**20, 2**20 + 1, 2**31 - 1, 2**31]:
+        assert tables.next_power_of_2(n) == triton.next_power_of_2(n), n
+
+
 def test_nothing_to_take_launches_nothing(triton_case, monkeypatch):
     from _utils import count_launches
 

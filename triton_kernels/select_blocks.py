@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tables import cached_tables
+from .tables import cached_tables, next_power_of_2
 
 # Counts within a segment (keys still to take, ties seen, slots taken) are int32.
 MAX_BLOCKS = 2**31 - 1
@@ -321,10 +321,10 @@ def tile_size(sizes: Sequence[int], device: torch.device) -> int:
     a histogram pass over 98,688 scores in tiles of 4,096 ran on 25 of 132 SMs (21 us a pass);
     tiles of 1,024 took 10 us, and the whole selection was fastest with 1,024 at 98,688 scores
     and with 4,096 at 1,048,576, the two tiles this rule gives."""
-    widest = triton.next_power_of_2(max(sizes, default=1))
+    widest = next_power_of_2(max(sizes, default=1))
     if device.type == "cpu":
         return min(MAX_TILE, max(16, widest))
-    spread = triton.next_power_of_2(-(-sum(sizes) // GPU_PROGRAMS))
+    spread = next_power_of_2(-(-sum(sizes) // GPU_PROGRAMS))
     return min(max(16, widest), GPU_MAX_TILE, max(GPU_MIN_TILE, spread))
 
 
@@ -359,7 +359,7 @@ def plan(sizes: Sequence[int], ks: Sequence[int], device: torch.device, tile: in
     longest = max(counts, default=1)
     if folded is None:
         folded = longest <= FOLD_TILES
-    chunk = min(FOLD_CHUNK if folded else 1024, max(16, triton.next_power_of_2(longest)))
+    chunk = min(FOLD_CHUNK if folded else 1024, max(16, next_power_of_2(longest)))
     if sparse_keys is None:
         sparse_keys = max(ROW_CAP, tile // 32)
     return Plan(tuple(sizes), tuple(ks), tiles, segments, num_tiles, tile, folded, chunk, sparse_keys,

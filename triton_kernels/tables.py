@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 import torch
-import triton
 import triton.language as tl
 
 TL_DTYPES = {
@@ -123,6 +122,13 @@ def vector_width(tensors: Sequence[torch.Tensor], block_size: int) -> int:
     return vec
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for n <= 1). ``triton.next_power_of_2`` is the same
+    number, but from Triton 3.9 a call of it from host code goes through its constexpr-function
+    wrapper, several µs a call on a step's host path."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def launch_config(block_size: int, device: torch.device, max_chunk: int,
                   chunk: int | None = None, num_warps: int | None = None) -> dict:
     """Elements per loop iteration (CHUNK), iterations per block and warps per program.
@@ -130,6 +136,6 @@ def launch_config(block_size: int, device: torch.device, max_chunk: int,
     The interpreter (CPU tensors) pays per operation, not per element, so it gets wide chunks.
     """
     if chunk is None:
-        chunk = min(triton.next_power_of_2(block_size), (1 << 16) if device.type == "cpu" else max_chunk)
-    return dict(CHUNK=chunk, NUM_CHUNKS=triton.cdiv(block_size, chunk),
+        chunk = min(next_power_of_2(block_size), (1 << 16) if device.type == "cpu" else max_chunk)
+    return dict(CHUNK=chunk, NUM_CHUNKS=-(-block_size // chunk),
                 num_warps=num_warps or (4 if chunk <= 1024 else 8))
