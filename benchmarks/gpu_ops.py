@@ -13,7 +13,8 @@ Per case (backend, density, reselect_every):
   the same steps, per step, each kernel put in one of the three by its name (``other``: the rest);
 - ``% ideal``: the ideal bytes (bench.ideal_bytes: 4 B/param for the norm pass at a reselection,
   28 B/param x density for the update) at the measured copy bandwidth, over the time taken.
-Selection alone is also timed on random scores of 98,688 and 1,048,576 blocks (``select_only``).
+Selection alone is also timed on random scores of 98,688 and 1,048,576 blocks (``select_only``),
+per tile size and per launch sequence of the Triton radix select.
 One torch.profiler table of a triton step at density 0.05 goes to ``profile_d0.05.txt``.
 """
 from __future__ import annotations
@@ -76,9 +77,33 @@ def copy_bandwidth(num_params: int, device) -> float:
     return 8 * num_params / median_time(lambda: dst.copy_(src), device, rounds=20, warmup=3)
 
 
-def select_rows(backend: str, device, scale: float, tiles: list[int | None]) -> list[dict]:
+# Launch sequences of the Triton selection, forced (triton_kernels/select_blocks.py, plan()):
+# "" is its own choice; the others undo one of its choices, to time each against it in one run.
+SELECT_VARIANTS = {"": {}, "scan": dict(folded=False), "histograms": dict(sparse_keys=0),
+                   "scan+histograms": dict(folded=False, sparse_keys=0)}
+
+
+def select_call(backend: str, scores, blocks: int, k: int, tile: int | None, variant: str):
+    """The selection of ``k`` of ``blocks`` scores as the case asks: the backend's own, or the
+    Triton radix select with a tile size or a forced launch sequence."""
+    if backend != "triton" or (tile is None and not variant):
+        return lambda: _unchecked.select_blocks(scores, [blocks], [k], backend)
+    if not variant:
+        return lambda: triton_kernels().select_blocks(scores, [blocks], [k], None, tile)
+    module = sys.modules[triton_kernels().launch_select_blocks.__module__]
+    plan = module.plan([blocks], [k], scores.device, tile, **SELECT_VARIANTS[variant])
+
+    def call():
+        out = torch.empty(k, dtype=torch.int64, device=scores.device)
+        module.launch_select_blocks(scores, out, plan)
+        return out
+    return call
+
+
+def select_rows(backend: str, device, scale: float, tiles: list[int | None], rounds: int = 20) -> list[dict]:
     """Selection alone on heavy-tailed random scores: wall time between CUDA events (launch gaps
-    included) and the kernels' device time, per tile size of the radix select (None: default)."""
+    included) and the kernels' device time, per tile size of the radix select (None: default)
+    and, at the default tile, per launch sequence (``SELECT_VARIANTS``)."""
     rows = []
     for blocks in (98_688, 1_048_576):
         blocks = max(1, int(blocks * scale)) if device.type == "cpu" else blocks  # a CPU smoke run
@@ -86,17 +111,15 @@ def select_rows(backend: str, device, scale: float, tiles: list[int | None]) -> 
         for density in (0.05, 0.01):
             k = max(1, round(density * blocks))
             expected = _unchecked.select_blocks(scores, [blocks], [k], "reference")
-            for tile in tiles if backend == "triton" else [None]:
-                if tile is None:
-                    call = lambda: _unchecked.select_blocks(scores, [blocks], [k], backend)  # noqa: E731
-                else:
-                    call = lambda: triton_kernels().select_blocks(scores, [blocks], [k], None, tile)  # noqa: E731
+            cases = [(tile, "") for tile in tiles] + [(None, v) for v in SELECT_VARIANTS if v and None in tiles]
+            for tile, variant in cases if backend == "triton" else [(None, "")]:
+                call = select_call(backend, scores, blocks, k, tile, variant)
                 if not torch.equal(call(), expected):
-                    raise AssertionError(f"select_only {backend} tile={tile}: not the reference selection")
+                    raise AssertionError(f"select_only {backend} tile={tile} {variant}: not the reference selection")
                 row = dict(case="select_only", backend=backend, density=density, blocks=blocks, tile=tile,
-                           synced=median_time(call, device, rounds=20, warmup=3))
+                           variant=variant, synced=median_time(call, device, rounds=rounds, warmup=min(3, rounds)))
                 if device.type == "cuda":
-                    times = kernel_times(call, 20)
+                    times = kernel_times(call, rounds)
                     row.update(select=times["select"] + times["other"], launches=times["launches"])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -258,6 +281,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         case = f"{r['case']} {r['blocks']} blocks" if "blocks" in r else r["case"]
         case += f" tile {r['tile']}" if r.get("tile") else ""
+        case += f" ({r['variant']})" if r.get("variant") else ""
         density = "" if r.get("density") is None else f"{r['density']:g}"
         timed_step = r["case"] not in ("copy", "select_only") and "pipelined" in r
         speed = f"{fused['pipelined'] / r['pipelined']:.2f}" if timed_step else ""

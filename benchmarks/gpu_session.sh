@@ -32,7 +32,7 @@ stage cuda_tests 110 $P -k cuda tests/test_block_sqnorms.py tests/test_select_bl
 # Everything else that has a CUDA case.
 # (--dist loadfile: the distributed tests of one file share a port, so they stay in one worker)
 stage cuda_all 170 $P --dist loadfile -k cuda tests --ignore=tests/test_torch_parity.py --ignore=tests/test_packaging.py
-stage gpu_ops 90 python3 benchmarks/gpu_ops.py --out "$OUT"
+stage gpu_ops 110 python3 benchmarks/gpu_ops.py --out "$OUT"
 stage bench 110 python3 -m sparse_grad bench --device cuda --shapes llm-400m --backends triton,cuda \
     --densities 1,0.05,0.01 --out "$OUT/bench" --no-plot
 stage sgd_lion_bench 60 python3 -m pytest -q -p no:cacheprovider benchmarks/test_sgd_lion_step.py --benchmark-only \

@@ -402,6 +402,19 @@ def test_gpu_ops_script_runs_on_cpu_and_checks_every_selection(tmp_path):
     assert table.count("\n") == len(rows) + 2 and "| torch AdamW fused |" in table
 
 
+def test_gpu_ops_times_every_launch_sequence_of_the_triton_selection(triton_case):
+    """The selection-alone rows on the Triton backend (under the interpreter here): each tile and
+    each forced launch sequence selects the reference's blocks (checked inside), and each is a
+    row of its own."""
+    gpu_ops = benchmark_script("gpu_ops")
+    device = torch.device(triton_case[0])
+    rows = gpu_ops.select_rows("triton", device, 0.0005, [None, 16], rounds=1)
+    per_case = 2 + len(gpu_ops.SELECT_VARIANTS) - 1  # two tiles, the forced sequences at the default
+    assert len(rows) == 4 * per_case
+    assert {(r["tile"], r["variant"]) for r in rows} == {(None, ""), (16, "")} | {(None, v) for v in gpu_ops.SELECT_VARIANTS if v}
+    assert all(r["synced"] > 0 for r in rows)
+
+
 def test_host_time_script_stubs_the_kernels_and_measures_the_host_path(monkeypatch):
     """benchmarks/host_time.py --stub-kernels: the step runs its host path with no update (the
     params stay as they were) and the first norms and selection kept; then it is measured."""

@@ -192,7 +192,8 @@ def _histogram_kernel(
         count = tl.sum(candidates.to(tl.int32), axis=0)
         if P == 1:
             # Past the first pass few keys share T's prefix (on heavy-tailed scores, tens per
-            # tile): an atomic each costs less than a 2,048-bin histogram of the whole tile.
+            # tile): an atomic each skips the tile's shared-memory histogram (zeroing 2,048
+            # bins, a barrier, a masked pass over them to add the non-empty ones).
             if count <= sparse_keys:
                 tl.atomic_add(hist_row + digits, 1, mask=candidates, sem="relaxed")
             else:
