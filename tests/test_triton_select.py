@@ -21,10 +21,12 @@ from sparse_grad.backends import get, topk_select, triton_kernels
 from test_select_blocks import brute_force, tied_scores
 
 
-# What plan() may choose, forced: (folded, sparse_keys). "default" is select_blocks's own choice
-# (folded, and per-key atomics for tiles of few candidates, at the sizes tested here).
+# What plan() may choose, forced: (folded, sparse_keys, sub). "default" is select_blocks's own
+# choice (folded, per-key atomics for tiles of few candidates, a tile's histogram in one step
+# under the interpreter); "scan,histograms" also builds each histogram 4 keys at a time, as a
+# GPU does 1,024 at a time.
 VARIANTS = {"default": None,
-            "scan,histograms": dict(folded=False, sparse_keys=0),
+            "scan,histograms": dict(folded=False, sparse_keys=0, sub=4),
             "folded,per-key": dict(folded=True, sparse_keys=2**31 - 1)}
 
 
@@ -39,7 +41,11 @@ def run(scores, sizes, ks, tile=None, variant="default"):
     else:
         module = select_module()
         ids = torch.empty(sum(ks), dtype=torch.int64, device=scores.device)
-        module.launch_select_blocks(scores, ids, module.plan(sizes, ks, scores.device, tile, **VARIANTS[variant]))
+        options = dict(VARIANTS[variant])
+        plan = module.plan(sizes, ks, scores.device, tile, **{**options, "sub": None})
+        if "sub" in options:  # at most the tile
+            plan = module.plan(sizes, ks, scores.device, tile, **{**options, "sub": min(options["sub"], plan.tile)})
+        module.launch_select_blocks(scores, ids, plan)
     assert ids.dtype == torch.int64 and ids.shape == (sum(ks),) and ids.device == scores.device
     return ids
 

@@ -122,21 +122,37 @@ def _threshold(hist_ptr, segment, num_segments, k, PASSES: tl.constexpr, BINS: t
 
 @triton.jit
 def _tile(tiles_ptr, segments_ptr, num_tiles, num_segments, BLOCK: tl.constexpr):
-    """This program's tile: its segment, its k, its ids and which lanes hold one."""
+    """This program's tile: its segment, its k, its first and end ids, its ids and which lanes
+    hold one."""
     tile = tl.program_id(0).to(tl.int64)
     segment = tl.load(tiles_ptr + tile)
     start = tl.load(tiles_ptr + num_tiles + tile)
     end = tl.load(tiles_ptr + 2 * num_tiles + tile)
     k = tl.load(segments_ptr + 2 * num_segments + segment)
     index = start + tl.arange(0, BLOCK)
-    return tile, segment, k, index, index < end
+    return tile, segment, k, start, end, index, index < end
 
 
 @triton.jit
-def _add_histogram(hist_row_ptr, digits, mask, NBINS: tl.constexpr):
-    """Counts the masked ``digits`` in shared memory, then adds the tile's non-empty bins to the
-    segment's histogram: one relaxed atomic per bin, not per key. Returns the tile's counts."""
-    local = tl.histogram(digits, NBINS, mask=mask)
+def _add_histogram(hist_row_ptr, scores_ptr, start, end, prefix, P: tl.constexpr, BLOCK: tl.constexpr,
+                   SUB: tl.constexpr, NBINS: tl.constexpr):
+    """Counts the digits of the tile's candidates (its keys with ``prefix``; every key in the
+    first pass) in shared memory, ``SUB`` keys at a time, then adds the tile's non-empty bins to
+    the segment's histogram: one relaxed atomic per bin, not per key. Returns the tile's counts.
+
+    ``SUB`` < ``BLOCK`` on a GPU: Triton 3.6 builds ``tl.histogram`` from per-bit warp votes,
+    every thread holding NBINS / 32 counters, and over a whole tile (8 or 16 keys a thread) that
+    took 164-195 registers per thread (compiled for sm_90, tiles of 1,024 and 4,096); two keys a
+    thread per step (read again, from cache) take 63-92. Triton 3.9 counts with shared-memory
+    atomics and needs 30-120 either way."""
+    local = tl.zeros([NBINS], dtype=tl.int32)
+    for lo in range(0, BLOCK, SUB):
+        index = start + lo + tl.arange(0, SUB)
+        valid = index < end
+        keys = _rank_keys(scores_ptr, index, valid)
+        if P > 0:
+            valid = valid & (_prefix(keys, P) == prefix)
+        local += tl.histogram(_digit(keys, P), NBINS, mask=valid)
     tl.atomic_add(hist_row_ptr + tl.arange(0, NBINS), local, mask=local > 0, sem="relaxed")
     return local
 
@@ -177,15 +193,16 @@ def _histogram_kernel(
     sparse_keys,  # at most this many candidates: one atomic per key, not a histogram
     P: tl.constexpr,
     BLOCK: tl.constexpr,
+    SUB: tl.constexpr,  # keys per step of a tile's histogram
     BINS: tl.constexpr,
     ROW_CAP: tl.constexpr,
 ):
-    tile, segment, k, index, valid = _tile(tiles_ptr, segments_ptr, num_tiles, num_segments, BLOCK)
+    tile, segment, k, start, end, index, valid = _tile(tiles_ptr, segments_ptr, num_tiles, num_segments, BLOCK)
     keys = _rank_keys(scores_ptr, index, valid)
     digits = _digit(keys, P)
     hist_row = hist_ptr + (P * num_segments + segment) * BINS
     if P == 0:
-        _add_histogram(hist_row, digits, valid, BINS)
+        _add_histogram(hist_row, scores_ptr, start, end, 0, P, BLOCK, SUB, BINS)
     else:  # only the keys that share the digits found so far
         prefix, need = _threshold(hist_ptr, segment, num_segments, k, P, BINS)
         candidates = valid & (_prefix(keys, P) == prefix)
@@ -197,7 +214,7 @@ def _histogram_kernel(
             if count <= sparse_keys:
                 tl.atomic_add(hist_row + digits, 1, mask=candidates, sem="relaxed")
             else:
-                _add_histogram(hist_row, digits, candidates, BINS)
+                _add_histogram(hist_row, scores_ptr, start, end, prefix, P, BLOCK, SUB, BINS)
         else:
             # Every key above T's prefix is above T, whatever T's last digit turns out to be.
             tl.store(scratch_ptr + tile, tl.sum((valid & (_prefix(keys, P) > prefix)).to(tl.int32), axis=0))
@@ -210,7 +227,7 @@ def _histogram_kernel(
                 slot = tl.cumsum(candidates.to(tl.int32), axis=0) - 1
                 tl.store(row + slot, digits, mask=candidates)
             else:
-                local = _add_histogram(hist_row, digits, candidates, BINS // 2)
+                local = _add_histogram(hist_row, scores_ptr, start, end, prefix, P, BLOCK, SUB, BINS // 2)
                 tl.store(row + tl.arange(0, BINS // 2), tl.sum(local, axis=0) - tl.cumsum(local, axis=0) + local)
 
 
@@ -261,7 +278,7 @@ def _compact_kernel(
     BLOCK: tl.constexpr, FOLDED: tl.constexpr, CHUNK: tl.constexpr, BINS: tl.constexpr,
     NUM_PASSES: tl.constexpr, ROW_CAP: tl.constexpr,
 ):
-    tile, segment, k, index, valid = _tile(tiles_ptr, segments_ptr, num_tiles, num_segments, BLOCK)
+    tile, segment, k, start, end, index, valid = _tile(tiles_ptr, segments_ptr, num_tiles, num_segments, BLOCK)
     keys = _rank_keys(scores_ptr, index, valid)  # first: its latency overlaps what follows
     if FOLDED:  # this program sums the counts of the tiles before it: no scan launch
         threshold, need = _threshold(hist_ptr, segment, num_segments, k, NUM_PASSES, BINS)
@@ -306,6 +323,7 @@ class Plan:
     folded: bool  # no scan launch: every segment has at most FOLD_TILES tiles
     chunk: int  # tiles per iteration of the sum of tile counts (the scan's or the compaction's)
     sparse_keys: int  # candidates of a tile up to which it adds one atomic per key
+    sub: int  # keys per step of a tile's histogram (SUB)
     num_warps: int
 
 
@@ -313,6 +331,7 @@ class Plan:
 # tiles of GPU_MIN_TILE to GPU_MAX_TILE scores (benchmarks/RESULTS.md has the tile sweep).
 GPU_PROGRAMS = 256
 GPU_MIN_TILE, GPU_MAX_TILE = 1024, 4096
+GPU_HISTOGRAM_KEYS_PER_THREAD = 2  # per step of a tile's histogram (see _add_histogram)
 
 
 def tile_size(sizes: Sequence[int], device: torch.device) -> int:
@@ -330,11 +349,13 @@ def tile_size(sizes: Sequence[int], device: torch.device) -> int:
 
 
 def plan(sizes: Sequence[int], ks: Sequence[int], device: torch.device, tile: int | None = None,
-         folded: bool | None = None, sparse_keys: int | None = None) -> Plan:
+         folded: bool | None = None, sparse_keys: int | None = None, sub: int | None = None) -> Plan:
     """Cut each segment into tiles of ``tile`` scores and upload the tables (cached per layout).
     ``folded``: sum the tile counts in the compaction (no scan launch); by default where every
     segment has at most ``FOLD_TILES`` tiles. ``sparse_keys``: by default ``max(ROW_CAP, tile //
-    32)``; 0 makes every tile build a histogram. (Both are there for the tests.)"""
+    32)``; 0 makes every tile build a histogram. ``sub``: keys per step of a tile's histogram, by
+    default ``GPU_HISTOGRAM_KEYS_PER_THREAD`` per thread on a GPU and the whole tile under the
+    interpreter (which pays per operation). (The three are there for the tests.)"""
     if tile is None:
         tile = tile_size(sizes, device)
     if not 1 <= tile <= MAX_TILE or tile & (tile - 1):
@@ -363,8 +384,12 @@ def plan(sizes: Sequence[int], ks: Sequence[int], device: torch.device, tile: in
     chunk = min(FOLD_CHUNK if folded else 1024, max(16, next_power_of_2(longest)))
     if sparse_keys is None:
         sparse_keys = max(ROW_CAP, tile // 32)
-    return Plan(tuple(sizes), tuple(ks), tiles, segments, num_tiles, tile, folded, chunk, sparse_keys,
-                num_warps=4 if tile <= 1024 else 8)
+    num_warps = 4 if tile <= 1024 else 8
+    if sub is None:
+        sub = tile if device.type == "cpu" else min(tile, GPU_HISTOGRAM_KEYS_PER_THREAD * 32 * num_warps)
+    if not 1 <= sub <= tile or sub & (sub - 1):
+        raise ValueError(f"sub must be a power of two in [1, tile={tile}], got {sub}")
+    return Plan(tuple(sizes), tuple(ks), tiles, segments, num_tiles, tile, folded, chunk, sparse_keys, sub, num_warps)
 
 
 def new_histogram(num_segments: int, device: torch.device) -> torch.Tensor:
@@ -406,7 +431,7 @@ def launch_select_blocks(scores: torch.Tensor, out: torch.Tensor, plan: Plan, hi
     grid = (plan.num_tiles,)
     for p in range(first, NUM_PASSES):
         _histogram_kernel[grid](scores, plan.tiles, plan.segments, hist, scratch, plan.num_tiles, num_segments,
-                                plan.sparse_keys, P=p, BLOCK=plan.tile, BINS=BINS, ROW_CAP=ROW_CAP,
+                                plan.sparse_keys, P=p, BLOCK=plan.tile, SUB=plan.sub, BINS=BINS, ROW_CAP=ROW_CAP,
                                 num_warps=plan.num_warps)
     if plan.folded:
         bases = scratch  # not read
