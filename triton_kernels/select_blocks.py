@@ -198,12 +198,12 @@ def _histogram_kernel(
     ROW_CAP: tl.constexpr,
 ):
     tile, segment, k, start, end, index, valid = _tile(tiles_ptr, segments_ptr, num_tiles, num_segments, BLOCK)
-    keys = _rank_keys(scores_ptr, index, valid)
-    digits = _digit(keys, P)
     hist_row = hist_ptr + (P * num_segments + segment) * BINS
-    if P == 0:
+    if P == 0:  # every key
         _add_histogram(hist_row, scores_ptr, start, end, 0, P, BLOCK, SUB, BINS)
     else:  # only the keys that share the digits found so far
+        keys = _rank_keys(scores_ptr, index, valid)
+        digits = _digit(keys, P)
         prefix, need = _threshold(hist_ptr, segment, num_segments, k, P, BINS)
         candidates = valid & (_prefix(keys, P) == prefix)
         count = tl.sum(candidates.to(tl.int32), axis=0)
