@@ -2,11 +2,12 @@
 
 ``Optimizer.__init__`` wraps a subclass's ``step`` in ``Optimizer.profile_hook_step``: the step
 pre- and post-hooks (global and per optimizer) and a ``record_function`` range, entered on every
-call. Entering and leaving that range are two dispatcher calls through Python, about 30 µs of a
-110 µs steady-state step of 192 tensors on the 2-core CPU of benchmarks/RESULTS.md, whether or
+call. Entering and leaving that range are two dispatcher calls through Python, about 40 µs of a
+117 µs steady-state step of 192 tensors on the 2-core CPU of benchmarks/RESULTS.md, whether or
 not a profiler runs. :func:`hook_step` gives the same behaviour for less: a step with no hook
-registered, no profiler running and no compilation under way calls the step directly; any other
-goes through torch's own wrapper, unchanged. Marking the result ``hooked`` is what tells
+registered, no profiler running (``torch.autograd._profiler_enabled()``: torch.profiler, the
+autograd profiler, ``emit_nvtx``) and no compilation under way calls the step directly; any
+other goes through torch's own wrapper, unchanged. Marking the result ``hooked`` is what tells
 ``Optimizer.__init__`` not to wrap it again.
 """
 from __future__ import annotations
