@@ -88,16 +88,7 @@ def select_call(backend: str, scores, blocks: int, k: int, tile: int | None, var
     Triton radix select with a tile size or a forced launch sequence."""
     if backend != "triton" or (tile is None and not variant):
         return lambda: _unchecked.select_blocks(scores, [blocks], [k], backend)
-    if not variant:
-        return lambda: triton_kernels().select_blocks(scores, [blocks], [k], None, tile)
-    module = sys.modules[triton_kernels().launch_select_blocks.__module__]
-    plan = module.plan([blocks], [k], scores.device, tile, **SELECT_VARIANTS[variant])
-
-    def call():
-        out = torch.empty(k, dtype=torch.int64, device=scores.device)
-        module.launch_select_blocks(scores, out, plan)
-        return out
-    return call
+    return lambda: triton_kernels().select_blocks(scores, [blocks], [k], None, tile, **SELECT_VARIANTS[variant])
 
 
 def select_rows(backend: str, device, scale: float, tiles: list[int | None], rounds: int = 20) -> list[dict]:

@@ -36,16 +36,10 @@ def variant(request):
 
 
 def run(scores, sizes, ks, tile=None, variant="default"):
-    if VARIANTS[variant] is None:
-        ids = triton_kernels().select_blocks(scores, sizes, ks, tile=tile)
-    else:
-        module = select_module()
-        ids = torch.empty(sum(ks), dtype=torch.int64, device=scores.device)
-        options = dict(VARIANTS[variant])
-        plan = module.plan(sizes, ks, scores.device, tile, **{**options, "sub": None})
-        if "sub" in options:  # at most the tile
-            plan = module.plan(sizes, ks, scores.device, tile, **{**options, "sub": min(options["sub"], plan.tile)})
-        module.launch_select_blocks(scores, ids, plan)
+    forced = dict(VARIANTS[variant] or {})
+    if "sub" in forced:  # at most the tile
+        forced["sub"] = min(forced["sub"], tile or select_module().tile_size(sizes, scores.device))
+    ids = triton_kernels().select_blocks(scores, sizes, ks, tile=tile, **forced)
     assert ids.dtype == torch.int64 and ids.shape == (sum(ks),) and ids.device == scores.device
     return ids
 

@@ -447,7 +447,7 @@ def launch_select_blocks(scores: torch.Tensor, out: torch.Tensor, plan: Plan, hi
 
 def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks: Sequence[int],
                   cache: dict | None = None, tile: int | None = None,
-                  first_pass: FirstPass | None = None) -> torch.Tensor:
+                  first_pass: FirstPass | None = None, **forced) -> torch.Tensor:
     """Same contract as :func:`sparse_grad.backends.reference.select_blocks`, on many programs.
 
     The tables are cached on the device per (sizes, ks), so a step with the same layout and
@@ -455,6 +455,8 @@ def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks
     stay the same, saves building their key. ``tile``: scores per program (a power of two, at
     most ``MAX_TILE``; by default :func:`tile_size`). ``first_pass``: the :class:`FirstPass` the
     norm pass that computed ``scores`` filled (one segment per entry of ``segment_sizes``).
+    ``forced``: :func:`plan`'s ``folded``, ``sparse_keys`` and ``sub``, for the tests and the
+    benchmarks that compare launch sequences (like ``tile``, they bypass ``cache``).
     """
     if scores.numel() > MAX_BLOCKS:
         raise ValueError(f"scores has {scores.numel()} blocks; at most {MAX_BLOCKS} are supported")
@@ -465,10 +467,11 @@ def select_blocks(scores: torch.Tensor, segment_sizes: Sequence[int], segment_ks
     out = torch.empty(total, dtype=torch.int64, device=scores.device)
     if total == 0:
         return out
-    prepared = None if cache is None or tile is not None else cache.get("select_blocks")
+    cached = cache is not None and tile is None and not forced
+    prepared = cache.get("select_blocks") if cached else None
     if prepared is None:
-        prepared = plan(segment_sizes, segment_ks, scores.device, tile)
-        if cache is not None and tile is None:
+        prepared = plan(segment_sizes, segment_ks, scores.device, tile, **forced)
+        if cached:
             cache["select_blocks"] = prepared
     launch_select_blocks(scores, out, prepared, None if first_pass is None else first_pass.hist)
     return out
